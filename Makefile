@@ -1,0 +1,37 @@
+# DrSpot: `make demo` runs the loop end to end; `make test` runs the tests. Both set up .venv first
+# (idempotent: the stamp is newer than pyproject.toml, so a second run installs nothing).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.drspot-installed
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/drspot demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not shared"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	@echo "run a benchmark: $(BIN)/python bench/<name>.py (see README)"
+
+clean:
+	rm -rf .drspot raw reports .pytest_cache .ruff_cache

@@ -1,0 +1,208 @@
+"""One typed configuration, loaded from ``params.yaml`` with a profile.
+
+``params.yaml`` has a ``default`` section holding every key, and profiles (``demo``, ``test``,
+``full``) that override parts of it. The merged result is validated by pydantic models that reject
+unknown keys and wrong types; :class:`ConfigError` names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.env import project_root
+
+PROFILES = ("demo", "test", "full")
+DEFAULT_PROFILE = "demo"
+
+
+class ConfigError(ValueError):
+    """The parameters file is missing, malformed, or holds an unknown key or a wrong type."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Classes(_Strict):
+    names: list[str] = Field(min_length=2)
+    malignant: list[str]
+    aliases: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> Classes:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"classes.names has duplicates: {self.names}")
+        unknown = [m for m in self.malignant if m not in self.names]
+        if unknown:
+            raise ValueError(f"classes.malignant names classes not in classes.names: {unknown}")
+        bad = {k: v for k, v in self.aliases.items() if v not in self.names}
+        if bad:
+            raise ValueError(f"classes.aliases map to classes not in classes.names: {bad}")
+        return self
+
+    def normalise(self, raw: str | None) -> str | None:
+        """Map a source's spelling of a label to a configured class name (or return it unchanged).
+
+        Case and surrounding space are ignored; ``aliases`` renames (e.g. ``AK`` to ``akiec``). A
+        value that maps to no class comes back as given, so the data gate can quarantine it.
+        """
+        if raw is None:
+            return None
+        key = str(raw).strip()
+        if key == "":
+            return None
+        lowered = {k.lower(): v for k, v in self.aliases.items()}
+        if key.lower() in lowered:
+            return lowered[key.lower()]
+        if key.lower() in self.names:
+            return key.lower()
+        return key
+
+
+class Paths(_Strict):
+    data: str
+    raw: str
+    reports: str
+
+
+class Faults(_Strict):
+    exact_duplicates: int = Field(ge=0)
+    near_duplicates: int = Field(ge=0)
+    corrupt: int = Field(ge=0)
+    unknown_labels: int = Field(ge=0)
+    tiny: int = Field(ge=0)
+
+
+class Shift(_Strict):
+    colour_cast: list[float] = Field(min_length=3, max_length=3)
+    blur_radius: float = Field(ge=0)
+    exposure: float = Field(gt=0)
+
+
+class Synthetic(_Strict):
+    n_lesions: int = Field(ge=7)
+    images_per_lesion: list[int] = Field(min_length=2, max_length=2)
+    width: int = Field(ge=32)
+    height: int = Field(ge=32)
+    jpeg_quality: int = Field(ge=50, le=100)
+    class_weights: dict[str, float]
+    min_lesions_per_class: int = Field(ge=1)
+    faults: Faults
+    shift: Shift
+
+    @model_validator(mode="after")
+    def _check(self) -> Synthetic:
+        lo, hi = self.images_per_lesion
+        if not 1 <= lo <= hi:
+            raise ValueError(f"synthetic.images_per_lesion must be [min, max] with 1 <= min <= max, got {[lo, hi]}")
+        return self
+
+
+class Ingest(_Strict):
+    row_group_size: int = Field(ge=1)
+    max_report_rows: int = Field(ge=1)
+
+
+class Config(_Strict):
+    profile: str
+    seed: int
+    classes: Classes
+    paths: Paths
+    synthetic: Synthetic
+    ingest: Ingest
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        bad = [k for k in self.synthetic.class_weights if k not in self.classes.names]
+        if bad:
+            raise ValueError(f"synthetic.class_weights names classes not in classes.names: {bad}")
+        return self
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the config, relative to the project root unless absolute."""
+        p = Path(relative)
+        return p if p.is_absolute() else project_root() / p
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A stable hash of the resolved config, for lineage tags."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_params_path() -> Path:
+    return Path(os.environ.get("DRSPOT_PARAMS") or project_root() / "params.yaml")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}.{key}" if where else key
+        if key not in out:
+            raise ConfigError(f"unknown key '{path}' (not in the default section of params.yaml)")
+        if isinstance(value, dict) and isinstance(out[key], dict) and key not in {"class_weights", "aliases"}:
+            out[key] = _merge(out[key], value, path)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"key '{key}': {e['msg']} (got {shown})")
+    return f"{source}: " + "; ".join(lines)
+
+
+def load_config(profile: str | None = None, path: str | Path | None = None) -> Config:
+    """Load ``params.yaml``'s ``default`` section overridden by ``profile`` and validate it.
+
+    Args:
+        profile: one of the file's profiles; ``$DRSPOT_PROFILE`` or ``demo`` when None.
+        path: the parameters file; ``$DRSPOT_PARAMS`` or ``<project>/params.yaml`` when None.
+
+    Raises:
+        ConfigError: naming the file, the profile and the offending key.
+    """
+    profile = profile or os.environ.get("DRSPOT_PROFILE") or DEFAULT_PROFILE
+    path = Path(path) if path else default_params_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"parameters file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("default"), dict):
+        raise ConfigError(f"{path} must be a mapping with a 'default' section")
+    profiles = [k for k in raw if k != "default"]
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile '{profile}' in {path}; choose one of: {', '.join(profiles)}")
+    override = raw.get(profile) or {}
+    if not isinstance(override, dict):
+        raise ConfigError(f"{path}: profile '{profile}' must be a mapping")
+    try:
+        merged = _merge(raw["default"], override, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path} [profile {profile}]: {e}") from None
+    merged["profile"] = profile
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format(e, f"{path} [profile {profile}]")) from None

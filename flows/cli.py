@@ -1,0 +1,194 @@
+"""The ``drspot`` command line.
+
+Every command loads the typed configuration (``--profile``), applies the offline settings (by
+importing :mod:`components`) and calls the step in :mod:`components`; heavy libraries are
+imported inside the commands that need them, so ``drspot --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import components  # noqa: F401  (offline settings before anything else)
+from components.config import PROFILES, ConfigError, load_config
+
+
+def _progress(label: str, total: int | None = None):
+    state = {"last": 0.0}
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total_: int | None = total) -> None:
+        now = time.monotonic()
+        final = total_ is not None and done >= total_
+        if not final and now - state["last"] < (0.2 if tty else 5.0):
+            return
+        state["last"] = now
+        text = f"{label}: {done}/{total_}" if total_ else f"{label}: {done}"
+        print(("\r" if tty else "") + text, end="" if tty and not final else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _kv(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected NAME=CLASS pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.profile, args.params)
+    if args.json:
+        print(json.dumps(cfg.as_dict(), indent=2))
+    else:
+        print(f"# resolved parameters, profile {cfg.profile} (digest {cfg.digest()})")
+        print(yaml.safe_dump(cfg.as_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import os
+
+    from components.env import settings
+
+    print(json.dumps({k: os.environ.get(k) for k in settings()}, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from components.ingest import ingest
+
+    cfg = load_config(args.profile, args.params)
+    opts: dict = {
+        "images": args.images,
+        "class_map": args.class_map,
+        "ham_metadata": args.ham_metadata,
+        "label_source": args.label_source,
+        "lesion_csv": args.lesion_csv,
+        "id_prefix": args.id_prefix,
+    }
+    if args.kind == "synthetic":
+        opts.update(
+            generate=not args.no_generate,
+            shifted=args.shifted,
+            gen_progress=_progress("generate"),
+            overrides={
+                "seed": args.seed,
+                "n_lesions": args.n_lesions,
+                "exact_duplicates": args.exact_duplicates,
+                "near_duplicates": args.near_duplicates,
+                "corrupt": args.corrupt,
+                "unknown_labels": args.unknown_labels,
+                "tiny": args.tiny,
+            },
+        )
+    result = ingest(args.kind, args.source, args.out, cfg, append=args.append, progress=_progress("ingest"), **opts)
+    report_rows(result, cfg.ingest.max_report_rows)
+    return 0
+
+
+def report_rows(result, limit: int) -> None:
+    """Print an ingest result: counts, then problems grouped by check (up to ``limit`` each)."""
+    s = result.summary
+    print(f"ingested {result.rows} rows ({result.kind}) into {result.out}")
+    print(f"  lesions {s['lesions']}, images with boxes {s['images_with_boxes']}, boxes {s['boxes']}")
+    print(f"  labels  {s['labels']}")
+    if s["splits"]:
+        print(f"  splits  {s['splits']}")
+    counts = result.problem_counts()
+    if counts:
+        print(f"  problems {counts} (every row listed in {Path(result.out) / 'ingest_report.json'})")
+        for check in counts:
+            rows = [p for p in result.problems if p.check == check]
+            kept = "kept for the data gate" if rows[0].kept else "not ingested"
+            print(f"  - {check} ({len(rows)}, {kept}):")
+            for p in rows[:limit]:
+                print(f"      {p.row}: {p.detail}")
+            if len(rows) > limit:
+                print(f"      ... and {len(rows) - limit} more")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(load_config(args.profile, args.params))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --profile/--params are accepted before or after the command; SUPPRESS keeps a
+    # sub-command's absent option from hiding the global one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=argparse.SUPPRESS,
+        help="params.yaml profile (default: $DRSPOT_PROFILE or demo)",
+    )
+    common.add_argument(
+        "--params", default=argparse.SUPPRESS, help="parameters file (default: params.yaml in the project)"
+    )
+    p = argparse.ArgumentParser(prog="drspot", description="DrSpot: skin-lesion MLOps (see README.md).")
+    p.add_argument(
+        "--profile", choices=PROFILES, default=None, help="params.yaml profile (default: $DRSPOT_PROFILE or demo)"
+    )
+    p.add_argument("--params", default=None, help="parameters file (default: params.yaml in the project)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw):
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    c = sub.add_parser("config", help="print the resolved configuration")
+    c.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    c.set_defaults(func=cmd_config)
+
+    e = sub.add_parser("env", help="print the offline/telemetry settings in force")
+    e.set_defaults(func=cmd_env)
+
+    i = sub.add_parser("ingest", help="turn a data source into a dataset (images + manifest.parquet)")
+    i.add_argument("kind", choices=["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder"])
+    i.add_argument("source", type=Path, help="the source file or folder (synthetic: where the set is generated)")
+    i.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
+    i.add_argument("--append", action="store_true", help="keep the rows already in --out and add these")
+    i.add_argument("--images", type=Path, action="append", help="image folder (ham10000, isic; repeatable)")
+    i.add_argument("--class-map", type=_kv, help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)")
+    i.add_argument("--ham-metadata", type=Path, help="HAM10000 metadata CSV to join by ISIC id (yolo)")
+    i.add_argument("--label-source", choices=["yolo", "metadata"], help="which label wins when joined (yolo)")
+    i.add_argument("--lesion-csv", type=Path, help="CSV with image,lesion_id columns (isic)")
+    i.add_argument("--id-prefix", help="image id prefix (medmnist; default from the file name)")
+    g = i.add_argument_group("synthetic")
+    g.add_argument("--no-generate", action="store_true", help="ingest SOURCE as it is; do not (re)generate it")
+    g.add_argument("--shifted", action="store_true", help="render through the shifted 'other camera'")
+    g.add_argument("--seed", type=int, help="generator seed (default: params seed)")
+    g.add_argument("--n-lesions", type=int, help="lesions to draw (default: params)")
+    for fault in ("exact-duplicates", "near-duplicates", "corrupt", "unknown-labels", "tiny"):
+        g.add_argument(f"--{fault}", type=int, metavar="N", help=f"planted {fault.replace('-', ' ')} (default: params)")
+    i.set_defaults(func=cmd_ingest)
+
+    d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"drspot {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The BentoML service (built by the serving issue)."""

@@ -1,0 +1,73 @@
+"""Shared fixtures. Tests run the real libraries on tiny data; ``../shared/data`` tests skip with
+a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import components  # noqa: F401  (offline settings, as for every entry point)
+from components.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DRSPOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(sub: str) -> Path:
+    """A folder of ../shared/data, or skip the test saying what is missing."""
+    path = SHARED / sub
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (CI has ../shared beside the clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    return load_config("test")
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory, cfg):
+    """A generated synthetic raw source on the `test` profile, with planted faults (read-only)."""
+    from components.synthetic import Spec, generate
+
+    out = tmp_path_factory.mktemp("synthetic") / "raw"
+    generate(out, Spec.from_config(cfg))
+    return out
+
+
+@pytest.fixture
+def drspot_cli():
+    """Run the real `drspot` console script; returns the CompletedProcess."""
+    exe = Path(sys.executable).parent / "drspot"
+
+    def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+    return run
+
+
+@pytest.fixture
+def git_dvc_repo(tmp_path):
+    """An empty git + DVC project with a local remote, like a fresh clone of DrSpot."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    from components.versioning import dvc
+
+    dvc("init", "-q", cwd=tmp_path)
+    dvc("remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def copytree(tmp_path):
+    def copy(src: Path, name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy

@@ -1,0 +1,64 @@
+"""The offline/telemetry settings are in force for every entry point and its subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from components.env import FIXED, homes
+from tests.conftest import ROOT
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment of a fresh shell: none of DrSpot's settings."""
+    keep = {"PATH", "HOME", "LANG", "TMPDIR", "DRSPOT_SHARED_DATA"}
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+def test_cli_applies_the_settings_for_itself(drspot_cli):
+    out = drspot_cli("env", env=_clean_env())
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    for key in ("YOLO_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", "BENTOML_DO_NOT_TRACK", "DVC_NO_ANALYTICS"):
+        assert seen[key] == FIXED[key]
+    rt = str(ROOT / ".drspot")
+    for key in ("PREFECT_HOME", "BENTOML_HOME", "DVC_SITE_CACHE_DIR", "YOLO_CONFIG_DIR"):
+        assert seen[key].startswith(rt), (key, seen[key])
+
+
+def test_subprocesses_of_an_entry_point_inherit_the_settings():
+    code = (
+        "import components, subprocess, sys;"
+        "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"DVC_NO_ANALYTICS\"],"
+        ' os.environ["PREFECT_HOME"])\'], capture_output=True, text=True).stdout)'
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    flag, prefect_home = out.stdout.split()
+    assert flag == "1" and prefect_home == str(ROOT / ".drspot" / "prefect")
+
+
+def test_a_user_setting_wins(tmp_path):
+    env = {**_clean_env(), "BENTOML_HOME": str(tmp_path / "bento")}
+    code = "import components, os; print(os.environ['BENTOML_HOME'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "bento")
+
+
+def test_font_is_where_ultralytics_looks_and_its_mlflow_callback_is_off():
+    # check_font returns the local file without any download when it is in the config dir;
+    # with no network here, a download attempt would fail the subprocess.
+    code = (
+        "import components.env as e; ul = e.ultralytics();"
+        "from ultralytics.utils.checks import check_font; from ultralytics.utils import SETTINGS;"
+        "print(check_font('Arial.ttf')); print(SETTINGS['mlflow'], SETTINGS['sync'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    font, flags = out.stdout.strip().splitlines()[-2:]
+    assert Path(font) == Path(homes()["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
+    assert Path(font).stat().st_size > 100_000  # a real TTF (DejaVuSans), not an empty placeholder
+    assert flags == "False False"
