@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from components.env import project_root
 
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
 
 class Classes(_Strict):
@@ -71,6 +71,7 @@ class Paths(_Strict):
     data: str
     raw: str
     reports: str
+    prepared: str
 
 
 class Faults(_Strict):
@@ -111,6 +112,43 @@ class Ingest(_Strict):
     max_report_rows: int = Field(ge=1)
 
 
+Severity = Literal["error", "warn", "info"]
+
+
+class Validate(_Strict):
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    blank_std: float = Field(ge=0)
+    workers: int = Field(ge=0)
+    max_listed_rows: int = Field(ge=1)
+    severity: dict[str, Severity]
+
+
+class Dedup(_Strict):
+    max_distance: int = Field(ge=0, le=32)
+    verify: bool
+    min_correlation: float = Field(ge=0, le=1)
+    link_lesions: bool
+
+
+class Split(_Strict):
+    ratios: dict[str, float]
+    source_split: Literal["keep", "regroup"]
+    max_class_drift: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Split:
+        if set(self.ratios) != {"train", "val", "test"}:
+            raise ValueError(f"split.ratios must name train, val and test, got {sorted(self.ratios)}")
+        if any(v < 0 for v in self.ratios.values()):
+            raise ValueError(f"split.ratios must not be negative: {self.ratios}")
+        total = sum(self.ratios.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.ratios must sum to 1, they sum to {total:g}: {self.ratios}")
+        return self
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -118,6 +156,9 @@ class Config(_Strict):
     paths: Paths
     synthetic: Synthetic
     ingest: Ingest
+    validate_: Validate = Field(alias="validate")
+    dedup: Dedup
+    split: Split
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -126,13 +167,15 @@ class Config(_Strict):
             raise ValueError(f"synthetic.class_weights names classes not in classes.names: {bad}")
         return self
 
+    _base: Path = PrivateAttr(default_factory=project_root)
+
     def resolve(self, relative: str) -> Path:
-        """A path from the config, relative to the project root unless absolute."""
+        """A path from the config: absolute, or relative to the folder of the parameters file."""
         p = Path(relative)
-        return p if p.is_absolute() else project_root() / p
+        return p if p.is_absolute() else self._base / p
 
     def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
     def digest(self) -> str:
         """A stable hash of the resolved config, for lineage tags."""
@@ -140,7 +183,11 @@ class Config(_Strict):
 
 
 def default_params_path() -> Path:
-    return Path(os.environ.get("DRSPOT_PARAMS") or project_root() / "params.yaml")
+    """``$DRSPOT_PARAMS``, else ``./params.yaml`` (a DVC stage runs in its project), else the project's."""
+    if os.environ.get("DRSPOT_PARAMS"):
+        return Path(os.environ["DRSPOT_PARAMS"])
+    here = Path.cwd() / "params.yaml"
+    return here if here.is_file() else project_root() / "params.yaml"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
@@ -149,7 +196,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
         path = f"{where}.{key}" if where else key
         if key not in out:
             raise ConfigError(f"unknown key '{path}' (not in the default section of params.yaml)")
-        if isinstance(value, dict) and isinstance(out[key], dict) and key not in {"class_weights", "aliases"}:
+        if isinstance(value, dict) and isinstance(out[key], dict) and key not in {"class_weights", "aliases", "ratios"}:
             out[key] = _merge(out[key], value, path)
         else:
             out[key] = copy.deepcopy(value)
@@ -203,6 +250,8 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         raise ConfigError(f"{path} [profile {profile}]: {e}") from None
     merged["profile"] = profile
     try:
-        return Config.model_validate(merged)
+        cfg = Config.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format(e, f"{path} [profile {profile}]")) from None
+    cfg._base = path.resolve().parent
+    return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Settings whose value does not depend on where the project lives.
@@ -86,6 +87,10 @@ def apply(force: bool = False) -> dict[str, str]:
             os.environ[key] = value
     for key in homes():
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    # DVC stages run `drspot ...` through a shell: the interpreter's bin folder (the venv) first
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     # ultralytics reads its user config (settings.yaml, fonts) from $YOLO_CONFIG_DIR/Ultralytics
     _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
     return {k: os.environ[k] for k in settings()}

@@ -47,6 +47,11 @@ SCHEMA = pa.schema(
 REQUIRED = [f.name for f in SCHEMA if f.name not in EXTRA_COLUMNS]
 SPLITS = ("train", "val", "test")
 
+
+class DataError(ValueError):
+    """A dataset cannot pass a step of the data gate; the message says what and where."""
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -160,6 +165,7 @@ class ManifestWriter:
             return
         self._flush()
         if self._writer is None:  # no rows: still a valid, empty manifest
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(SCHEMA.empty_table(), self._tmp, compression="zstd")
         else:
             self._writer.close()

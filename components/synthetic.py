@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from components.config import Config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 UNKNOWN_LABELS = ("scc", "lentigo", "unk")
 
 
@@ -163,6 +163,12 @@ def _make_lesion(index: int, label: str, seed: int, rng_classes: list[str]) -> L
     amps[:2, 0] = rng.uniform(0, style.asymmetry, 2)
     amps[2:, 0] = rng.uniform(0, style.irregularity, k - 2) / np.arange(3, k + 1) ** 0.5
     skin = np.array(SKIN_TONES[int(rng.integers(len(SKIN_TONES)))], float) + rng.normal(0, 6, 3)
+    # a lesion as dark as the skin around it is invisible (a brown nevus on the darkest tones):
+    # darken it until it stands out, as pigmented lesions do on dark skin
+    for _ in range(6):
+        if np.abs(palette.mean(0) - skin).max() >= 40:
+            break
+        palette = palette * 0.8
     return Lesion(
         lesion_id=f"lesion_{seed}_{index:05d}",
         label=label,

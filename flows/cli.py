@@ -117,6 +117,50 @@ def report_rows(result, limit: int) -> None:
                 print(f"      ... and {len(rows) - limit} more")
 
 
+def _gate_step(step: str):
+    def run(args: argparse.Namespace) -> int:
+        from components import gate
+
+        cfg = load_config(args.profile, args.params)
+        prepared = gate.prepared_dir(args.dataset, cfg, args.prepared)
+        fn = {"validate": gate.run_validate, "dedup": gate.run_dedup, "split": gate.run_split}[step]
+        fn(args.dataset, prepared, cfg)
+        s = gate.summary(prepared)
+        out = gate.step_dirs(prepared)[step]
+        if step == "validate":
+            print(
+                f"validated {s['rows_in']} rows: {s['rows_valid']} passed, "
+                f"quarantined by check {s['quarantined_by_check']}"
+            )
+        elif step == "dedup":
+            print(
+                f"de-duplicated: {s['exact_pairs']} exact and {s['near_pairs']} near-duplicate pairs, "
+                f"{s['duplicate_groups']} groups with several images, dropped {s['dropped_by_reason']}, "
+                f"{s['label_conflicts']} label conflicts"
+            )
+        else:
+            print(f"split: rows {s['rows_per_split']}, held out {s['held_out']}, leakage {s['leakage']}")
+            if s["source_split_leakage"]:
+                print(f"  the source's own split had: {s['source_split_leakage']}")
+            if s["warning"]:
+                print(f"WARNING: {s['warning']}", file=sys.stderr)
+        print(f"  outputs in {out}")
+        return 0
+
+    return run
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flows.prepare import prepare_flow
+
+    result = prepare_flow(str(args.dataset), str(args.prepared) if args.prepared else None, args.profile)
+    from components import gate
+
+    print(gate.markdown(Path(result["prepared"]), args.dataset))
+    print(f"\nsteps: {result['steps']}; outputs in {result['prepared']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -175,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     for fault in ("exact-duplicates", "near-duplicates", "corrupt", "unknown-labels", "tiny"):
         g.add_argument(f"--{fault}", type=int, metavar="N", help=f"planted {fault.replace('-', ' ')} (default: params)")
     i.set_defaults(func=cmd_ingest)
+
+    for step, text in (
+        ("validate", "GX suite over the manifest + image checks; quarantine bad rows"),
+        ("dedup", "exact + near-duplicate groups (pHash, verified), lesion links, label conflicts"),
+        ("split", "stratified, grouped, leakage-free split with a frozen test set"),
+        ("prepare", "validate -> dedup -> split as a Prefect flow (DVC stages for the project dataset)"),
+    ):
+        s = sub.add_parser(step, help=text)
+        s.add_argument("dataset", type=Path, help="dataset folder (images + manifest.parquet)")
+        s.add_argument("--prepared", type=Path, help="output folder (default: paths.prepared/<dataset name>)")
+        s.set_defaults(func=cmd_prepare if step == "prepare" else _gate_step(step))
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)

@@ -1,13 +1,15 @@
 """``drspot demo``: the loop on the embedded defaults, start to finish, on one machine.
 
 Today: generate a synthetic dataset with planted faults, ingest it into ``data/``, version it with
-DVC (``dvc add`` + push to the local remote) and print a summary. Later stages are added here as
-they land (prepare, train, register, serve, monitor, retrain).
+DVC (``dvc add`` + push to the local remote), run the data gate (the ``prepare`` Prefect flow over
+the DVC stages validate -> dedup -> split) and print a summary. Later stages are added here as
+they land (train, register, serve, monitor, retrain).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from components.config import Config
 from components.env import project_root
@@ -38,8 +40,20 @@ def run_demo(cfg: Config) -> int:
     print(f"   data.dvc -> md5 {version} (pushed to the default DVC remote)")
     print(f"   took {time.monotonic() - t0:.1f}s")
 
+    t0 = _step(3, "data gate: the `prepare` Prefect flow runs the DVC stages validate -> dedup -> split")
+    from components import gate
+    from flows.prepare import prepare_flow
+
+    gated = prepare_flow(str(data), profile=cfg.profile)
+    print(gate.markdown(Path(gated["prepared"]), data.relative_to(root)))
+    print(f"   stages: {gated['steps']} (a re-run on unchanged data is cached by DVC)")
+    print(f"   reports: {gated['prepared']}/{{validate,dedup,split}}/*.html|json")
+    print(f"   took {time.monotonic() - t0:.1f}s")
+
     print("\n== summary")
     print(f"   dataset  {data}  ({result.rows} images, {result.summary['lesions']} lesions)")
     print(f"   version  {version}")
     print(f"   report   {data / 'ingest_report.json'}")
+    print(f"   gate     {gated['rows_valid']} valid rows -> {gated['rows_per_split']}, leakage {gated['leakage']}")
+    print("   Prefect UI: .venv/bin/prefect server start  (then open http://127.0.0.1:4200)")
     return 0

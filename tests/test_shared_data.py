@@ -67,3 +67,57 @@ def test_yolo_polygon_set_gives_1600_images_and_1907_boxes_inside(tmp_path, cfg)
     # the export's known label noise: 53 images are HAM nv but labelled bcc; metadata wins
     noisy = [p for p in result.problems if p.check == "label_disagreement"]
     assert len(noisy) == 53 and all("yolo says bcc, metadata says nv" in p.detail for p in noisy)
+
+
+# --- the data gate on real data --------------------------------------------------------------------
+
+
+def test_split_of_the_full_ham10000_table_keeps_lesions_whole_and_classes_balanced(cfg):
+    from components.split import assign, leakage
+
+    meta = shared("ham10000_metadata_subset") / "HAM10000_metadata.csv"
+    rows = [
+        {"image_id": r["image_id"], "label": r["dx"], "lesion_id": r["lesion_id"], "group_id": r["lesion_id"]}
+        for r in csv.DictReader(open(meta))
+    ]
+    assert len(rows) == 10015 and len({r["lesion_id"] for r in rows}) == 7470
+    assignment, held = assign(rows, cfg.split.ratios, cfg.seed)
+    assert not held and len(assignment) == 10015
+    assert leakage(rows, assignment)["cross_split_lesions"] == 0
+    overall = Counter(r["label"] for r in rows)
+    for split in ("train", "val", "test"):
+        members = [r for r in rows if assignment[r["image_id"]] == split]
+        share = Counter(r["label"] for r in members)
+        for c in overall:
+            assert abs(share[c] / len(members) - overall[c] / len(rows)) <= 0.02, (split, c)
+        assert abs(len(members) / len(rows) - cfg.split.ratios[split]) <= 0.02
+
+
+def test_yolo_polygon_set_leaks_140_lesions_and_the_gate_removes_all(tmp_path, cfg):
+    from components import gate
+
+    src = shared("ham10000_yolo_seg_roboflow")
+    meta = shared("ham10000_metadata_subset") / "HAM10000_metadata.csv"
+    ds, prep = tmp_path / "yolo", tmp_path / "prep"
+    ingest("yolo", src, ds, cfg, ham_metadata=meta)
+    gate.run_validate(ds, prep, cfg)
+    gate.run_dedup(ds, prep, cfg)
+    report = gate.run_split(ds, prep, cfg).report
+    assert report["source_split_leakage"]["cross_split_lesions"] == 140  # the export's own split
+    assert report["leakage"] == {"cross_split_groups": 0, "cross_split_lesions": 0, "cross_split_duplicate_pairs": 0}
+    assert report["rows_assigned"] + report["held_out"] > 1500
+
+
+def test_kept_dermamnist_split_is_reported_not_hidden(tmp_path, cfg):
+    from components import gate
+
+    keep = cfg.model_copy(update={"split": cfg.split.model_copy(update={"source_split": "keep"})})
+    ds, prep = tmp_path / "derma", tmp_path / "prep"
+    ingest("medmnist", shared("dermamnist_28") / "dermamnist_28_from_jpeg.npz", ds, keep)
+    gate.run_validate(ds, prep, keep)
+    gate.run_dedup(ds, prep, keep)
+    report = gate.run_split(ds, prep, keep).report
+    assert report["rows_per_split"]["test"] >= 1990  # the official test split, kept
+    leaks = report["leakage"]["cross_split_duplicate_pairs"]
+    if leaks:  # duplicates across the official splits are shouted about, with counts
+        assert "LEAKAGE in the kept source-defined split" in report["warning"] and str(leaks) in report["warning"]

@@ -1,0 +1,93 @@
+"""The ``prepare`` flow: validate → dedup → split as Prefect tasks.
+
+For the project's DVC-tracked dataset (``paths.data``, with ``dvc.yaml`` in the project) each task
+runs its DVC stage (``dvc repro -s STAGE``), so unchanged data is a no-op and the flow is not a
+second implementation; for any other dataset folder the tasks call the same component functions
+the stages' commands call. Tasks retry where a retry can help (a DVC lock held by another process,
+a flaky file system) and never on a data error, which no retry fixes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components import gate
+from components.config import load_config
+from components.env import project_root
+from components.manifest import DataError
+
+
+def _retry_unless_data_error(task_, task_run, state) -> bool:
+    try:
+        state.result()
+    except DataError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_unless_data_error}
+
+
+@task(name="dvc-stage", **RETRY)
+def dvc_stage(stage: str, root: str) -> str:
+    """Run one DVC stage; returns 'ran' or 'cached'."""
+    from components.versioning import DvcError, dvc
+
+    try:
+        out = dvc("repro", "--single-item", stage, cwd=root)
+    except DvcError as e:
+        if "error:" in str(e) and "drspot" in str(e):  # the step itself refused the data
+            raise DataError(str(e)) from None
+        raise
+    status = "cached" if "didn't change, skipping" in out or "skipping" in out.lower() else "ran"
+    get_run_logger().info("dvc stage %s: %s", stage, status)
+    return status
+
+
+@task(name="validate", **RETRY)
+def validate_task(dataset: str, prepared: str, profile: str | None) -> int:
+    return gate.run_validate(dataset, Path(prepared), load_config(profile)).rows_valid
+
+
+@task(name="dedup", **RETRY)
+def dedup_task(dataset: str, prepared: str, profile: str | None) -> int:
+    return gate.run_dedup(dataset, Path(prepared), load_config(profile)).rows_out
+
+
+@task(name="split", **RETRY)
+def split_task(dataset: str, prepared: str, profile: str | None) -> dict[str, int]:
+    return gate.run_split(dataset, Path(prepared), load_config(profile)).report["rows_per_split"]
+
+
+def uses_dvc(dataset: str | Path, root: Path, data_path: Path) -> bool:
+    return (root / "dvc.yaml").is_file() and Path(dataset).resolve() == data_path.resolve()
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(
+    dataset: str, prepared: str | None = None, profile: str | None = None, root: str | None = None
+) -> dict[str, Any]:
+    """Validate, de-duplicate and split ``dataset``; publish a markdown artifact of the figures."""
+    cfg = load_config(profile)
+    root_path = Path(root) if root else project_root()
+    steps: dict[str, str] = {}
+    if uses_dvc(dataset, root_path, root_path / cfg.paths.data):
+        # the stages in dvc.yaml write to <prepared>/<data folder name>, as the CLI defaults do
+        out = root_path / cfg.paths.prepared / Path(cfg.paths.data).name
+        for stage in ("validate", "dedup", "split"):
+            steps[stage] = dvc_stage(stage, str(root_path))
+    else:
+        out = gate.prepared_dir(dataset, cfg, prepared)
+        validate_task(dataset, str(out), profile)
+        dedup_task(dataset, str(out), profile)
+        split_task(dataset, str(out), profile)
+        steps = dict.fromkeys(("validate", "dedup", "split"), "ran")
+    md = gate.markdown(out, dataset)
+    create_markdown_artifact(markdown=md, key="prepare-summary", description=f"data gate for {dataset}")
+    return {"steps": steps, "prepared": str(out), **gate.summary(out)}
