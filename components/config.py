@@ -149,6 +149,78 @@ class Split(_Strict):
         return self
 
 
+class Augment(_Strict):
+    hflip: bool
+    vflip: bool
+    rotate90: bool
+    scale: list[float] = Field(min_length=2, max_length=2)
+    color_jitter: float = Field(ge=0, le=1)
+    mixup: float = Field(ge=0)
+    cutmix: float = Field(ge=0)
+
+
+class EarlyStopping(_Strict):
+    metric: Literal["macro_auc", "balanced_accuracy", "accuracy"]
+    patience: int = Field(ge=1)
+
+
+class LPFT(_Strict):
+    enabled: bool
+    probe_epochs: int = Field(ge=0)
+
+
+class Distillation(_Strict):
+    enabled: bool
+    teachers: list[str]
+    alpha: float = Field(ge=0, le=1)
+    temperature: float = Field(gt=0)
+
+
+class Classifier(_Strict):
+    backbone: str
+    input_size: int = Field(ge=16)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    optimizer: Literal["adamw", "sgd"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"]
+    label_smoothing: float = Field(ge=0, lt=1)
+    imbalance: Literal["none", "loss_weights", "weighted_sampling"]
+    augment: Augment
+    early_stopping: EarlyStopping
+    crop_margin: float = Field(ge=0)
+    pretrained: bool
+    pretrained_path: str | None
+    lp_ft: LPFT
+    distillation: Distillation
+    tta: bool
+    threads: int = Field(ge=0)
+
+
+class Detector(_Strict):
+    arch: str
+    imgsz: int = Field(ge=32)
+    epochs: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    mosaic: float = Field(ge=0, le=1)
+    single_class: bool
+    conf: float = Field(gt=0, lt=1)
+    iou: float = Field(gt=0, lt=1)
+    workers: int = Field(ge=0)
+
+
+class Evaluate(_Strict):
+    n_bootstrap: int = Field(ge=10)
+    target_sensitivity: float = Field(gt=0, le=1)
+    ece_bins: int = Field(ge=2)
+    slice_min_rows: int = Field(ge=1)
+    gradcam_samples: int = Field(ge=0)
+    latency_repeats: int = Field(ge=1)
+    robustness: dict[Literal["blur", "noise", "brightness", "jpeg"], list[float]]
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -159,6 +231,9 @@ class Config(_Strict):
     validate_: Validate = Field(alias="validate")
     dedup: Dedup
     split: Split
+    classifier: Classifier
+    detector: Detector
+    evaluate: Evaluate
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -196,7 +271,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
         path = f"{where}.{key}" if where else key
         if key not in out:
             raise ConfigError(f"unknown key '{path}' (not in the default section of params.yaml)")
-        if isinstance(value, dict) and isinstance(out[key], dict) and key not in {"class_weights", "aliases", "ratios"}:
+        if (
+            isinstance(value, dict)
+            and isinstance(out[key], dict)
+            and key not in {"class_weights", "aliases", "ratios", "robustness"}
+        ):
             out[key] = _merge(out[key], value, path)
         else:
             out[key] = copy.deepcopy(value)

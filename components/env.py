@@ -104,7 +104,16 @@ def ultralytics():
     """
     apply()
     import ultralytics as ul
-    from ultralytics.utils import SETTINGS
+
+    # ultralytics replaces PIL.Image.open process-wide with a version that, on a file Pillow cannot
+    # identify, tries to pip-install pi-heif (network) and then raises ModuleNotFoundError instead of
+    # UnidentifiedImageError, which breaks every caller's bad-image handling. Put Pillow's back.
+    from PIL import Image
+    from ultralytics.utils import SETTINGS, patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
     wanted = {"mlflow": False, "sync": False, "hub": False, "wandb": False, "tensorboard": False}
     wanted = {k: v for k, v in wanted.items() if k in SETTINGS and SETTINGS[k] != v}

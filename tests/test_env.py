@@ -62,3 +62,19 @@ def test_font_is_where_ultralytics_looks_and_its_mlflow_callback_is_off():
     assert Path(font) == Path(homes()["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
     assert Path(font).stat().st_size > 100_000  # a real TTF (DejaVuSans), not an empty placeholder
     assert flags == "False False"
+
+
+def test_ultralytics_does_not_hijack_pillow_for_unreadable_files(tmp_path):
+    import pytest
+    from PIL import Image, UnidentifiedImageError
+
+    import components.env as e
+    from components.manifest import probe_image
+
+    e.ultralytics()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UnidentifiedImageError):  # not ModuleNotFoundError('pi_heif'), no pip install
+        Image.open(bad)
+    with pytest.raises(ValueError, match="not a recognisable image file"):
+        probe_image(bad)

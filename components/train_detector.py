@@ -1,0 +1,162 @@
+"""``drspot train-detector``: an ultralytics YOLO lesion detector from the split manifest's boxes.
+
+The model is built from its yaml (``detector.arch``, e.g. ``yolov8n``): no weights download. The
+boxes are exported to YOLO format from DrSpot's own split (never a split the source shipped), one
+class ``lesion`` by default. Ultralytics runs with the project's offline settings (fonts, no hub,
+its MLflow callback off: :func:`components.env.ultralytics`) and ``amp=False`` (the AMP check
+downloads a model). Outputs in ``out_dir``: ``detector.pt``, ``detector_config.json`` (arch, image
+size, thresholds, class names, test metrics: mAP50, mAP50-95, precision, recall).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from components.config import Config
+from components.manifest import SPLITS, DataError
+
+WEIGHTS = "detector.pt"
+DETECTOR_CONFIG = "detector_config.json"
+
+
+def export_yolo(split_manifest: Path, dataset_dir: Path, out_dir: Path, single_class: bool, classes: list[str]) -> Path:
+    """Write ``out_dir/{images,labels}/{train,val,test}`` (images linked) and ``data.yaml``."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    rows = pq.read_table(split_manifest, columns=["image_id", "path", "label", "boxes", "split"]).to_pylist()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    counts = {s: 0 for s in SPLITS}
+    for r in rows:
+        if r["split"] not in SPLITS:
+            continue
+        src = (dataset_dir / r["path"]).resolve()
+        img = out_dir / "images" / r["split"] / f"{r['image_id']}{src.suffix}"
+        lbl = out_dir / "labels" / r["split"] / f"{r['image_id']}.txt"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        lbl.parent.mkdir(parents=True, exist_ok=True)
+        img.symlink_to(src)
+        cls = 0 if single_class else classes.index(r["label"])
+        lines = [
+            f"{cls} {(b[0] + b[2]) / 2:.6f} {(b[1] + b[3]) / 2:.6f} {b[2] - b[0]:.6f} {b[3] - b[1]:.6f}"
+            for b in r["boxes"] or []
+        ]
+        lbl.write_text("\n".join(lines) + ("\n" if lines else ""))
+        counts[r["split"]] += 1
+    empty = [s for s in ("train", "val") if counts[s] == 0]
+    if empty:
+        raise DataError(f"no images in the {' and '.join(empty)} split(s) of {split_manifest} for the detector")
+    names = {0: "lesion"} if single_class else dict(enumerate(classes))
+    data = {"path": str(out_dir.resolve()), "train": "images/train", "val": "images/val", "names": names}
+    if counts["test"]:
+        data["test"] = "images/test"
+    (out_dir / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out_dir / "data.yaml"
+
+
+def _metrics(m) -> dict[str, float]:
+    return {
+        "map50": float(m.box.map50),
+        "map50_95": float(m.box.map),
+        "precision": float(m.box.mp),
+        "recall": float(m.box.mr),
+    }
+
+
+def device() -> str:
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def train_detector(
+    split_manifest: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train and test the detector; returns its config with test metrics."""
+    from components.env import ultralytics
+
+    d = cfg.detector
+    split_manifest, dataset_dir, out_dir = Path(split_manifest), Path(dataset_dir), Path(out_dir)
+    if not split_manifest.is_file():
+        raise DataError(f"no split manifest at {split_manifest}; run `drspot prepare` first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    data_yaml = export_yolo(split_manifest, dataset_dir, out_dir / "yolo_data", d.single_class, list(cfg.classes.names))
+    ul = ultralytics()
+    model = ul.YOLO(f"{d.arch}.yaml")
+    dev = device()
+    workdir = out_dir / "ultralytics"
+    shutil.rmtree(workdir, ignore_errors=True)
+    progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
+    model.train(
+        data=str(data_yaml),
+        epochs=d.epochs,
+        imgsz=d.imgsz,
+        batch=d.batch,
+        device=dev,
+        workers=d.workers,
+        project=str(workdir),
+        name="run",
+        exist_ok=True,
+        seed=cfg.seed,
+        deterministic=True,
+        plots=False,
+        amp=False,
+        patience=d.patience,
+        mosaic=d.mosaic,
+        verbose=False,
+        val=True,
+        pretrained=False,
+    )
+    best = workdir / "run" / "weights" / "best.pt"
+    if not best.is_file():
+        best = workdir / "run" / "weights" / "last.pt"
+    shutil.copyfile(best, out_dir / WEIGHTS)
+    trained = ul.YOLO(str(out_dir / WEIGHTS))
+    split = "test" if (out_dir / "yolo_data" / "images" / "test").is_dir() else "val"
+    metrics = _metrics(
+        trained.val(
+            data=str(data_yaml),
+            split=split,
+            imgsz=d.imgsz,
+            batch=d.batch,
+            device=dev,
+            plots=False,
+            verbose=False,
+            workers=d.workers,
+            project=str(workdir),
+            name="test",
+            exist_ok=True,
+        )
+    )
+    config = {
+        "arch": d.arch,
+        "imgsz": d.imgsz,
+        "conf": d.conf,
+        "iou": d.iou,
+        "single_class": d.single_class,
+        "names": ["lesion"] if d.single_class else list(cfg.classes.names),
+        "metrics": metrics,
+        "metrics_split": split,
+        "epochs": d.epochs,
+        "seed": cfg.seed,
+        "config_digest": cfg.digest(),
+        "seconds": round(time.monotonic() - t0, 1),
+        "params": d.model_dump(),
+    }
+    (out_dir / DETECTOR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir / "yolo_data", ignore_errors=True)  # links only; the manifest can rebuild it
+    progress(
+        f"detector: {split} mAP50 {metrics['map50']:.3f} mAP50-95 {metrics['map50_95']:.3f} "
+        f"P {metrics['precision']:.3f} R {metrics['recall']:.3f} ({config['seconds']}s)"
+    )
+    return config

@@ -1,0 +1,132 @@
+"""Training and evaluation building blocks (issue 4, in progress): real timm/ultralytics, tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import gate
+from components.config import load_config
+from components.evaluate import corrupt, ece, fit_temperature, softmax, threshold_for_sensitivity
+from components.ingest import ingest
+from components.manifest import DataError
+from components.preprocess import lesion_crop
+from components.train_classifier import TrainingError, check_backbone, check_pretrained, train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, synthetic_source):
+    cfg = load_config("test")
+    root = tmp_path_factory.mktemp("train")
+    ds, prep = root / "ds", root / "prep"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        step(ds, prep, cfg)
+    return cfg, ds, prep / "split" / "split.parquet", root
+
+
+def test_unknown_backbone_is_named_before_training():
+    with pytest.raises(TrainingError, match="unknown timm backbone 'resnet1800'.*resnet18"):
+        check_backbone("resnet1800")
+
+
+def test_pretrained_offline_without_a_file_is_refused(monkeypatch):
+    cfg = load_config("test")
+    c = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"pretrained": True})})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TrainingError, match="pretrained_path is not set, and downloads are off"):
+        check_pretrained(c)
+
+
+def test_a_class_without_training_rows_is_refused(prepared, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, ds, split, _ = prepared
+    t = pq.read_table(split)
+    keep = [
+        i
+        for i, (lab, s) in enumerate(zip(t["label"].to_pylist(), t["split"].to_pylist(), strict=True))
+        if not (lab == "df" and s == "train")
+    ]
+    pq.write_table(t.take(pa.array(keep)), tmp_path / "split.parquet")
+    with pytest.raises(DataError, match="no training rows: df"):
+        train_classifier(tmp_path / "split.parquet", ds, tmp_path / "model", cfg)
+
+
+def test_crop_uses_the_box_plus_margin():
+    img = Image.new("RGB", (200, 100))
+    assert lesion_crop(img, [0.25, 0.2, 0.75, 0.8], 0.1).size == (120, 72)
+    assert lesion_crop(img, None, 0.1).size == (200, 100)  # no box: the whole image (serving fallback)
+
+
+def test_train_writes_a_model_and_evaluation_reports(prepared):
+    from components.evaluate import evaluate
+    from components.train_classifier import MODEL, MODEL_CONFIG, load_model
+
+    cfg, ds, split, root = prepared
+    result = train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
+    assert (root / "clf" / MODEL).is_file() and not (root / "clf" / "checkpoint.pt").exists()
+    mc = json.loads((root / "clf" / MODEL_CONFIG).read_text())
+    assert mc["classes"] == cfg.classes.names and len(mc["mean"]) == 3 and mc["input_size"] == cfg.classifier.input_size
+    assert len(result["history"]) == cfg.classifier.epochs
+    model, _ = load_model(root / "clf")  # rebuilt from the folder alone
+    assert model.training is False
+    ev = evaluate(root / "clf", split, ds, root / "eval", cfg, data_version="test")
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "kappa", "malignant_auc", "malignant_sensitivity"):
+        assert key in ev["metrics"] and len(ev["intervals_95"][key]) == 2
+    assert ev["complexity"]["classifier"]["parameters"] > 1e6
+    assert {r["corruption"] for r in ev["robustness"]} == {"blur", "noise", "brightness", "jpeg"}
+    assert (root / "eval" / "report.html").is_file() and (root / "eval" / "plots" / "curves.png").is_file()
+    card = (root / "eval" / "model_card.md").read_text()
+    assert "## Intended use" in card and "does not diagnose" in card and "Data version" in card
+    assert json.loads((root / "clf" / MODEL_CONFIG).read_text())["malignant_threshold"] == ev["malignant_threshold"]
+
+
+def test_checkpoint_resume_continues_after_an_interruption(prepared):
+    cfg, ds, split, root = prepared
+    two = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"epochs": 2})})
+    calls = []
+
+    def interrupt(msg):
+        calls.append(msg)
+        if msg.startswith("classifier epoch 1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(split, ds, root / "resume", two, progress=interrupt)
+    assert (root / "resume" / "checkpoint.pt").is_file()
+    messages = []
+    out = train_classifier(split, ds, root / "resume", two, progress=messages.append)
+    assert any("resumed from" in m and "after epoch 1" in m for m in messages)
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+
+
+def test_detector_trains_offline_and_reports_map(prepared):
+    from components.train_detector import train_detector
+
+    cfg, ds, split, root = prepared
+    out = train_detector(split, ds, root / "det", cfg, progress=lambda m: None)
+    assert set(out["metrics"]) == {"map50", "map50_95", "precision", "recall"}
+    assert (root / "det" / "detector.pt").is_file() and out["names"] == ["lesion"]
+
+
+def test_calibration_and_threshold_helpers():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    said = np.where(rng.random(500) < 0.7, y, rng.integers(0, 3, 500))  # right 70-80% of the time...
+    logits = np.eye(3)[said] * 6 + rng.normal(0, 1, (500, 3))  # ...but ~99% confident
+    t = fit_temperature(logits, y)
+    assert t > 1
+    assert ece(y, softmax(logits, t))[0] < ece(y, softmax(logits))[0]
+    y_mal = np.array([1, 1, 1, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.5])
+    th = threshold_for_sensitivity(y_mal, p, 0.75)
+    assert ((p >= th) & (y_mal == 1)).sum() / 4 >= 0.75 and th == 0.3
+    x = np.full((2, 8, 8, 3), 100, np.uint8)
+    assert corrupt(x, "brightness", 1.5, 0).mean() == 150
