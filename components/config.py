@@ -72,6 +72,7 @@ class Paths(_Strict):
     raw: str
     reports: str
     prepared: str
+    models: str
 
 
 class Faults(_Strict):

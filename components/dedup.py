@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.config import Config
-from components.manifest import DataError
+from components.manifest import read_step_input
 from components.report import write_json
 
 DEDUPLICATED = "deduplicated.parquet"
@@ -233,13 +233,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
     validated, dataset_dir, out_dir = Path(validated), Path(dataset_dir), Path(out_dir)
     for name in (DEDUPLICATED, PAIRS, DROPPED, REPORT):
         (out_dir / name).unlink(missing_ok=True)
-    if not validated.is_file():
-        raise DataError(f"no validated manifest at {validated}; run `drspot validate` first")
-    table = pq.read_table(validated)
-    if "phash" not in table.column_names:
-        raise DataError(f"{validated} has no phash column; it must come from `drspot validate`")
-    if table.num_rows == 0:
-        raise DataError(f"{validated} has no rows to de-duplicate")
+    table = read_step_input(validated, "phash", "validate", "de-duplicate")
     cols = ["image_id", "sha256", "label", "lesion_id", "phash", "path", "boxes"]
     cols += ["phash_crops"] if "phash_crops" in table.column_names else []
     rows = table.select(cols).to_pylist()

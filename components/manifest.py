@@ -196,6 +196,24 @@ def read_manifest(dataset_dir: Path) -> pa.Table:
     return table
 
 
+def read_step_input(path: Path, column: str, producer: str, purpose: str) -> pa.Table:
+    """Read a gate step's input, produced by ``drspot {producer}``, with a clear error if unusable.
+
+    Raises:
+        DataError: the file is missing, lacks ``column`` (so it is not ``producer``'s output), or
+            has no rows to ``purpose``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no {path.name} at {path}; run `drspot {producer}` first")
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        raise DataError(f"{path} has no {column} column; it must come from `drspot {producer}`")
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no rows to {purpose}")
+    return table
+
+
 def iter_rows(dataset_dir: Path) -> Iterator[dict[str, Any]]:
     """Stream a manifest's rows as dicts, one row group at a time."""
     pf = pq.ParquetFile(Path(dataset_dir) / MANIFEST)

@@ -55,3 +55,8 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def kv(d: dict[str, Any]) -> str:
     return table([{"item": k, "value": v} for k, v in d.items()])
+
+
+def say(message: str) -> None:
+    """Progress for long work: printed and flushed at once, so a log being tailed shows it."""
+    print(message, flush=True)

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import Config
-from components.manifest import SPLITS, DataError
+from components.manifest import SPLITS, DataError, read_step_input
 from components.report import kv, table, write_html, write_json
 
 SPLIT = "split.parquet"
@@ -159,13 +160,7 @@ def split(
             DrSpot made (a bug guard).
     """
     deduplicated, out_dir = Path(deduplicated), Path(out_dir)
-    if not deduplicated.is_file():
-        raise DataError(f"no de-duplicated manifest at {deduplicated}; run `drspot dedup` first")
-    tbl = pq.read_table(deduplicated)
-    if "group_id" not in tbl.column_names:
-        raise DataError(f"{deduplicated} has no group_id column; it must come from `drspot dedup`")
-    if tbl.num_rows == 0:
-        raise DataError(f"{deduplicated} has no rows to split")
+    tbl = read_step_input(deduplicated, "group_id", "dedup", "split")
     rows = tbl.select(["image_id", "label", "lesion_id", "group_id", "split"]).to_pylist()
     pairs = []
     if pairs_file and Path(pairs_file).is_file():
@@ -224,11 +219,10 @@ def split(
             f"{leaks['cross_split_groups']} groups and {leaks['cross_split_duplicate_pairs']} duplicate pairs "
             "span two splits; set split.source_split: regroup for an honest evaluation"
         )
-    result_rows = [{**r, "split": assignment[r["image_id"]]} for r in rows if r["image_id"] in assignment]
     full = tbl.drop_columns(["split"]).append_column(
         "split", pa.array([assignment.get(x) for x in tbl.column("image_id").to_pylist()], pa.string())
     )
-    full = full.filter(pa.compute.is_valid(full.column("split")))
+    full = full.filter(pc.is_valid(full.column("split")))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(".split.parquet.partial")
     pq.write_table(full, tmp, compression="zstd")
@@ -243,5 +237,4 @@ def split(
             ("Held-out rows", table(held)),
         ],
     )
-    assert len(result_rows) == full.num_rows
     return SplitResult(assignment=assignment, held_out=held, report=report)

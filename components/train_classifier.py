@@ -29,6 +29,7 @@ import numpy as np
 
 from components.config import Config
 from components.manifest import DataError
+from components.report import say
 
 MODEL = "model.pt"
 MODEL_CONFIG = "model_config.json"
@@ -212,7 +213,7 @@ def train_classifier(
     out_dir: str | Path,
     cfg: Config,
     resume: bool = True,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Train on the ``train`` rows, select on ``val``; write the model folder. Returns the history.
 

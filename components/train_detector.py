@@ -19,6 +19,7 @@ from typing import Any
 
 from components.config import Config
 from components.manifest import SPLITS, DataError
+from components.report import say
 
 WEIGHTS = "detector.pt"
 DETECTOR_CONFIG = "detector_config.json"
@@ -79,7 +80,7 @@ def train_detector(
     dataset_dir: str | Path,
     out_dir: str | Path,
     cfg: Config,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Train and test the detector; returns its config with test metrics."""
     from components.env import ultralytics
@@ -97,25 +98,28 @@ def train_detector(
     workdir = out_dir / "ultralytics"
     shutil.rmtree(workdir, ignore_errors=True)
     progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
+    common = {
+        "imgsz": d.imgsz,
+        "batch": d.batch,
+        "device": dev,
+        "workers": d.workers,
+        "plots": False,
+        "verbose": False,
+        "project": str(workdir),
+        "exist_ok": True,
+    }
     model.train(
         data=str(data_yaml),
         epochs=d.epochs,
-        imgsz=d.imgsz,
-        batch=d.batch,
-        device=dev,
-        workers=d.workers,
-        project=str(workdir),
         name="run",
-        exist_ok=True,
         seed=cfg.seed,
         deterministic=True,
-        plots=False,
         amp=False,
         patience=d.patience,
         mosaic=d.mosaic,
-        verbose=False,
         val=True,
         pretrained=False,
+        **common,
     )
     best = workdir / "run" / "weights" / "best.pt"
     if not best.is_file():
@@ -123,21 +127,7 @@ def train_detector(
     shutil.copyfile(best, out_dir / WEIGHTS)
     trained = ul.YOLO(str(out_dir / WEIGHTS))
     split = "test" if (out_dir / "yolo_data" / "images" / "test").is_dir() else "val"
-    metrics = _metrics(
-        trained.val(
-            data=str(data_yaml),
-            split=split,
-            imgsz=d.imgsz,
-            batch=d.batch,
-            device=dev,
-            plots=False,
-            verbose=False,
-            workers=d.workers,
-            project=str(workdir),
-            name="test",
-            exist_ok=True,
-        )
-    )
+    metrics = _metrics(trained.val(data=str(data_yaml), split=split, name="test", **common))
     config = {
         "arch": d.arch,
         "imgsz": d.imgsz,

@@ -161,6 +161,61 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_manifest(args, cfg) -> tuple[Path, Path]:
+    from components import gate
+
+    dataset = Path(args.dataset) if args.dataset else cfg.resolve(cfg.paths.data)
+    return dataset, gate.step_dirs(gate.prepared_dir(dataset, cfg, args.prepared))["split"] / "split.parquet"
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from components.train_classifier import train_classifier
+
+    cfg = load_config(args.profile, args.params)
+    dataset, manifest = _split_manifest(args, cfg)
+    out = args.out or cfg.resolve(cfg.paths.models) / "classifier"
+    train_classifier(manifest, dataset, out, cfg, resume=not args.no_resume)
+    return 0
+
+
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    from components.train_detector import train_detector
+
+    cfg = load_config(args.profile, args.params)
+    dataset, manifest = _split_manifest(args, cfg)
+    train_detector(manifest, dataset, args.out or cfg.resolve(cfg.paths.models) / "detector", cfg)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from components.evaluate import evaluate
+    from components.versioning import data_version
+
+    cfg = load_config(args.profile, args.params)
+    dataset, manifest = _split_manifest(args, cfg)
+    models = cfg.resolve(cfg.paths.models)
+    out = args.out or cfg.resolve(cfg.paths.reports) / "evaluation"
+    version = data_version(cfg.resolve("data.dvc"))
+    r = evaluate(
+        args.model or models / "classifier",
+        manifest,
+        dataset,
+        out,
+        cfg,
+        detector_dir=args.detector or models / "detector",
+        data_version=version,
+    )
+    for k, v in r["metrics"].items():
+        lo, hi = r["intervals_95"][k]
+        print(f"  {k:24s} {v:.4f}  (95% CI {lo:.4f}-{hi:.4f})")
+    print(
+        f"  malignant threshold {r['malignant_threshold']:.4f} (val, sensitivity >= {r['target_sensitivity']}), "
+        f"temperature {r['temperature']:.3f}, ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}"
+    )
+    print(f"report: {out / 'report.html'}; model card: {out / 'model_card.md'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -231,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--prepared", type=Path, help="output folder (default: paths.prepared/<dataset name>)")
         s.set_defaults(func=cmd_prepare if step == "prepare" else _gate_step(step))
 
+    for name, func, text in (
+        ("train-classifier", cmd_train_classifier, "train the timm classifier on the split's lesion crops"),
+        ("train-detector", cmd_train_detector, "train the YOLO lesion detector on the split's boxes"),
+        ("evaluate", cmd_evaluate, "evaluate on the frozen test split: metrics, CIs, calibration, plots, model card"),
+    ):
+        t = sub.add_parser(name, help=text)
+        t.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
+        t.add_argument("--prepared", type=Path, help="data-gate folder (default: paths.prepared/<dataset name>)")
+        t.add_argument("--out", type=Path, help="output folder")
+        if name == "train-classifier":
+            t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
+        if name == "evaluate":
+            t.add_argument("--model", type=Path, help="classifier folder (default: paths.models/classifier)")
+            t.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
+        t.set_defaults(func=func)
+
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)
     return p
@@ -240,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
         print(f"drspot {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -45,7 +45,7 @@ def dvc_stage(stage: str, root: str) -> str:
         if "error:" in str(e) and "drspot" in str(e):  # the step itself refused the data
             raise DataError(str(e)) from None
         raise
-    status = "cached" if "didn't change, skipping" in out or "skipping" in out.lower() else "ran"
+    status = "ran" if "Running stage" in out else "cached"  # dvc prints "Stage 'x' didn't change, skipping"
     get_run_logger().info("dvc stage %s: %s", stage, status)
     return status
 
