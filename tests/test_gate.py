@@ -164,7 +164,8 @@ def _write_manifest(tmp_path, rows):
 def _img(ds, name, mode="RGB", size=(64, 48), fmt="PNG", **kw):
     import hashlib
 
-    arr = np.random.default_rng(len(name)).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    seed = int(hashlib.md5(name.encode()).hexdigest()[:8], 16)  # distinct pixels per name
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     img = Image.fromarray(arr)
     img = img.convert(mode) if mode not in ("I;16",) else Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
     path = ds / "images" / name
@@ -250,6 +251,27 @@ def test_image_modes_are_converted_and_blank_images_quarantined(tmp_path, cfg):
     modes = {r["image_id"]: r["original_mode"] for r in validated}
     assert modes == {"cmyk": "CMYK", "rgba": "RGBA", "palette": "P", "gray16": "I;16", "gray": "L"}
     assert [(q["image_id"], q["check"]) for q in result.quarantine] == [("blank", "not_blank")]
+
+
+def test_a_duplicate_group_with_two_labels_is_a_label_conflict(tmp_path, cfg):
+    import shutil
+
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    a = _img(ds, "a.png")
+    shutil.copy(ds / "images" / "a.png", ds / "images" / "b.png")
+    b = {**a, "image_id": "b", "path": "images/b.png", "lesion_id": "b", "label": "mel"}
+    others = [_img(ds, f"o{i}.png") for i in range(3)]
+    from components.manifest import Row, write_manifest
+
+    write_manifest(ds, [Row(**r) for r in [a, b, *others]])
+    gate.run_validate(ds, tmp_path / "prep", cfg)
+    result = gate.run_dedup(ds, tmp_path / "prep", cfg)
+    assert [c["labels"] for c in result.conflicts] == [["mel", "nv"]]
+    dropped = {d["image_id"]: d["reason"] for d in result.dropped}
+    assert dropped["a"] == "label_conflict"  # the kept copy goes too: which label is right is unknown
+    kept = pq.read_table(tmp_path / "prep" / "dedup" / "deduplicated.parquet").column("image_id").to_pylist()
+    assert "a" not in kept and "b" not in kept and len(kept) == 3
 
 
 def test_ratios_must_sum_to_one(tmp_path):
