@@ -222,6 +222,16 @@ class Evaluate(_Strict):
     robustness: dict[Literal["blur", "noise", "brightness", "jpeg"], list[float]]
 
 
+class Gate(_Strict):
+    primary_metric: Literal["macro_auc", "balanced_accuracy", "accuracy", "malignant_auc"]
+    tolerance: float = Field(ge=0)
+    malignant_sensitivity_floor: float = Field(ge=0, le=1)
+    first_model_floors: dict[str, float]
+    detector_metric: Literal["map50", "map50_95"]
+    detector_tolerance: float = Field(ge=0)
+    detector_first_floor: float = Field(ge=0, le=1)
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -235,6 +245,7 @@ class Config(_Strict):
     classifier: Classifier
     detector: Detector
     evaluate: Evaluate
+    gate: Gate
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -275,7 +286,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
         if (
             isinstance(value, dict)
             and isinstance(out[key], dict)
-            and key not in {"class_weights", "aliases", "ratios", "robustness"}
+            and key not in {"class_weights", "aliases", "ratios", "robustness", "first_model_floors"}
         ):
             out[key] = _merge(out[key], value, path)
         else:

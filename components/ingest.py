@@ -182,6 +182,7 @@ def adapt_synthetic(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidat
             label=row["label"],
             lesion_id=row["lesion_id"],
             file=source / row["file"],
+            ext=Path(row["file"]).suffix.lower(),
             boxes=boxes,
         )
 

@@ -216,6 +216,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from components import registry
+    from components.versioning import data_version
+
+    cfg = load_config(args.profile, args.params)
+    dataset, manifest = _split_manifest(args, cfg)
+    models = cfg.resolve(cfg.paths.models)
+    tags = registry.lineage(cfg, manifest, data_version(cfg.resolve("data.dvc")))
+    report = args.report or cfg.resolve(cfg.paths.reports) / "evaluation"
+    evaluation = json.loads((report / "evaluation.json").read_text())
+    version = registry.register("classifier", args.model or models / "classifier", evaluation["metrics"], tags, report)
+    print(f"registered {registry.CLASSIFIER} v{version} (alias challenger); lineage {tags}")
+    detector = args.detector or models / "detector"
+    if (detector / "detector_config.json").is_file():
+        dmetrics = json.loads((detector / "detector_config.json").read_text())["metrics"]
+        dversion = registry.register("detector", detector, dmetrics, tags)
+        print(f"registered {registry.DETECTOR} v{dversion} (alias challenger)")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from components import registry
+
+    cfg = load_config(args.profile, args.params)
+    name = registry.CLASSIFIER if args.kind == "classifier" else registry.DETECTOR
+    version = args.version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
+    d = registry.gate_and_promote(args.kind, version, cfg)
+    print(f"{name} v{version}: {'PROMOTED to champion' if d.promote else 'REJECTED'}: {d.reason}")
+    return 0 if d.promote else 3
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from components import registry
+
+    old, new = registry.rollback(args.kind)
+    print(f"{args.kind}: champion moved back from v{old} to v{new}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -301,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--model", type=Path, help="classifier folder (default: paths.models/classifier)")
             t.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
         t.set_defaults(func=func)
+
+    r = sub.add_parser("register", help="register the trained models in MLflow with lineage; alias challenger")
+    r.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
+    r.add_argument("--prepared", type=Path, help="data-gate folder")
+    r.add_argument("--model", type=Path, help="classifier folder (default: paths.models/classifier)")
+    r.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
+    r.add_argument("--report", type=Path, help="evaluation folder (default: paths.reports/evaluation)")
+    r.set_defaults(func=cmd_register)
+    pr = sub.add_parser("promote", help="run the gate on the challenger; promote it to champion if it passes")
+    pr.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
+    pr.add_argument("--version", help="model version (default: the one aliased challenger)")
+    pr.set_defaults(func=cmd_promote)
+    rb = sub.add_parser("rollback", help="move champion back to the previous champion")
+    rb.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
+    rb.set_defaults(func=cmd_rollback)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)

@@ -50,6 +50,7 @@ def test_synthetic_rows_follow_the_contract(tmp_path, cfg, synthetic_source):
     for r in rows:
         data = (out / r["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["sha256"]
+        assert r["path"].endswith(".jpg")  # the source's own extension (the files are JPEGs)
         assert r["source"] == "synthetic" and r["lesion_id"] and r["split"] is None
     faults = json.loads((synthetic_source / "faults.json").read_text())
     unknown = {f["image_id"] for f in faults if f["kind"] == "unknown_label"}

@@ -1,0 +1,300 @@
+"""The MLflow record: registration with lineage, the champion/challenger gate, promote, rollback.
+
+Models are registered as pyfunc "models from code" (``components/mlflow_models``) whose artifacts
+are the model folder (weights + resolved config): loading never unpickles a project class. Each
+new version gets the alias ``challenger`` and lineage tags: the data version (the md5 in
+``data.dvc``), the split manifest's hash (the frozen test set it was judged on), the git commit,
+the Prefect flow-run id and the params hash.
+
+The gate (TFX's "blessing", done with MLflow aliases): a challenger becomes ``champion`` only if,
+on the same frozen test split, its primary metric is not worse than the champion's by more than
+``gate.tolerance`` and its malignant sensitivity is at least ``gate.malignant_sensitivity_floor``;
+the first model must clear ``gate.first_model_floors``. The decision and both sets of numbers are
+tagged on the version. Promotion moves one alias in one call, and ``rollback`` only ever *moves*
+``champion`` back, so once a champion exists no failure leaves the registry without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import Config
+from components.env import project_root
+
+CLASSIFIER = "drspot-classifier"
+DETECTOR = "drspot-detector"
+CODE = Path(__file__).parent / "mlflow_models"
+HISTORY_TAG = "champion_history"
+EXPERIMENT = "drspot"
+PIP = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm==1.0.31",
+    "ultralytics==8.4.190",
+    "mlflow==3.17.2",
+    "pillow",
+    "numpy",
+]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done (no champion to roll back to, unknown version, ...)."""
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (a shared server), else SQLite under ``mlflow/`` in the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow' / 'mlflow.db'}"
+
+
+def client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # a SQLite store keeps its artifacts beside the database (MLflow's default is ./mlruns in
+        # whatever folder the process runs in); a tracking server decides for itself
+        location = (
+            (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri() if uri.startswith("sqlite:///") else None
+        )
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return MlflowClient(uri, uri)
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def flow_run_id() -> str:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "none")
+    except Exception:
+        return "none"
+
+
+def lineage(cfg: Config, split_manifest: str | Path, data_version: str | None) -> dict[str, str]:
+    return {
+        "data_version": data_version or "unversioned",
+        "manifest_hash": file_hash(split_manifest),
+        "git_commit": git_commit(),
+        "prefect_flow_run_id": flow_run_id(),
+        "params_hash": cfg.digest(),
+        "profile": cfg.profile,
+    }
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def register(
+    kind: str,
+    model_dir: str | Path,
+    metrics: dict[str, Any],
+    tags: dict[str, str],
+    report_dir: str | Path | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Log a training run with the model and register it; the new version becomes ``challenger``.
+
+    Returns the new version number.
+    """
+    import mlflow
+
+    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    c = client()
+    with mlflow.start_run(run_name=f"register-{kind}", parent_run_id=parent_run_id, tags={**tags, "kind": kind}):
+        cfg_file = Path(model_dir) / ("model_config.json" if kind == "classifier" else "detector_config.json")
+        params = json.loads(cfg_file.read_text()).get("params", {})
+        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+        mlflow.log_metrics(_finite(metrics))
+        if report_dir and Path(report_dir).is_dir():
+            mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(CODE / f"{kind}_model.py"),
+            artifacts={"model_dir": str(model_dir)},
+            pip_requirements=PIP,
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    for k, v in {**tags, **{f"metric.{m}": str(x) for m, x in _finite(metrics).items()}}.items():
+        c.set_model_version_tag(name, version, k, v)
+    c.set_registered_model_alias(name, "challenger", version)
+    return version
+
+
+def version_metrics(name: str, version: str) -> dict[str, float]:
+    mv = client().get_model_version(name, version)
+    return {k[len("metric.") :]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
+
+
+def champion(name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    challenger: dict[str, float]
+    champion: dict[str, float] | None
+
+
+def decide(kind: str, challenger: dict[str, float], champion_: dict[str, float] | None, cfg: Config) -> Decision:
+    """The gate, as a pure function of both models' test metrics."""
+    g = cfg.gate
+    if kind == "detector":
+        metric, tol, floors, sens_floor = (
+            g.detector_metric,
+            g.detector_tolerance,
+            {g.detector_metric: g.detector_first_floor},
+            None,
+        )
+    else:
+        metric, tol, floors, sens_floor = (
+            g.primary_metric,
+            g.tolerance,
+            g.first_model_floors,
+            g.malignant_sensitivity_floor,
+        )
+    new = challenger.get(metric, float("nan"))
+    if not math.isfinite(new):
+        return Decision(False, f"challenger has no finite {metric}", challenger, champion_)
+    if sens_floor is not None:
+        sens = challenger.get("malignant_sensitivity", float("nan"))
+        if not (sens >= sens_floor):
+            return Decision(
+                False, f"malignant sensitivity {sens:.4f} is below the floor {sens_floor}", challenger, champion_
+            )
+    if champion_ is None:
+        low = {
+            k: (challenger.get(k, float("nan")), v)
+            for k, v in floors.items()
+            if not challenger.get(k, float("nan")) >= v
+        }
+        if low:
+            detail = ", ".join(f"{k} {got:.4f} < {need}" for k, (got, need) in low.items())
+            return Decision(False, f"first model below the absolute floors: {detail}", challenger, None)
+        return Decision(
+            True,
+            f"first model: clears the floors ({', '.join(f'{k} >= {v}' for k, v in floors.items())})",
+            challenger,
+            None,
+        )
+    old = champion_.get(metric, float("nan"))
+    if new < old - tol:
+        return Decision(
+            False,
+            f"{metric} {new:.4f} is worse than the champion's {old:.4f} by more than {tol}",
+            challenger,
+            champion_,
+        )
+    return Decision(True, f"{metric} {new:.4f} vs champion {old:.4f} (tolerance {tol})", challenger, champion_)
+
+
+def _history(name: str) -> list[str]:
+    rm = client().get_registered_model(name)
+    return json.loads(rm.tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(name: str, version: str) -> None:
+    c = client()
+    history = [v for v in _history(name) if v != version] + [version]
+    c.set_registered_model_alias(name, "champion", version)  # one call: never a moment without a champion
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def gate_and_promote(kind: str, version: str, cfg: Config) -> Decision:
+    """Run the gate for ``version`` against the current champion; promote it when it passes.
+
+    The champion's numbers are compared only when it was judged on the same split manifest
+    (``manifest_hash``); otherwise the comparison would not be fair and the gate refuses.
+    """
+    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    c = client()
+    new_mv = c.get_model_version(name, version)
+    current = champion(name)
+    champ_metrics = None
+    if current is not None and current != version:
+        champ_mv = c.get_model_version(name, current)
+        if champ_mv.tags.get("manifest_hash") != new_mv.tags.get("manifest_hash"):
+            decision = Decision(
+                False,
+                f"champion v{current} was judged on another split manifest; re-evaluate it first",
+                version_metrics(name, version),
+                None,
+            )
+            _record(name, version, current, decision)
+            return decision
+        champ_metrics = version_metrics(name, current)
+    decision = decide(kind, version_metrics(name, version), champ_metrics, cfg)
+    _record(name, version, current, decision)
+    if decision.promote:
+        set_champion(name, version)
+    return decision
+
+
+def _record(name: str, version: str, champion_version: str | None, d: Decision) -> None:
+    c = client()
+    for k, v in {
+        "gate.decision": "promoted" if d.promote else "rejected",
+        "gate.reason": d.reason,
+        "gate.champion_version": champion_version or "none",
+        "gate.challenger_metrics": json.dumps(d.challenger, sort_keys=True),
+        "gate.champion_metrics": json.dumps(d.champion, sort_keys=True) if d.champion else "none",
+    }.items():
+        c.set_model_version_tag(name, version, k, v[:5000])
+
+
+def rollback(kind: str) -> tuple[str, str]:
+    """Move ``champion`` back to the previous champion. Returns (from version, to version).
+
+    Raises:
+        RegistryError: there is no previous champion (the current one stays).
+    """
+    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    history = _history(name)
+    current = champion(name)
+    if current is None:
+        raise RegistryError(f"{name} has no champion to roll back")
+    earlier = [v for v in history if v != current]
+    if not earlier:
+        raise RegistryError(f"{name} v{current} is the only champion there has been; nothing to roll back to")
+    target = earlier[-1]
+    c = client()
+    c.set_registered_model_alias(name, "champion", target)
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
+    c.set_model_version_tag(name, current, "rolled_back_to", target)
+    return current, target

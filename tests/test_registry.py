@@ -1,0 +1,116 @@
+"""The MLflow registry and the champion/challenger gate, on a real (throwaway) SQLite store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import gate, registry
+from components.config import load_config
+from components.evaluate import evaluate
+from components.ingest import ingest
+from components.train_classifier import MODEL, build_model, train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, synthetic_source):
+    """A trained + evaluated classifier, a deliberately bad one, and an empty tracking store."""
+    import torch
+
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("registry")
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    cfg = load_config("test")
+    ds, prep = root / "ds", root / "prep"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        step(ds, prep, cfg)
+    split = prep / "split" / "split.parquet"
+    train_classifier(split, ds, root / "good", cfg, progress=lambda m: None)
+    good = evaluate(root / "good", split, ds, root / "eval_good", cfg, data_version="v-test")
+    # a worse challenger: the same architecture and config, weights never trained
+    shutil.copytree(root / "good", root / "bad")
+    torch.manual_seed(123)
+    torch.save(build_model("resnet18", len(cfg.classes.names)).state_dict(), root / "bad" / MODEL)
+    bad = evaluate(root / "bad", split, ds, root / "eval_bad", cfg, data_version="v-test")
+    yield {"cfg": cfg, "root": root, "split": split, "ds": ds, "good": good, "bad": bad}
+    mp.undo()
+
+
+def test_register_gate_promote_reject_and_rollback(store):
+    cfg, root, split = store["cfg"], store["root"], store["split"]
+    tags = registry.lineage(cfg, split, "v-test")
+    name = registry.CLASSIFIER
+
+    v1 = registry.register("classifier", root / "good", store["good"]["metrics"], tags, root / "eval_good")
+    mv = registry.client().get_model_version(name, v1)
+    for key in ("data_version", "manifest_hash", "git_commit", "prefect_flow_run_id", "params_hash"):
+        assert mv.tags[key], key
+    assert mv.tags["data_version"] == "v-test" and mv.tags["manifest_hash"] == registry.file_hash(split)
+    assert str(registry.client().get_model_version_by_alias(name, "challenger").version) == v1
+    first = registry.gate_and_promote("classifier", v1, cfg)
+    assert first.promote and "first model" in first.reason and registry.champion(name) == v1
+
+    # a worse challenger is rejected and the champion stays
+    assert store["bad"]["metrics"]["macro_auc"] < store["good"]["metrics"]["macro_auc"] - cfg.gate.tolerance
+    v2 = registry.register("classifier", root / "bad", store["bad"]["metrics"], tags)
+    worse = registry.gate_and_promote("classifier", v2, cfg)
+    assert not worse.promote and registry.champion(name) == v1
+    mv2 = registry.client().get_model_version(name, v2)
+    assert mv2.tags["gate.decision"] == "rejected" and mv2.tags["gate.champion_version"] == v1
+    assert json.loads(mv2.tags["gate.champion_metrics"])["macro_auc"] == pytest.approx(
+        store["good"]["metrics"]["macro_auc"]
+    )
+
+    # an equal challenger passes; rollback moves the champion back; a second rollback has nowhere to go
+    v3 = registry.register("classifier", root / "good", store["good"]["metrics"], tags)
+    assert registry.gate_and_promote("classifier", v3, cfg).promote and registry.champion(name) == v3
+    assert registry.rollback("classifier") == (v3, v1) and registry.champion(name) == v1
+    with pytest.raises(registry.RegistryError, match="nothing to roll back to"):
+        registry.rollback("classifier")
+    assert registry.champion(name) == v1  # the failure left the champion in place
+
+
+def test_champion_loads_as_pyfunc_without_project_pickles(store):
+    import mlflow
+
+    version = registry.register(
+        "classifier",
+        store["root"] / "good",
+        store["good"]["metrics"],
+        registry.lineage(store["cfg"], store["split"], "v-test"),
+    )
+    registry.set_champion(registry.CLASSIFIER, version)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.CLASSIFIER}@champion")
+    images = sorted((store["ds"] / "images").glob("*.jpg"))[:3]
+    assert len(images) == 3
+    out = model.predict(
+        pd.DataFrame({"image": [p.read_bytes() for p in images], "box": [None, None, [0.2, 0.2, 0.8, 0.8]]})
+    )
+    classes = store["cfg"].classes.names
+    assert list(out.columns[: len(classes)]) == classes
+    assert np.allclose(out[classes].sum(1), 1, atol=1e-5)
+    assert (
+        set(out["label"]) <= set(classes)
+        and ((out["malignant_probability"] >= 0) & (out["malignant_probability"] <= 1)).all()
+    )
+
+
+def test_the_gate_rules():
+    cfg = load_config("demo")
+    good = {"macro_auc": 0.9, "malignant_sensitivity": 0.92}
+    assert registry.decide("classifier", good, None, cfg).promote
+    low = registry.decide("classifier", {"macro_auc": 0.65, "malignant_sensitivity": 0.9}, None, cfg)
+    assert not low.promote and "first model below the absolute floors: macro_auc 0.6500 < 0.7" in low.reason
+    insensitive = registry.decide("classifier", {"macro_auc": 0.95, "malignant_sensitivity": 0.6}, good, cfg)
+    assert not insensitive.promote and "below the floor 0.8" in insensitive.reason
+    within = registry.decide("classifier", {"macro_auc": 0.897, "malignant_sensitivity": 0.9}, good, cfg)
+    assert within.promote  # 0.003 worse, inside the 0.005 tolerance
+    assert not registry.decide("classifier", {"macro_auc": 0.89, "malignant_sensitivity": 0.9}, good, cfg).promote
+    assert not registry.decide("detector", {"map50": 0.5}, {"map50": 0.6}, cfg).promote
