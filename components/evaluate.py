@@ -30,6 +30,7 @@ from components.config import Config
 from components.manifest import DataError
 from components.report import kv, table, write_html
 
+CALIBRATION = "calibration.json"
 DISCLAIMER = (
     "DrSpot is a decision-support tool for trained clinicians. It does not diagnose. A low-risk answer does not rule "
     "out skin cancer; any lesion that changes, bleeds, itches or worries the patient must be seen by a dermatologist."
@@ -402,12 +403,12 @@ def evaluate(
         "input_size": mc["input_size"],
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=float))
-    # the serving threshold and temperature travel with the model
-    mc.update(temperature=temperature, malignant_threshold=threshold)
-    (model_dir / "model_config.json").write_text(json.dumps(mc, indent=2, sort_keys=True))
-    card = model_card(result)
-    (out_dir / "model_card.md").write_text(card)
-    (model_dir / "model_card.md").write_text(card)
+    # the serving threshold and temperature; registration merges them into the registered model
+    # (the trained model folder is a DVC stage output and is never modified here)
+    (out_dir / CALIBRATION).write_text(
+        json.dumps({"temperature": temperature, "malignant_threshold": threshold}, indent=2)
+    )
+    (out_dir / "model_card.md").write_text(model_card(result))
     _html(out_dir, result)
     return result
 

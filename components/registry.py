@@ -125,12 +125,27 @@ def register(
 
     Returns the new version number.
     """
+    import shutil
+    import tempfile
+
     import mlflow
 
     name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
     c = client()
-    with mlflow.start_run(run_name=f"register-{kind}", parent_run_id=parent_run_id, tags={**tags, "kind": kind}):
-        cfg_file = Path(model_dir) / ("model_config.json" if kind == "classifier" else "detector_config.json")
+    staging = Path(tempfile.mkdtemp(prefix="drspot-register-"))
+    shutil.copytree(model_dir, staging / "model_dir", ignore=shutil.ignore_patterns("ultralytics", "checkpoint.pt"))
+    model_dir = staging / "model_dir"
+    cfg_file = model_dir / ("model_config.json" if kind == "classifier" else "detector_config.json")
+    calibration = Path(report_dir) / "calibration.json" if report_dir else None
+    if kind == "classifier" and calibration and calibration.is_file():
+        # the evaluation's temperature and malignant threshold travel with the registered model
+        merged = {**json.loads(cfg_file.read_text()), **json.loads(calibration.read_text())}
+        cfg_file.write_text(json.dumps(merged, indent=2, sort_keys=True))
+        shutil.copy(Path(report_dir) / "model_card.md", model_dir / "model_card.md")
+    tags = {**tags, "model_hash": file_hash(model_dir / ("model.pt" if kind == "classifier" else "detector.pt"))}
+    active = mlflow.active_run()
+    nesting = {"nested": True} if active is not None else {"parent_run_id": parent_run_id}
+    with mlflow.start_run(run_name=f"register-{kind}", tags={**tags, "kind": kind}, **nesting):
         params = json.loads(cfg_file.read_text()).get("params", {})
         mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
         mlflow.log_metrics(_finite(metrics))
@@ -143,11 +158,24 @@ def register(
             pip_requirements=PIP,
             registered_model_name=name,
         )
+    shutil.rmtree(staging, ignore_errors=True)
     version = str(info.registered_model_version)
     for k, v in {**tags, **{f"metric.{m}": str(x) for m, x in _finite(metrics).items()}}.items():
         c.set_model_version_tag(name, version, k, v)
     c.set_registered_model_alias(name, "challenger", version)
     return version
+
+
+def find_version(name: str, model_hash: str) -> str | None:
+    """The version whose weights have this sha256, if one is registered (a cached re-run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    hits = sorted((int(v.version) for v in versions if v.tags.get("model_hash") == model_hash), reverse=True)
+    return str(hits[0]) if hits else None
 
 
 def version_metrics(name: str, version: str) -> dict[str, float]:

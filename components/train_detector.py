@@ -95,7 +95,7 @@ def train_detector(
     ul = ultralytics()
     model = ul.YOLO(f"{d.arch}.yaml")
     dev = device()
-    workdir = out_dir / "ultralytics"
+    workdir = out_dir.resolve() / "ultralytics"  # ultralytics puts a relative project under its own runs dir
     shutil.rmtree(workdir, ignore_errors=True)
     progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
     common = {

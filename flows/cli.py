@@ -255,6 +255,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.train import train_flow
+
+    result = train_flow(str(args.dataset) if args.dataset else None, args.profile)
+    print(f"steps: prepare {result['prepare']}, training {result['steps']}")
+    for r in result["results"]:
+        print(f"{r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -341,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
         t.set_defaults(func=func)
 
+    tr = sub.add_parser("train", help="the train flow: prepare -> train both -> evaluate -> register -> gate")
+    tr.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data, through DVC)")
+    tr.set_defaults(func=cmd_train)
     r = sub.add_parser("register", help="register the trained models in MLflow with lineage; alias challenger")
     r.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
     r.add_argument("--prepared", type=Path, help="data-gate folder")

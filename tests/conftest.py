@@ -71,3 +71,18 @@ def copytree(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture
+def dvc_project(git_dvc_repo, cfg, synthetic_source):
+    """A fresh clone-like project: params, dvc.yaml (profile test), the stages' code deps, data/ added."""
+    from components.ingest import ingest
+    from components.versioning import dvc
+
+    root = git_dvc_repo
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("profile: demo", "profile: test"))
+    shutil.copytree(ROOT / "components", root / "components")
+    ingest("synthetic", synthetic_source, root / "data", cfg)
+    dvc("add", "data", cwd=root)
+    return root

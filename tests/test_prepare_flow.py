@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
 from components.ingest import ingest
-from components.versioning import dvc
 from flows.prepare import prepare_flow
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +33,8 @@ def test_flow_on_a_dataset_folder_publishes_the_figures(tmp_path, cfg, synthetic
     assert f"| quarantined: decodes | {cfg.synthetic.faults.corrupt} |" in md
 
 
-def test_flow_runs_the_dvc_stages_and_a_rerun_does_nothing(git_dvc_repo, cfg, synthetic_source):
-    root = git_dvc_repo
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("profile: demo", "profile: test"))
-    shutil.copytree(ROOT / "components", root / "components")  # the stages' code dependencies
-    ingest("synthetic", synthetic_source, root / "data", cfg)
-    dvc("add", "data", cwd=root)
+def test_flow_runs_the_dvc_stages_and_a_rerun_does_nothing(dvc_project):
+    root = dvc_project
     first = prepare_flow(str(root / "data"), profile="test", root=str(root))
     assert first["steps"] == {"validate": "ran", "dedup": "ran", "split": "ran"}
     assert (root / "dvc.lock").is_file() and first["rows_per_split"]["test"] > 0

@@ -50,10 +50,11 @@ def test_register_gate_promote_reject_and_rollback(store):
 
     v1 = registry.register("classifier", root / "good", store["good"]["metrics"], tags, root / "eval_good")
     mv = registry.client().get_model_version(name, v1)
-    for key in ("data_version", "manifest_hash", "git_commit", "prefect_flow_run_id", "params_hash"):
+    for key in ("data_version", "manifest_hash", "git_commit", "prefect_flow_run_id", "params_hash", "model_hash"):
         assert mv.tags[key], key
     assert mv.tags["data_version"] == "v-test" and mv.tags["manifest_hash"] == registry.file_hash(split)
     assert str(registry.client().get_model_version_by_alias(name, "challenger").version) == v1
+    assert registry.find_version(name, mv.tags["model_hash"]) == v1
     first = registry.gate_and_promote("classifier", v1, cfg)
     assert first.promote and "first model" in first.reason and registry.champion(name) == v1
 

@@ -85,7 +85,9 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
     assert (root / "eval" / "report.html").is_file() and (root / "eval" / "plots" / "curves.png").is_file()
     card = (root / "eval" / "model_card.md").read_text()
     assert "## Intended use" in card and "does not diagnose" in card and "Data version" in card
-    assert json.loads((root / "clf" / MODEL_CONFIG).read_text())["malignant_threshold"] == ev["malignant_threshold"]
+    calibration = json.loads((root / "eval" / "calibration.json").read_text())
+    assert calibration == {"temperature": ev["temperature"], "malignant_threshold": ev["malignant_threshold"]}
+    assert "temperature" not in json.loads((root / "clf" / MODEL_CONFIG).read_text())  # the trained folder is untouched
 
 
 def test_checkpoint_resume_continues_after_an_interruption(prepared):

@@ -1,0 +1,142 @@
+"""The ``train`` flow: prepare → train detector ∥ train classifier → evaluate → register → gate.
+
+For the project dataset (``data/`` with ``dvc.yaml``) the training and evaluation steps are the DVC
+stages ``train_classifier``, ``train_detector`` and ``evaluate``: with unchanged data, params and
+code DVC skips them, the weights are byte-identical to a registered version, and the flow says that
+nothing was trained instead of registering a duplicate. (DVC takes a repository lock, so in this
+mode the two trainings run one after the other.) For any other dataset folder the tasks call the
+components directly and the two trainings run concurrently.
+
+Every MLflow run is tagged with the Prefect flow-run id and nested under one parent run; the gate's
+decision with both sets of numbers is published as the markdown artifact ``train-gate``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components import registry
+from components.config import load_config
+from components.env import project_root
+from components.versioning import data_version
+from flows.prepare import RETRY, dvc_stage, prepare_flow, uses_dvc
+
+
+@task(name="train-classifier", **RETRY)
+def train_classifier_task(manifest: str, dataset: str, out: str, profile: str | None) -> str:
+    from components.train_classifier import train_classifier
+
+    train_classifier(manifest, dataset, out, load_config(profile))
+    return out
+
+
+@task(name="train-detector", **RETRY)
+def train_detector_task(manifest: str, dataset: str, out: str, profile: str | None) -> str:
+    from components.train_detector import train_detector
+
+    train_detector(manifest, dataset, out, load_config(profile))
+    return out
+
+
+@task(name="evaluate", **RETRY)
+def evaluate_task(
+    model: str, manifest: str, dataset: str, out: str, detector: str, profile: str | None, version: str | None
+):
+    from components.evaluate import evaluate
+
+    return evaluate(model, manifest, dataset, out, load_config(profile), detector_dir=detector, data_version=version)[
+        "metrics"
+    ]
+
+
+@task(name="register-and-gate", retries=1, retry_delay_seconds=2)
+def register_and_gate(
+    kind: str, model_dir: str, metrics: dict, tags: dict, report: str | None, parent: str, profile: str | None
+):
+    cfg = load_config(profile)
+    weights = Path(model_dir) / ("model.pt" if kind == "classifier" else "detector.pt")
+    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    existing = registry.find_version(name, registry.file_hash(weights))
+    if existing is not None:
+        return {
+            "kind": kind,
+            "version": existing,
+            "registered": False,
+            "promote": None,
+            "reason": f"nothing trained: these weights are already {name} v{existing}",
+            "champion": registry.champion(name),
+        }
+    version = registry.register(kind, model_dir, metrics, tags, report, parent_run_id=parent)
+    d = registry.gate_and_promote(kind, version, cfg)
+    return {
+        "kind": kind,
+        "version": version,
+        "registered": True,
+        "promote": d.promote,
+        "reason": d.reason,
+        "challenger": d.challenger,
+        "champion_metrics": d.champion,
+        "champion": registry.champion(name),
+    }
+
+
+def _markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Train: gate decisions",
+        "",
+        "| model | version | decision | reason | champion now |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        decision = "unchanged" if not r["registered"] else ("PROMOTED" if r["promote"] else "rejected")
+        lines.append(f"| {r['kind']} | v{r['version']} | {decision} | {r['reason']} | v{r['champion']} |")
+    for r in results:
+        if r.get("challenger"):
+            lines += ["", f"**{r['kind']} challenger**: `{json.dumps(r['challenger'], sort_keys=True)}`"]
+            lines += [f"**{r['kind']} champion before**: `{json.dumps(r.get('champion_metrics'), sort_keys=True)}`"]
+    return "\n".join(lines)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(dataset: str | None = None, profile: str | None = None, root: str | None = None) -> dict[str, Any]:
+    """Prepare, train both models, evaluate, register and gate. Returns what happened."""
+    import mlflow
+
+    cfg = load_config(profile)
+    root_path = Path(root) if root else project_root()
+    dataset = dataset or str(root_path / cfg.paths.data)
+    prepared = prepare_flow(dataset, profile=profile, root=str(root_path))
+    manifest = str(Path(prepared["prepared"]) / "split" / "split.parquet")
+    models, reports = root_path / cfg.paths.models, root_path / cfg.paths.reports / "evaluation"
+    clf, det = str(models / "classifier"), str(models / "detector")
+    version = data_version(root_path / "data.dvc")
+    logger = get_run_logger()
+    if uses_dvc(dataset, root_path, root_path / cfg.paths.data):
+        steps = {s: dvc_stage(s, str(root_path)) for s in ("train_classifier", "train_detector", "evaluate")}
+        metrics = json.loads((reports / "evaluation.json").read_text())["metrics"]
+    else:
+        a = train_classifier_task.submit(manifest, dataset, clf, profile)
+        b = train_detector_task.submit(manifest, dataset, det, profile)
+        a.result(), b.result()
+        metrics = evaluate_task(clf, manifest, dataset, str(reports), det, profile, version)
+        steps = dict.fromkeys(("train_classifier", "train_detector", "evaluate"), "ran")
+    if all(v == "cached" for v in steps.values()):
+        logger.info("data, params and code unchanged: DVC trained nothing")
+    registry.client()
+    tags = registry.lineage(cfg, manifest, version)
+    with mlflow.start_run(run_name="train-flow", tags=tags) as parent:
+        mlflow.log_metrics({f"gate_input.{k}": float(v) for k, v in metrics.items() if v == v})
+        det_metrics = json.loads((Path(det) / "detector_config.json").read_text())["metrics"]
+        results = [
+            register_and_gate("classifier", clf, metrics, tags, str(reports), parent.info.run_id, profile),
+            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, profile),
+        ]
+    create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
+    for r in results:
+        print(f"{r['kind']}: v{r['version']} {r['reason']}; champion v{r['champion']}")
+    return {"steps": steps, "results": results, "prepare": prepared["steps"], "metrics": metrics}
