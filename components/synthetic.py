@@ -2,11 +2,12 @@
 
 Each lesion is drawn from its class's style: shape (radius, border irregularity from random
 Fourier harmonics, asymmetry), colours, and structures (pigment network, dots, vessels, a white
-centre, lobules, scale, blue-white veil). Styles overlap between classes (a share of lesions
-borrows another class's colours or structures) so a classifier can learn the classes but not
-trivially. Every image sits on textured skin of a random tone with dermatoscope vignetting and
-hairs; several images of one lesion differ in crop, rotation, scale and lighting. The true
-bounding box of the lesion is recorded per image.
+centre, lobules, scale, blue-white veil). Styles overlap between classes (35% of lesions borrow
+another class's colours, 35% a structure, and 12% are atypical: drawn wholly in another class's
+style) so a classifier can learn the classes but not trivially. Every image sits on textured
+skin of a random tone with dermatoscope vignetting and hairs; several images of one lesion
+differ in crop, rotation, scale and lighting. The true bounding box of the lesion is recorded
+per image.
 
 Faults for the data gate (exact and near duplicates, corrupt files, unknown labels, tiny images)
 are planted on request and listed in ``faults.json``. A *shifted* variant renders the same kind
@@ -33,7 +34,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from components.config import Config
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+ATYPICAL = 0.12  # share of lesions drawn entirely in another class's style (keeps their own label)
+BORROW = 0.35  # chance of borrowing another class's colours, and (independently) a structure
 UNKNOWN_LABELS = ("scc", "lentigo", "unk")
 
 
@@ -147,13 +150,16 @@ def allocate_classes(weights: dict[str, float], n: int, floor: int) -> list[str]
 def _make_lesion(index: int, label: str, seed: int, rng_classes: list[str]) -> Lesion:
     rng = np.random.default_rng([seed, 1, index])
     style = STYLES.get(label, GENERIC)
+    # Atypical lesions (the hard cases of real data): 12% look entirely like another class
+    if rng.random() < ATYPICAL:
+        style = STYLES[rng_classes[int(rng.integers(len(rng_classes)))]]
     structures = style.structures
     palette = np.array(style.colours, dtype=float)
-    # Overlap between classes: some lesions borrow another class's colours or structures.
-    if rng.random() < 0.15:
+    # Overlap between classes: many lesions borrow another class's colours or structures.
+    if rng.random() < BORROW:
         other = STYLES[rng_classes[int(rng.integers(len(rng_classes)))]]
-        palette = np.concatenate([palette, np.array(other.colours[:1], float)])
-    if rng.random() < 0.15:
+        palette = np.concatenate([palette, np.array(other.colours[:2], float)])
+    if rng.random() < BORROW:
         other = STYLES[rng_classes[int(rng.integers(len(rng_classes)))]]
         structures = tuple(sorted(set(structures) | {other.structures[0]}))
     palette = np.clip(palette * rng.uniform(0.85, 1.15) + rng.normal(0, 10, palette.shape), 0, 255)
