@@ -110,8 +110,6 @@ def near_pairs(
         for mask in _flip_masks(width, radius):
             q = keys ^ mask
             cnt = counts[q]
-            if mask == 0:
-                pass  # pairs within one bucket: every member queries its own bucket
             nz = np.flatnonzero(cnt)
             if not len(nz):
                 continue

@@ -139,6 +139,15 @@ def _dct_matrix(n: int) -> np.ndarray:
     return _DCT_CACHE[n]
 
 
+def centre_crop(img: Image.Image, fraction: float) -> Image.Image:
+    """The image less ``fraction`` of its width/height on each side (unchanged if that leaves nothing)."""
+    if not fraction:
+        return img
+    w, h = img.size
+    dx, dy = int(round(w * fraction)), int(round(h * fraction))
+    return img.crop((dx, dy, w - dx, h - dy)) if w - 2 * dx > 1 and h - 2 * dy > 1 else img
+
+
 CROP_HASHES = (0.03, 0.06)  # centre crops hashed besides the whole image (see components.dedup)
 
 
@@ -148,12 +157,7 @@ def phash(rgb: Image.Image, crop: float = 0.0) -> int:
     ``crop`` hashes the centre crop that leaves out that fraction on each side; a copy of an image
     cropped by about that much hashes close to it, where its whole-image hash may not.
     """
-    gray = rgb.convert("L")
-    if crop:
-        w, h = gray.size
-        dx, dy = int(round(w * crop)), int(round(h * crop))
-        if w - 2 * dx > 1 and h - 2 * dy > 1:
-            gray = gray.crop((dx, dy, w - dx, h - dy))
+    gray = centre_crop(rgb.convert("L"), crop)
     a = np.asarray(gray.resize((32, 32), Image.LANCZOS), dtype=np.float64)
     d = _dct_matrix(32)
     low = (d @ a @ d.T)[:8, :8]
@@ -170,12 +174,9 @@ def thumbnails(
     almost perfectly (see :func:`components.dedup.verify`).
     """
     gray = rgb.convert("L")
-    w, h = gray.size
     out = []
     for f in crops:
-        dx, dy = int(round(w * f)), int(round(h * f))
-        box = (dx, dy, w - dx, h - dy) if w - 2 * dx > 1 and h - 2 * dy > 1 else (0, 0, w, h)
-        a = np.asarray(gray.crop(box).resize((size, size), Image.LANCZOS), dtype=np.float64).ravel()
+        a = np.asarray(centre_crop(gray, f).resize((size, size), Image.LANCZOS), dtype=np.float64).ravel()
         a -= a.mean()
         out.append(a / (np.linalg.norm(a) + 1e-9))
     return np.stack(out)

@@ -178,9 +178,9 @@ def find_version(name: str, model_hash: str) -> str | None:
     return str(hits[0]) if hits else None
 
 
-def version_metrics(name: str, version: str) -> dict[str, float]:
-    mv = client().get_model_version(name, version)
+def _tag_metrics(mv) -> dict[str, float]:
     return {k[len("metric.") :]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
+
 
 
 def champion(name: str) -> str | None:
@@ -281,13 +281,13 @@ def gate_and_promote(kind: str, version: str, cfg: Config) -> Decision:
             decision = Decision(
                 False,
                 f"champion v{current} was judged on another split manifest; re-evaluate it first",
-                version_metrics(name, version),
+                _tag_metrics(new_mv),
                 None,
             )
             _record(name, version, current, decision)
             return decision
-        champ_metrics = version_metrics(name, current)
-    decision = decide(kind, version_metrics(name, version), champ_metrics, cfg)
+        champ_metrics = _tag_metrics(champ_mv)
+    decision = decide(kind, _tag_metrics(new_mv), champ_metrics, cfg)
     _record(name, version, current, decision)
     if decision.promote:
         set_champion(name, version)

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.config import Config
-from components.manifest import MANIFEST, REQUIRED, SCHEMA, SPLITS, DataError
+from components.manifest import MANIFEST, SCHEMA, SPLITS, DataError, read_manifest
 from components.report import kv, table, write_html, write_json
 
 VALIDATED = "validated.parquet"
@@ -189,12 +189,12 @@ def validate(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, workers:
     _clear(out_dir)
     summary: dict[str, Any] = {"dataset": str(dataset_dir), "status": "running"}
     path = dataset_dir / MANIFEST
-    if not path.is_file():
-        raise _fail(out_dir, summary, f"no {MANIFEST} in {dataset_dir}")
-    manifest = pq.read_table(path)
-    missing = [c for c in REQUIRED if c not in manifest.column_names]
-    if missing:
-        raise _fail(out_dir, summary, f"columns: {path} is missing required column(s): {', '.join(missing)}")
+    try:
+        manifest = read_manifest(dataset_dir)
+    except FileNotFoundError as e:
+        raise _fail(out_dir, summary, str(e)) from None
+    except ValueError as e:  # required columns missing
+        raise _fail(out_dir, summary, f"columns: {e}") from None
     wrong = [
         f"{f.name} is {manifest.schema.field(f.name).type}, expected {f.type}"
         for f in SCHEMA
@@ -219,11 +219,11 @@ def validate(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, workers:
         named = ", ".join(str(ids[r]) for r in e["rows"][:limit]) + (" ..." if len(e["rows"]) > limit else "")
         if e["severity"] == "error":
             errors.append(f"{e['check']} ({e['expectation']} on {e['column']}): {e['unexpected_count']} rows: {named}")
+        # the failing column's values (derived columns such as boxes_valid are not in the manifest)
+        values = manifest.column(e["column"]).to_pylist() if e["column"] in manifest.column_names else None
         for r in e["rows"]:
-            values = manifest.slice(r, 1).to_pylist()[0]
-            reasons[r].append(
-                (e["check"], f"{e['expectation']} failed for {e['column']}={values.get(e['column'])!r}", e["severity"])
-            )
+            shown = values[r] if values is not None else None
+            reasons[r].append((e["check"], f"{e['expectation']} failed for {e['column']}={shown!r}", e["severity"]))
     if errors:
         raise _fail(
             out_dir, {**summary, "expectations": _public(expectations)}, "validation stopped: " + " | ".join(errors)
