@@ -21,6 +21,7 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,57 @@ def _age_band(age: float | None) -> str | None:
     return "<30" if age < 30 else "30-49" if age < 50 else "50-69" if age < 70 else "70+"
 
 
+@dataclass
+class Scored:
+    """A classifier's calibrated predictions on the val and test splits of a split manifest."""
+
+    model: Any
+    config: dict[str, Any]
+    rows: dict[str, list[dict[str, Any]]]
+    arrays: dict[str, Any]
+    logits: dict[str, np.ndarray]
+    temperature: float
+    threshold: float
+    pv: np.ndarray
+    pt: np.ndarray
+    metrics: dict[str, Any]
+
+
+def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | Path, cfg: Config) -> Scored:
+    """Predict val and test, fit temperature and the malignant threshold on val, score test.
+
+    This is what the gate needs to judge a model on a split manifest; :func:`evaluate` builds its
+    report on it, and the gate uses it alone to re-judge a champion on a newer frozen test split.
+    """
+    import pyarrow.parquet as pq
+
+    from components.train_classifier import load_arrays, load_model, predict
+
+    model, mc = load_model(model_dir)
+    classes, malignant = mc["classes"], mc["malignant"]
+    cols = ["image_id", "path", "label", "boxes", "split", "source", "sex", "age", "localization"]
+    rows = pq.read_table(split_manifest, columns=cols).to_pylist()
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("val", "test")}
+    if not by_split["test"]:
+        raise DataError(f"the test split of {split_manifest} is empty")
+    arrays = {
+        s: load_arrays(by_split[s], Path(dataset_dir), classes, mc["input_size"], mc["crop_margin"])
+        for s in ("val", "test")
+    }
+    logits = {}
+    for s, a in arrays.items():
+        logits[s], _ = predict(model, a.x, mc["mean"], mc["std"], tta=mc.get("tta", False))
+    yv, yt = arrays["val"].y, arrays["test"].y
+    temperature = fit_temperature(logits["val"], yv) if len(yv) else 1.0
+    pv, pt = softmax(logits["val"], temperature), softmax(logits["test"], temperature)
+    y_mal_v = np.isin(yv, [classes.index(m) for m in malignant]).astype(int)
+    threshold = threshold_for_sensitivity(
+        y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.target_sensitivity
+    )
+    metrics = core_metrics(yt, pt, classes, malignant, threshold)
+    return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics)
+
+
 def evaluate(
     model_dir: str | Path,
     split_manifest: str | Path,
@@ -225,35 +277,19 @@ def evaluate(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
     import torch
     from sklearn.metrics import confusion_matrix, precision_recall_curve, precision_recall_fscore_support, roc_curve
 
-    from components.train_classifier import load_arrays, load_model, predict
+    from components.train_classifier import predict
 
     e = cfg.evaluate
-    model_dir, out_dir, dataset_dir = Path(model_dir), Path(out_dir), Path(dataset_dir)
+    out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    model, mc = load_model(model_dir)
+    sc = score(model_dir, split_manifest, dataset_dir, cfg)
+    model, mc, by_split, arrays, logits = sc.model, sc.config, sc.rows, sc.arrays, sc.logits
     classes, malignant = mc["classes"], mc["malignant"]
-    cols = ["image_id", "path", "label", "boxes", "split", "source", "sex", "age", "localization"]
-    rows = pq.read_table(split_manifest, columns=cols).to_pylist()
-    by_split = {s: [r for r in rows if r["split"] == s] for s in ("val", "test")}
-    if not by_split["test"]:
-        raise DataError(f"the test split of {split_manifest} is empty")
-    arrays = {
-        s: load_arrays(by_split[s], dataset_dir, classes, mc["input_size"], mc["crop_margin"]) for s in ("val", "test")
-    }
-    logits = {}
-    for s, a in arrays.items():
-        logits[s], _ = predict(model, a.x, mc["mean"], mc["std"], tta=mc.get("tta", False))
     yv, yt = arrays["val"].y, arrays["test"].y
-    temperature = fit_temperature(logits["val"], yv) if len(yv) else 1.0
-    pv, pt = softmax(logits["val"], temperature), softmax(logits["test"], temperature)
-    y_mal_v = np.isin(yv, [classes.index(m) for m in malignant]).astype(int)
-    threshold = threshold_for_sensitivity(y_mal_v, malignant_prob(pv, classes, malignant), e.target_sensitivity)
-
-    metrics = core_metrics(yt, pt, classes, malignant, threshold)
+    temperature, threshold, pt, metrics = sc.temperature, sc.threshold, sc.pt, sc.metrics
     intervals = bootstrap(yt, pt, classes, malignant, threshold, e.n_bootstrap, cfg.seed)
     prec, rec, f1, support = precision_recall_fscore_support(
         yt, pt.argmax(1), labels=range(len(classes)), zero_division=0

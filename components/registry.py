@@ -182,7 +182,6 @@ def _tag_metrics(mv) -> dict[str, float]:
     return {k[len("metric.") :]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
 
 
-
 def champion(name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -264,30 +263,85 @@ def set_champion(name: str, version: str) -> None:
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
-def gate_and_promote(kind: str, version: str, cfg: Config) -> Decision:
+def download(name: str, version: str, dst: str | Path | None = None) -> Path:
+    """The registered model folder (weights + config) of ``name`` v``version``, downloaded."""
+    import tempfile
+
+    import mlflow
+
+    client()
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="drspot-model-"))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst))
+    return Path(local) / "artifacts" / "model_dir"
+
+
+def rejudge(kind: str, version: str, split_manifest: str | Path, dataset_dir: str | Path, cfg: Config) -> dict:
+    """Score a registered version on ``split_manifest``'s frozen test split (tagged, so done once)."""
+    import shutil
+
+    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    c = client()
+    key = f"rejudged.{file_hash(split_manifest)[:16]}"
+    done = c.get_model_version(name, version).tags.get(key)
+    if done:
+        return json.loads(done)
+    folder = download(name, version)
+    try:
+        if kind == "classifier":
+            from components.evaluate import score
+
+            metrics = _finite(score(folder, split_manifest, dataset_dir, cfg).metrics)
+        else:
+            from components.train_detector import score
+
+            metrics = _finite(score(folder, split_manifest, dataset_dir, cfg))
+    finally:
+        shutil.rmtree(folder.parent.parent, ignore_errors=True)
+    c.set_model_version_tag(name, version, key, json.dumps(metrics, sort_keys=True))
+    return metrics
+
+
+def gate_and_promote(
+    kind: str,
+    version: str,
+    cfg: Config,
+    split_manifest: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
+) -> Decision:
     """Run the gate for ``version`` against the current champion; promote it when it passes.
 
-    The champion's numbers are compared only when it was judged on the same split manifest
-    (``manifest_hash``); otherwise the comparison would not be fair and the gate refuses.
+    Both models must be judged on the same frozen test split. When the champion was judged on
+    another split manifest (the data changed since), it is re-judged on the challenger's one
+    (``split_manifest`` with its ``dataset_dir``; the result is tagged on the champion's version).
+    Without them, or when ``split_manifest`` is not the one the challenger was judged on, the gate
+    refuses rather than compare unfairly.
     """
     name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
     c = client()
     new_mv = c.get_model_version(name, version)
     current = champion(name)
-    champ_metrics = None
+    champ_metrics, note = None, ""
     if current is not None and current != version:
         champ_mv = c.get_model_version(name, current)
-        if champ_mv.tags.get("manifest_hash") != new_mv.tags.get("manifest_hash"):
+        wanted = new_mv.tags.get("manifest_hash")
+        if champ_mv.tags.get("manifest_hash") == wanted:
+            champ_metrics = _tag_metrics(champ_mv)
+        elif split_manifest and dataset_dir and Path(split_manifest).is_file() and file_hash(split_manifest) == wanted:
+            champ_metrics = rejudge(kind, current, split_manifest, dataset_dir, cfg)
+            note = f"champion v{current} re-judged on the challenger's test split; "
+        else:
             decision = Decision(
                 False,
-                f"champion v{current} was judged on another split manifest; re-evaluate it first",
+                f"champion v{current} was judged on another split manifest and the challenger's split manifest "
+                f"(sha256 {str(wanted)[:12]}) is not available here to re-judge it; run the gate where it is "
+                "(`drspot promote --dataset ...`)",
                 _tag_metrics(new_mv),
                 None,
             )
             _record(name, version, current, decision)
             return decision
-        champ_metrics = _tag_metrics(champ_mv)
     decision = decide(kind, _tag_metrics(new_mv), champ_metrics, cfg)
+    decision.reason = note + decision.reason
     _record(name, version, current, decision)
     if decision.promote:
         set_champion(name, version)

@@ -69,6 +69,40 @@ def _metrics(m) -> dict[str, float]:
     }
 
 
+def _val(weights: Path, data_yaml: Path, split: str, common: dict[str, Any]) -> dict[str, float]:
+    from components.env import ultralytics
+
+    return _metrics(ultralytics().YOLO(str(weights)).val(data=str(data_yaml), split=split, name="test", **common))
+
+
+def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | Path, cfg: Config) -> dict[str, float]:
+    """A trained detector's mAP50 / mAP50-95 / precision / recall on a split manifest's test split.
+
+    The gate uses it to re-judge a champion on a newer frozen test split.
+    """
+    import tempfile
+
+    dc = json.loads((Path(model_dir) / DETECTOR_CONFIG).read_text())
+    with tempfile.TemporaryDirectory(prefix="drspot-detector-score-") as tmp:
+        tmp = Path(tmp)
+        data_yaml = export_yolo(
+            Path(split_manifest), Path(dataset_dir), tmp / "yolo_data", dc["single_class"], list(cfg.classes.names)
+        )
+        if not (tmp / "yolo_data" / "images" / "test").is_dir():
+            raise DataError(f"the test split of {split_manifest} is empty")
+        common = {
+            "imgsz": dc["imgsz"],
+            "batch": cfg.detector.batch,
+            "device": device(),
+            "workers": 0,
+            "plots": False,
+            "verbose": False,
+            "project": str(tmp / "ultralytics"),
+            "exist_ok": True,
+        }
+        return _val(Path(model_dir) / WEIGHTS, data_yaml, "test", common)
+
+
 def device() -> str:
     import torch
 
@@ -125,9 +159,8 @@ def train_detector(
     if not best.is_file():
         best = workdir / "run" / "weights" / "last.pt"
     shutil.copyfile(best, out_dir / WEIGHTS)
-    trained = ul.YOLO(str(out_dir / WEIGHTS))
     split = "test" if (out_dir / "yolo_data" / "images" / "test").is_dir() else "val"
-    metrics = _metrics(trained.val(data=str(data_yaml), split=split, name="test", **common))
+    metrics = _val(out_dir / WEIGHTS, data_yaml, split, common)
     config = {
         "arch": d.arch,
         "imgsz": d.imgsz,

@@ -56,7 +56,15 @@ def evaluate_task(
 
 @task(name="register-and-gate", retries=1, retry_delay_seconds=2)
 def register_and_gate(
-    kind: str, model_dir: str, metrics: dict, tags: dict, report: str | None, parent: str, profile: str | None
+    kind: str,
+    model_dir: str,
+    metrics: dict,
+    tags: dict,
+    report: str | None,
+    parent: str,
+    profile: str | None,
+    manifest: str,
+    dataset: str,
 ):
     cfg = load_config(profile)
     weights = Path(model_dir) / ("model.pt" if kind == "classifier" else "detector.pt")
@@ -72,7 +80,7 @@ def register_and_gate(
             "champion": registry.champion(name),
         }
     version = registry.register(kind, model_dir, metrics, tags, report, parent_run_id=parent)
-    d = registry.gate_and_promote(kind, version, cfg)
+    d = registry.gate_and_promote(kind, version, cfg, manifest, dataset)
     return {
         "kind": kind,
         "version": version,
@@ -85,9 +93,9 @@ def register_and_gate(
     }
 
 
-def _markdown(results: list[dict[str, Any]]) -> str:
+def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions") -> str:
     lines = [
-        "# Train: gate decisions",
+        f"# {title}",
         "",
         "| model | version | decision | reason | champion now |",
         "|---|---|---|---|---|",
@@ -133,10 +141,43 @@ def train_flow(dataset: str | None = None, profile: str | None = None, root: str
         mlflow.log_metrics({f"gate_input.{k}": float(v) for k, v in metrics.items() if v == v})
         det_metrics = json.loads((Path(det) / "detector_config.json").read_text())["metrics"]
         results = [
-            register_and_gate("classifier", clf, metrics, tags, str(reports), parent.info.run_id, profile),
-            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, profile),
+            register_and_gate(
+                "classifier", clf, metrics, tags, str(reports), parent.info.run_id, profile, manifest, dataset
+            ),
+            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, profile, manifest, dataset),
         ]
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
     for r in results:
         print(f"{r['kind']}: v{r['version']} {r['reason']}; champion v{r['champion']}")
     return {"steps": steps, "results": results, "prepare": prepared["steps"], "metrics": metrics}
+
+
+@flow(name="promote", log_prints=True)
+def promote_flow(
+    kind: str = "classifier",
+    version: str | None = None,
+    profile: str | None = None,
+    dataset: str | None = None,
+    manifest: str | None = None,
+) -> dict[str, Any]:
+    """The gate run by hand (``drspot promote``): the same decision and artifact as in ``train``."""
+    cfg = load_config(profile)
+    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
+    before = registry.champion(name)
+    d = registry.gate_and_promote(kind, version, cfg, manifest, dataset)
+    result = {
+        "kind": kind,
+        "version": version,
+        "registered": True,
+        "promote": d.promote,
+        "reason": d.reason,
+        "challenger": d.challenger,
+        "champion_metrics": d.champion,
+        "champion_before": before,
+        "champion": registry.champion(name),
+    }
+    create_markdown_artifact(
+        markdown=_markdown([result], "Promote: gate decision"), key="promote-gate", description="gate decision"
+    )
+    return result

@@ -115,3 +115,41 @@ def test_the_gate_rules():
     assert within.promote  # 0.003 worse, inside the 0.005 tolerance
     assert not registry.decide("classifier", {"macro_auc": 0.89, "malignant_sensitivity": 0.9}, good, cfg).promote
     assert not registry.decide("detector", {"map50": 0.5}, {"map50": 0.6}, cfg).promote
+
+
+def test_gate_rejudges_a_champion_from_older_data_on_the_new_split(store):
+    """After the data changes the champion is scored again on the challenger's frozen test split."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from components.evaluate import score
+
+    cfg, root, name = store["cfg"], store["root"], registry.CLASSIFIER
+    v_old = registry.register(
+        "classifier", root / "good", store["good"]["metrics"], registry.lineage(cfg, store["split"], "v-test")
+    )
+    registry.set_champion(name, v_old)
+    # new data: a split manifest whose test set lost a few rows (another hash)
+    table = pq.read_table(store["split"])
+    test_ids = [r["image_id"] for r in table.to_pylist() if r["split"] == "test"][:3]
+    new_split = root / "split_v2.parquet"
+    pq.write_table(table.filter(pc.invert(pc.is_in(table["image_id"], value_set=pa.array(test_ids)))), new_split)
+    assert registry.file_hash(new_split) != registry.file_hash(store["split"])
+    bad = score(root / "bad", new_split, store["ds"], cfg).metrics
+    v_new = registry.register("classifier", root / "bad", bad, registry.lineage(cfg, new_split, "v-test-2"))
+
+    # without the new split at hand the gate refuses to compare numbers from two test sets
+    refused = registry.gate_and_promote("classifier", v_new, cfg)
+    assert not refused.promote and "judged on another split manifest" in refused.reason
+    assert registry.champion(name) == v_old
+
+    judged = registry.gate_and_promote("classifier", v_new, cfg, new_split, store["ds"])
+    expected = score(root / "good", new_split, store["ds"], cfg).metrics
+    assert not judged.promote and judged.reason.startswith(f"champion v{v_old} re-judged")
+    assert judged.champion["macro_auc"] == pytest.approx(expected["macro_auc"])
+    tags = registry.client().get_model_version(name, v_old).tags
+    assert json.loads(tags[f"rejudged.{registry.file_hash(new_split)[:16]}"])["macro_auc"] == pytest.approx(
+        expected["macro_auc"]
+    )
+    assert registry.champion(name) == v_old

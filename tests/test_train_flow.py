@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from components import registry
-from flows.train import train_flow
+from flows.train import promote_flow, train_flow
 from tests.test_prepare_flow import _artifact
 
 pytestmark = pytest.mark.slow
@@ -33,3 +33,9 @@ def test_train_flow_registers_gates_and_a_rerun_trains_nothing(dvc_project, monk
     assert [r["registered"] for r in second["results"]] == [False, False]
     assert "nothing trained: these weights are already drspot-classifier v1" in second["results"][0]["reason"]
     assert len(registry.client().search_model_versions(f"name='{registry.CLASSIFIER}'")) == 1
+
+    # the gate run by hand publishes its decision too
+    by_hand = promote_flow("detector", "1", "test")
+    assert by_hand["version"] == "1" and by_hand["reason"]
+    page = _artifact("promote-gate")
+    assert "# Promote: gate decision" in page and "| detector | v1 |" in page
