@@ -232,6 +232,29 @@ class Gate(_Strict):
     detector_first_floor: float = Field(ge=0, le=1)
 
 
+class Serving(_Strict):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    max_body_mb: float = Field(gt=0)
+    max_pixels: int = Field(ge=1)
+    formats: list[str] = Field(min_length=1)
+    min_side: int = Field(ge=1)
+    quality_policy: Literal["warn", "reject"]
+    blur_min: float = Field(ge=0)
+    brightness_min: float = Field(ge=0, le=1)
+    brightness_max: float = Field(ge=0, le=1)
+    detector_conf: float | None = Field(gt=0, le=1)
+    high_risk_probability: float = Field(gt=0, le=1)
+    language: str
+    store_images: bool
+    database_url: str | None
+    images_dir: str
+    feedback_key_env: str
+    batching: bool
+    max_batch_size: int = Field(ge=1)
+    max_latency_ms: int = Field(ge=1)
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -246,6 +269,7 @@ class Config(_Strict):
     detector: Detector
     evaluate: Evaluate
     gate: Gate
+    serving: Serving
 
     @model_validator(mode="after")
     def _check(self) -> Config:

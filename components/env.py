@@ -17,6 +17,7 @@ from pathlib import Path
 FIXED: dict[str, str] = {
     "YOLO_OFFLINE": "1",  # ultralytics probes public DNS at import otherwise
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "BENTOML_DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",  # else dvc forks a detached analytics process
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

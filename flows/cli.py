@@ -238,13 +238,14 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from components import registry
+    from flows.train import promote_flow
 
     cfg = load_config(args.profile, args.params)
+    dataset, manifest = _split_manifest(args, cfg)
+    r = promote_flow(args.kind, args.version, args.profile, str(dataset), str(manifest))
     name = registry.CLASSIFIER if args.kind == "classifier" else registry.DETECTOR
-    version = args.version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
-    d = registry.gate_and_promote(args.kind, version, cfg)
-    print(f"{name} v{version}: {'PROMOTED to champion' if d.promote else 'REJECTED'}: {d.reason}")
-    return 0 if d.promote else 3
+    print(f"{name} v{r['version']}: {'PROMOTED to champion' if r['promote'] else 'REJECTED'}: {r['reason']}")
+    return 0 if r["promote"] else 3
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -263,6 +264,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     for r in result["results"]:
         print(f"{r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from serving.deploy import deploy
+
+    cfg = load_config(args.profile, args.params)
+    r = deploy(cfg, build=not args.no_build)
+    for kind in ("classifier", "detector"):
+        print(f"{kind}: {r['registry'][kind]} -> Bento model {r['models'][kind]}")
+    if "bento" in r:
+        print(f"built Bento {r['bento']} ({r['bento_path']})")
+        print("serve it: drspot serve   |   production image: bentoml containerize " + r["bento"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from serving.deploy import SOURCE, deployed_file
+
+    cfg = load_config(args.profile, args.params)
+    state = deployed_file()
+    if args.source:
+        target = "serving.service:DrSpot"
+    elif state.is_file() and "bento" in json.loads(state.read_text()):
+        target = json.loads(state.read_text())["bento"]
+    else:
+        raise FileNotFoundError(f"no Bento deployed yet ({state} is missing): run `drspot deploy` first")
+    host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
+    env = {**os.environ, "DRSPOT_PROFILE": cfg.profile}
+    if args.params:
+        env["DRSPOT_PARAMS"] = str(Path(args.params).resolve())
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
+    print(f"serving {target} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    return subprocess.call(cmd, cwd=SOURCE, env=env)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -364,10 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="run the gate on the challenger; promote it to champion if it passes")
     pr.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
     pr.add_argument("--version", help="model version (default: the one aliased challenger)")
+    pr.add_argument("--dataset", help="dataset whose split re-judges a champion from older data (default: paths.data)")
+    pr.add_argument("--prepared", type=Path, help="data-gate folder")
     pr.set_defaults(func=cmd_promote)
     rb = sub.add_parser("rollback", help="move champion back to the previous champion")
     rb.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
     rb.set_defaults(func=cmd_rollback)
+
+    dp = sub.add_parser("deploy", help="copy the champions into the Bento model store and build the Bento")
+    dp.add_argument("--no-build", action="store_true", help="only copy the models (serve from source)")
+    dp.set_defaults(func=cmd_deploy)
+    sv = sub.add_parser("serve", help="serve the deployed Bento (127.0.0.1:3000 by default)")
+    sv.add_argument("--host", help="bind address (default: serving.host)")
+    sv.add_argument("--port", type=int, help="port (default: serving.port)")
+    sv.add_argument("--source", action="store_true", help="serve serving/service.py from this checkout")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)

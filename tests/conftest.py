@@ -86,3 +86,30 @@ def dvc_project(git_dvc_repo, cfg, synthetic_source):
     ingest("synthetic", synthetic_source, root / "data", cfg)
     dvc("add", "data", cwd=root)
     return root
+
+
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory, synthetic_source):
+    """Champions trained, registered and deployed by the real `drspot deploy` (tests/serving_fixtures.py)."""
+    from components.config import load_config
+    from tests.serving_fixtures import drspot, service_env, train_and_register
+
+    root = tmp_path_factory.mktemp("serving")
+    env = service_env(root)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    versions = train_and_register(root, synthetic_source, load_config("test"))
+    mp.undo()
+    out = drspot("deploy", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    yield {"root": root, "env": env, "versions": versions, "deploy_stdout": out.stdout}
+
+
+@pytest.fixture(scope="session")
+def server(deployed):
+    """The deployed Bento served by the real `drspot serve` on a free loopback port."""
+    from tests.serving_fixtures import Server
+
+    s = Server(deployed["env"], deployed["root"] / "serve.log")
+    yield s
+    s.stop()

@@ -1,0 +1,90 @@
+"""``drspot deploy``: the registry's champions into the BentoML model store, and a Bento built.
+
+Each champion's registered folder (weights + resolved config) becomes a BentoML model
+(``drspot-classifier`` / ``drspot-detector``) whose metadata names its registry name/version, data
+version, lineage and test metrics; a model already copied for the same registry version is reused.
+Then the Bento is built from ``serving/bentofile.yaml`` pinned to exactly those two models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from components import registry
+from components.config import Config
+from components.env import runtime_dir
+
+BENTO = "drspot"
+BENTOFILE = Path(__file__).parent / "bentofile.yaml"
+SOURCE = Path(__file__).resolve().parent.parent  # the checkout the Bento is built from
+
+
+class DeployError(RuntimeError):
+    """Nothing to deploy (no champion), or the Bento cannot be built."""
+
+
+def to_bento_store(kind: str) -> tuple[str, dict[str, Any]]:
+    """Copy ``kind``'s champion into the Bento model store; returns (bento tag, metadata)."""
+    import bentoml
+
+    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    version = registry.champion(name)
+    if version is None:
+        raise DeployError(f"{name} has no champion in the registry ({registry.tracking_uri()}); run `drspot train`")
+    mv = registry.client().get_model_version(name, version)
+    ref = f"{name}/{version}"
+    try:
+        existing = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        existing = []
+    for m in existing:
+        if m.info.metadata.get("registry") == ref and m.info.metadata.get("model_hash") == mv.tags.get("model_hash"):
+            return str(m.tag), dict(m.info.metadata)
+    metadata = {
+        "registry": ref,
+        "registry_name": name,
+        "registry_version": version,
+        "tracking_uri": registry.tracking_uri(),
+        **{k: mv.tags.get(k) for k in ("data_version", "manifest_hash", "git_commit", "params_hash", "model_hash")},
+        "metrics": {k[len("metric.") :]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")},
+    }
+    folder = registry.download(name, version)
+    try:
+        with bentoml.models.create(
+            name, labels={"registry_version": version, "kind": kind}, metadata=metadata
+        ) as model:
+            shutil.copytree(folder, model.path, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(folder.parent.parent, ignore_errors=True)
+    return str(model.tag), metadata
+
+
+def deployed_file() -> Path:
+    """What the last ``drspot deploy`` built (read by ``drspot serve``)."""
+    return runtime_dir() / "deployed.json"
+
+
+def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
+    """Champions into the model store, then ``bentoml build`` (offline: no package locking)."""
+    import bentoml
+
+    tags, meta = {}, {}
+    for kind in ("classifier", "detector"):
+        tags[kind], meta[kind] = to_bento_store(kind)
+    result: dict[str, Any] = {"models": tags, "registry": {k: m["registry"] for k, m in meta.items()}}
+    if build:
+        bento = bentoml.bentos.build_bentofile(
+            str(BENTOFILE),
+            build_ctx=str(SOURCE),
+            labels={"classifier": meta["classifier"]["registry"], "detector": meta["detector"]["registry"]},
+            args={"classifier": tags["classifier"], "detector": tags["detector"]},
+        )
+        result["bento"] = str(bento.tag)
+        result["bento_path"] = str(bento.path)
+    state = deployed_file()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,255 @@
+"""The two-stage analysis, in process: detector -> lesion crops -> classifier, with a fail-safe.
+
+The same object serves the BentoML endpoint and the benchmark's "raw" baseline. Crops use
+:func:`components.preprocess.to_uint8` with the margin the classifier was trained with, so serving
+cannot drift from training. When the detector finds no box above its confidence threshold, is not
+loaded, or raises, the whole image is classified and the answer says so (``fallback``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from components.config import Config
+from components.evaluate import DISCLAIMER, softmax
+
+KNOWLEDGE = Path(__file__).parent / "knowledge" / "guidance.yaml"
+PREPROCESS = ("none", "color_constancy", "clahe")
+
+
+# --- illumination / contrast correction ---------------------------------------------------------
+
+
+def color_constancy(rgb: Image.Image, power: int = 6) -> Image.Image:
+    """Shades-of-Grey colour constancy (Minkowski p-norm; the usual correction for dermoscopy)."""
+    a = np.asarray(rgb, dtype=np.float64)
+    illum = np.power(np.mean(np.power(a, power), axis=(0, 1)), 1 / power)
+    illum = illum / (np.linalg.norm(illum) + 1e-9)
+    gain = 1 / (illum * np.sqrt(3) + 1e-9)
+    return Image.fromarray(np.clip(a * gain, 0, 255).astype(np.uint8))
+
+
+def clahe(rgb: Image.Image, clip: float = 2.0, tiles: int = 8) -> Image.Image:
+    """Contrast-limited adaptive histogram equalisation on the lightness channel (LAB)."""
+    import cv2
+
+    lab = cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(lab[..., 0])
+    return Image.fromarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+
+
+def correct(rgb: Image.Image, how: str) -> Image.Image:
+    if how == "color_constancy":
+        return color_constancy(rgb)
+    if how == "clahe":
+        return clahe(rgb)
+    return rgb
+
+
+# --- the knowledge base -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def knowledge() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(KNOWLEDGE.read_text(encoding="utf-8"))
+
+
+def guidance(label: str | None, risk: str | None, language: str, fallback: bool) -> dict[str, Any]:
+    """Care guidance from the curated knowledge base only; says plainly when it has none."""
+    kb = knowledge()
+    entry = kb["classes"].get(label or "", {}).get(language)
+    advice = kb["risk"].get(risk or "", {}).get(language)
+    if entry is None or advice is None:
+        missing = f"language '{language}'" if language not in kb["languages"] else f"class '{label}'"
+        return {
+            "language": language,
+            "text": None,
+            "source": None,
+            "note": f"the knowledge base has no guidance for {missing}; available languages: "
+            f"{', '.join(kb['languages'])}",
+        }
+    text = f"{entry['name']}: {entry['about']} {advice}"
+    if fallback:
+        text += " " + kb["fallback"][language]
+    return {
+        "language": language,
+        "label": label,
+        "risk": risk,
+        "text": text,
+        "source": f"knowledge base v{kb['version']}: classes.{label}.{language} + risk.{risk}.{language}",
+    }
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Both models loaded from their folders (as registered: weights + config)."""
+
+    def __init__(
+        self,
+        classifier_dir: str | Path,
+        detector_dir: str | Path | None,
+        cfg: Config,
+        versions: dict[str, str] | None = None,
+    ) -> None:
+        from components.train_classifier import load_model
+
+        self.cfg = cfg
+        self.versions = versions or {"classifier": str(classifier_dir), "detector": str(detector_dir)}
+        self.model, self.mc = load_model(classifier_dir)
+        self.classes, self.malignant = self.mc["classes"], self.mc["malignant"]
+        self.temperature = float(self.mc.get("temperature", 1.0))
+        self.threshold = float(self.mc.get("malignant_threshold", 0.5))
+        self.lock = threading.Lock()  # one model call at a time: two cores, no oversubscription
+        self.detector, self.detector_error, self.dc = None, None, {}
+        if detector_dir is not None:
+            try:
+                from components.env import ultralytics
+
+                self.dc = json.loads((Path(detector_dir) / "detector_config.json").read_text())
+                self.detector = ultralytics().YOLO(str(Path(detector_dir) / "detector.pt"))
+            except Exception as e:  # the service still answers, by whole-image classification
+                self.detector_error = f"detector not loaded: {type(e).__name__}: {e}"
+        else:
+            self.detector_error = "no detector deployed"
+        s = cfg.serving
+        self.conf = s.detector_conf if s.detector_conf is not None else float(self.dc.get("conf", 0.25))
+
+    # stage 1
+    def detect(self, images: list[Image.Image]) -> list[list[tuple[list[float], float]]]:
+        """Boxes (normalised xyxy) and confidences above the threshold, per image. May raise."""
+        if self.detector is None:
+            raise RuntimeError(self.detector_error or "no detector")
+        with self.lock:
+            results = self.detector.predict(
+                images,
+                imgsz=self.dc.get("imgsz", 128),
+                conf=self.conf,
+                iou=float(self.dc.get("iou", 0.5)),
+                device="cpu",
+                verbose=False,
+            )
+        out = []
+        for r in results:
+            boxes = r.boxes
+            xyxyn = boxes.xyxyn.cpu().numpy().tolist() if len(boxes) else []
+            conf = boxes.conf.cpu().numpy().tolist() if len(boxes) else []
+            found = sorted(
+                ([[round(v, 4) for v in b], round(float(c), 4)] for b, c in zip(xyxyn, conf, strict=True)),
+                key=lambda t: -t[1],
+            )
+            out.append([(b, c) for b, c in found])
+        return out
+
+    # stage 2
+    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated class probabilities (N, K) and penultimate-layer embeddings (N, D)."""
+        import torch
+
+        from components.preprocess import normalise
+
+        x = torch.from_numpy(normalise(crops, self.mc["mean"], self.mc["std"])).contiguous(
+            memory_format=torch.channels_last
+        )
+        with self.lock, torch.no_grad():
+            emb = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            logits = self.model.get_classifier()(emb)
+            if self.mc.get("tta", False):
+                flipped = self.model.forward_head(self.model.forward_features(x.flip(3)), pre_logits=True)
+                logits = (logits + self.model.get_classifier()(flipped)) / 2
+        return softmax(logits.numpy(), self.temperature), emb.numpy()
+
+    def risk(self, p_malignant: float) -> str:
+        if p_malignant >= max(self.threshold, self.cfg.serving.high_risk_probability):
+            return "high"
+        if p_malignant >= self.threshold:
+            return "medium"
+        return "low"
+
+    def analyse_many(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Both stages over a batch of RGB images: one detector call, one classifier call."""
+        from components.preprocess import to_uint8
+
+        t0 = time.perf_counter()
+        try:
+            found = self.detect(images)
+            errors = [None] * len(images)
+        except Exception as e:
+            found = [[] for _ in images]
+            errors = [f"detector error: {type(e).__name__}: {e}"] * len(images)
+        t1 = time.perf_counter()
+        crops, owners, plans = [], [], []
+        for k, (img, boxes, err) in enumerate(zip(images, found, errors, strict=True)):
+            if err is None and not boxes:
+                err = f"no lesion found above the detector's confidence threshold {self.conf:g}"
+            plan = boxes if err is None else [(None, None)]
+            plans.append((plan, err))
+            for box, _ in plan:
+                crops.append(to_uint8(img, box, self.mc["crop_margin"], self.mc["input_size"]))
+                owners.append(k)
+        probs, emb = self.classify(np.stack(crops))
+        t2 = time.perf_counter()
+        out, row = [], 0
+        for plan, err in plans:
+            lesions = []
+            first = row
+            for box, conf in plan:
+                p = probs[row]
+                pm = float(p[[self.classes.index(m) for m in self.malignant]].sum())
+                lesions.append(
+                    {
+                        "box": box,
+                        "detector_confidence": conf,
+                        "label": self.classes[int(p.argmax())],
+                        "probabilities": {c: round(float(v), 5) for c, v in zip(self.classes, p, strict=True)},
+                        "malignant_probability": round(pm, 5),
+                        "risk": self.risk(pm),
+                    }
+                )
+                row += 1
+            out.append(
+                {
+                    "lesions": lesions,
+                    "fallback": err is not None,
+                    "fallback_reason": err,
+                    "embedding": emb[first].astype(float).round(5).tolist(),
+                    "timings_ms": {
+                        "detector": round((t1 - t0) * 1000 / len(images), 2),
+                        "classifier": round((t2 - t1) * 1000 / len(images), 2),
+                    },
+                }
+            )
+        return out
+
+    def analyse(self, rgb: Image.Image, preprocess: str = "none") -> dict[str, Any]:
+        return self.analyse_many([correct(rgb, preprocess)])[0]
+
+    def answer(
+        self,
+        result: dict[str, Any],
+        language: str | None = None,
+    ) -> dict[str, Any]:
+        """The parts of the response that come from the models' result: guidance and disclaimer."""
+        lang = language or self.cfg.serving.language
+        order = {"high": 2, "medium": 1, "low": 0}
+        worst = max(result["lesions"], key=lambda les: (order[les["risk"]], les["malignant_probability"]))
+        return {
+            "guidance": guidance(worst["label"], worst["risk"], lang, result["fallback"]),
+            "disclaimer": DISCLAIMER,
+            "thresholds": {
+                "malignant": self.threshold,
+                "high_risk": max(self.threshold, self.cfg.serving.high_risk_probability),
+                "detector_confidence": self.conf,
+            },
+        }

@@ -1,0 +1,368 @@
+"""The DrSpot BentoML service: the two-stage endpoint, its operations endpoints and the web page.
+
+Run with ``drspot serve`` (the Bento built by ``drspot deploy``) or, from a checkout,
+``bentoml serve serving.service:DrSpot``. The models are the registry's champions as copied into
+the Bento model store by ``drspot deploy`` (tags ``drspot-classifier`` / ``drspot-detector``).
+
+Public endpoints are a FastAPI app mounted on the service, so every refusal is a 4xx with the
+contract's ``{"error", "detail"}`` body; the model stage is the BentoML API ``/infer``, batchable,
+so concurrent requests are merged by BentoML's adaptive batching (``serving.batching``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+
+import components  # noqa: F401  (offline settings first)
+from components.config import load_config
+from serving.inputs import InputError, check_length, from_base64, read_image
+from serving.pipeline import PREPROCESS, Pipeline, correct
+
+CFG = load_config()
+S = CFG.serving
+# the model tags: pinned by `drspot deploy` as Bento build arguments; else the newest in the store
+_ARGS = bentoml.use_arguments()
+CLASSIFIER_TAG = getattr(_ARGS, "classifier", None) or os.environ.get(
+    "DRSPOT_CLASSIFIER_TAG", "drspot-classifier:latest"
+)
+DETECTOR_TAG = getattr(_ARGS, "detector", None) or os.environ.get("DRSPOT_DETECTOR_TAG", "drspot-detector:latest")
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+REQUESTS = bentoml.metrics.Counter(
+    name="drspot_requests_total", documentation="requests by endpoint and status", labelnames=["endpoint", "status"]
+)
+LATENCY = bentoml.metrics.Histogram(
+    name="drspot_request_latency_seconds",
+    documentation="end-to-end latency of /predict",
+    labelnames=["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+FALLBACKS = bentoml.metrics.Counter(
+    name="drspot_fallbacks_total", documentation="whole-image fallbacks by reason", labelnames=["reason"]
+)
+REJECTIONS = bentoml.metrics.Counter(
+    name="drspot_rejections_total", documentation="refused requests by reason", labelnames=["reason"]
+)
+
+# what /readyz reports (set once the models are loaded, in the worker process)
+READY: dict[str, Any] = {}
+
+app = FastAPI(title="DrSpot", description="Two-stage skin-lesion analysis (decision support, not a diagnosis)")
+
+
+def _error(e: InputError, endpoint: str) -> JSONResponse:
+    REJECTIONS.labels(reason=e.reason).inc()
+    REQUESTS.labels(endpoint=endpoint, status=str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in exc.errors())
+    return _error(InputError(422, "invalid request", detail, "invalid_request"), request.url.path)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refusing one over the limit before reading it (Content-Length) or while reading it."""
+    from serving.inputs import body_limit
+
+    check_length(request.headers.get("content-length"), S)
+    limit, chunks, size = body_limit(S), [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(
+                413, "request body too large", f"more than {S.max_body_mb:g} MB was sent", "body_too_large"
+            )
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser reads the cached body
+    return body
+
+
+def _options(preprocess: str, compare: Any, language: str | None) -> tuple[str, bool, str]:
+    if preprocess not in PREPROCESS:
+        raise InputError(
+            422, "invalid preprocess", f"preprocess={preprocess!r}; use one of {', '.join(PREPROCESS)}", "options"
+        )
+    flag = str(compare).lower()
+    if flag not in ("true", "false", "1", "0", "none"):
+        raise InputError(422, "invalid compare", f"compare={compare!r}; use true or false", "options")
+    return preprocess, flag in ("true", "1"), language or S.language
+
+
+class _ReadyzWithVersions:
+    """BentoML's /readyz says only "ready"; DrSpot's also names the models it serves."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/readyz" and scope["method"] == "GET":
+            ready = bool(READY)
+            body = json.dumps({"ready": ready, **READY} if ready else {"ready": False, "detail": "models loading"})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200 if ready else 503,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body.encode()})
+            return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(name="drspot", traffic={"timeout": 120}, workers=1)
+@bentoml.asgi_app(app, path="/")
+class DrSpot:
+    classifier_model = bentoml.models.BentoModel(CLASSIFIER_TAG)
+    detector_model = bentoml.models.BentoModel(DETECTOR_TAG)
+
+    def __init__(self) -> None:
+        from serving.store import PredictionLog
+
+        cm, dm = self.classifier_model, self.detector_model
+        self.versions = {
+            "classifier": cm.info.metadata.get("registry", str(cm.tag)),
+            "detector": dm.info.metadata.get("registry", str(dm.tag)),
+        }
+        self.pipeline = Pipeline(Path(cm.path), Path(dm.path), CFG, self.versions)
+        self.log = PredictionLog.from_config(CFG)
+        self.started = time.time()
+        READY.update(
+            {
+                "models": self.versions,
+                "bento_models": {"classifier": str(cm.tag), "detector": str(dm.tag)},
+                "data_version": cm.info.metadata.get("data_version"),
+                "detector_loaded": self.pipeline.detector is not None,
+                "detector_error": self.pipeline.detector_error,
+                "batching": S.batching,
+                "profile": CFG.profile,
+            }
+        )
+
+    @bentoml.api(batchable=True, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
+    def infer(self, items: list[str]) -> list[str]:
+        """The model stage over a batch: items are JSON ``{"image": base64, "preprocess": ...}``."""
+        from components.images import decode
+
+        images = []
+        for item in items:
+            spec = json.loads(item)
+            images.append(correct(decode(base64.b64decode(spec["image"])).rgb, spec.get("preprocess", "none")))
+        return [json.dumps(r) for r in self.pipeline.analyse_many(images)]
+
+    async def _analyse(self, data: bytes, rgb, variants: list[str]) -> list[dict[str, Any]]:
+        if S.batching:
+            b64 = base64.b64encode(data).decode()
+            out = await self.to_async.infer([json.dumps({"image": b64, "preprocess": v}) for v in variants])
+            return [json.loads(o) for o in out]
+        images = [correct(rgb, v) for v in variants]
+        return await anyio.to_thread.run_sync(self.pipeline.analyse_many, images)
+
+    async def _predict(self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str):
+        t0 = time.perf_counter()
+        up = await anyio.to_thread.run_sync(read_image, data, S)
+        t_decode = time.perf_counter() - t0
+        variants = ["none", preprocess] if compare and preprocess != "none" else [preprocess]
+        if compare and preprocess == "none":
+            variants = ["none", "color_constancy"]
+        results = await self._analyse(data, up.rgb, variants)
+        main = results[-1] if not compare else results[1]
+        request_id = uuid.uuid4().hex
+        w, h = up.rgb.size
+        extra = self.pipeline.answer(main, language)
+        response = {
+            "request_id": request_id,
+            "image": {
+                "sha256": up.sha256,
+                "width": w,
+                "height": h,
+                "format": up.format,
+                "quality": {
+                    "ok": not up.warnings,
+                    "warnings": up.warnings,
+                    **{k: round(v, 4) for k, v in up.quality.items()},
+                },
+                "notes": up.decoded.notes,
+            },
+            "lesions": main["lesions"],
+            "fallback": main["fallback"],
+            "fallback_reason": main["fallback_reason"],
+            "preprocess": variants[-1],
+            "models": {k: v for k, v in self.versions.items()},
+            **extra,
+        }
+        if compare:
+            response["comparison"] = {
+                v: {k: r[k] for k in ("lesions", "fallback", "fallback_reason")}
+                for v, r in zip(variants, results, strict=True)
+            }
+        image_path = await anyio.to_thread.run_sync(self._store, up) if S.store_images else None
+        top = max(main["lesions"], key=lambda les: les["malignant_probability"])
+        row = {
+            "request_id": request_id,
+            "image_sha256": up.sha256,
+            "width": w,
+            "height": h,
+            "format": up.format,
+            "quality": up.quality,
+            "embedding": main["embedding"],
+            "lesions": main["lesions"],
+            "label": top["label"],
+            "confidence": max(top["probabilities"].values()),
+            "malignant_probability": top["malignant_probability"],
+            "risk": top["risk"],
+            "fallback": main["fallback"],
+            "fallback_reason": main["fallback_reason"],
+            "preprocess": variants[-1],
+            "classifier_version": self.versions["classifier"],
+            "detector_version": self.versions["detector"],
+            "image_path": image_path,
+        }
+        await anyio.to_thread.run_sync(self.log.record, row)
+        response["image"]["stored"] = image_path is not None
+        total = time.perf_counter() - t0
+        response["timings_ms"] = {
+            "decode": round(t_decode * 1000, 2),
+            **main["timings_ms"],
+            "total": round(total * 1000, 2),
+        }
+        if main["fallback"]:
+            reason = "detector_error" if (main["fallback_reason"] or "").startswith("detector") else "no_lesion"
+            FALLBACKS.labels(reason=reason).inc()
+        LATENCY.labels(endpoint=endpoint).observe(total)
+        REQUESTS.labels(endpoint=endpoint, status="200").inc()
+        return JSONResponse(response)
+
+    def _store(self, up) -> str:
+        return self.log.store_image(up.sha256, up.data, up.format)
+
+    @app.post("/predict")
+    async def predict(
+        self,
+        request: Request,
+        preprocess: str = "none",
+        compare: str = "false",
+        language: str | None = None,
+    ):
+        """Multipart upload, field ``image``. Query: preprocess, compare, language."""
+        try:
+            opts = _options(preprocess, compare, language)
+            ctype = request.headers.get("content-type", "")
+            if not ctype.startswith("multipart/form-data"):
+                raise InputError(
+                    415,
+                    "wrong content type",
+                    f"got {ctype or 'no content type'}; send multipart/form-data with the photo in field 'image' "
+                    "(or JSON to /predict/json)",
+                    "content_type",
+                )
+            await _read_body(request)
+            try:
+                form = await request.form(max_part_size=int(S.max_body_mb * 1048576))
+            except Exception as e:
+                raise InputError(400, "malformed multipart body", str(e) or type(e).__name__, "multipart") from e
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                fields = ", ".join(form.keys()) or "none"
+                raise InputError(
+                    422, "missing field 'image'", f"the form has no file in field 'image' (fields: {fields})", "missing"
+                )
+            data = await upload.read()
+            return await self._predict(data, *opts, endpoint="/predict")
+        except InputError as e:
+            return _error(e, "/predict")
+
+    @app.post("/predict/json")
+    async def predict_json(self, request: Request):
+        """For services: ``{"image": base64, "preprocess": ..., "compare": ..., "language": ...}``."""
+        try:
+            body = await _read_body(request)
+            try:
+                spec = json.loads(body)
+            except ValueError as e:
+                raise InputError(400, "malformed JSON", str(e), "json") from e
+            if not isinstance(spec, dict) or not isinstance(spec.get("image"), str):
+                raise InputError(422, "missing field 'image'", 'send {"image": "<base64>"}', "missing")
+            opts = _options(spec.get("preprocess", "none"), spec.get("compare", False), spec.get("language"))
+            return await self._predict(from_base64(spec["image"]), *opts, endpoint="/predict/json")
+        except InputError as e:
+            return _error(e, "/predict/json")
+
+    @app.post("/feedback")
+    async def feedback(self, request: Request):
+        """A clinician-confirmed label for a logged prediction. Needs the API key (X-API-Key)."""
+        key = os.environ.get(S.feedback_key_env)
+        try:
+            if not key:
+                raise InputError(
+                    503, "feedback disabled", f"no API key is configured: set {S.feedback_key_env}", "no_key"
+                )
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            import hmac
+
+            if not given or not hmac.compare_digest(given, key):
+                raise InputError(401, "unauthorised", "a valid X-API-Key header is required", "auth")
+            body = await _read_body(request)
+            try:
+                spec = json.loads(body)
+            except ValueError as e:
+                raise InputError(400, "malformed JSON", str(e), "json") from e
+            if not isinstance(spec, dict):
+                raise InputError(422, "invalid feedback", "send a JSON object", "invalid")
+            missing = [k for k in ("request_id", "confirmed_label", "reviewer") if not str(spec.get(k) or "").strip()]
+            if missing:
+                raise InputError(422, "invalid feedback", f"missing or empty: {', '.join(missing)}", "invalid")
+            label = str(spec["confirmed_label"]).strip()
+            if label not in CFG.classes.names:
+                raise InputError(
+                    422,
+                    "unknown label",
+                    f"{label!r} is not one of {', '.join(CFG.classes.names)}",
+                    "label",
+                )
+            prediction = await anyio.to_thread.run_sync(self.log.get, str(spec["request_id"]))
+            if prediction is None:
+                raise InputError(
+                    404, "unknown request_id", f"no prediction {spec['request_id']!r} is logged", "unknown"
+                )
+            fid = await anyio.to_thread.run_sync(
+                self.log.add_feedback, prediction["request_id"], label, str(spec["reviewer"]).strip()[:200]
+            )
+            REQUESTS.labels(endpoint="/feedback", status="201").inc()
+            stored = prediction["image_path"] is not None
+            return JSONResponse(
+                {
+                    "feedback_id": fid,
+                    "request_id": prediction["request_id"],
+                    "confirmed_label": label,
+                    "predicted_label": prediction["label"],
+                    "image_stored": stored,
+                    "usable_for_retraining": stored,
+                    **({} if stored else {"note": "the image was not stored (serving.store_images is off)"}),
+                },
+                status_code=201,
+            )
+        except InputError as e:
+            return _error(e, "/feedback")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(self):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+DrSpot.add_asgi_middleware(_ReadyzWithVersions)

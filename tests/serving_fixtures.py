@@ -1,0 +1,115 @@
+"""A deployed, running DrSpot service for the serving tests (module-scoped, real everything).
+
+Trains a one-epoch classifier and detector on the test profile, registers both as champions in a
+throwaway MLflow store, runs the real ``drspot deploy`` (Bento model store + Bento build) and the
+real ``drspot serve`` on a free loopback port, with its own prediction log and image store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-feedback-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_and_register(root: Path, synthetic_source: Path, cfg) -> dict[str, str]:
+    from components import gate, registry
+    from components.evaluate import evaluate
+    from components.ingest import ingest
+    from components.train_classifier import train_classifier
+    from components.train_detector import train_detector
+
+    ds, prep = root / "ds", root / "prep"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        step(ds, prep, cfg)
+    split = prep / "split" / "split.parquet"
+    train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
+    train_detector(split, ds, root / "det", cfg, progress=lambda m: None)
+    ev = evaluate(root / "clf", split, ds, root / "eval", cfg, data_version="v-serving-test")
+    tags = registry.lineage(cfg, split, "v-serving-test")
+    c = registry.register("classifier", root / "clf", ev["metrics"], tags, root / "eval")
+    import json
+
+    d = registry.register(
+        "detector", root / "det", json.loads((root / "det" / "detector_config.json").read_text())["metrics"], tags
+    )
+    registry.set_champion(registry.CLASSIFIER, c)
+    registry.set_champion(registry.DETECTOR, d)
+    return {"classifier": c, "detector": d, "dataset": str(ds)}
+
+
+def service_env(root: Path, **extra: str) -> dict[str, str]:
+    params = (ROOT / "params.yaml").read_text()
+    params = params.replace("    store_images: false", "    store_images: true")
+    params = params.replace("    detector_conf: null", "    detector_conf: 0.001")  # one-epoch detector
+    (root / "params.yaml").write_text(params)
+    env = {
+        **os.environ,
+        "DRSPOT_HOME": str(root),
+        "DRSPOT_PARAMS": str(root / "params.yaml"),
+        "DRSPOT_PROFILE": "test",
+        "BENTOML_HOME": str(root / ".drspot" / "bentoml"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "DRSPOT_FEEDBACK_API_KEY": API_KEY,
+        **extra,
+    }
+    env.pop("DRSPOT_DATABASE_URL", None)
+    return env
+
+
+def drspot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "drspot"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "drspot"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--port", str(self.port), *extra],
+            env=env,
+            cwd=ROOT,
+            stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"drspot serve exited {self.proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"drspot serve not ready in 180 s:\n{log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,0 +1,270 @@
+"""The BentoML service for real: deploy from the registry, serve on loopback, hostile input, fallback,
+prediction log, feedback, operations endpoints; and the in-process pipeline's fail-safe."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving_fixtures import API_KEY, Server
+
+pytestmark = pytest.mark.slow
+
+
+def _jpeg(size=(160, 120), color=(180, 120, 100), mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(0)
+    arr = np.clip(rng.normal(0, 25, (size[1], size[0], 3)) + np.array(color), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=save.pop("format", "JPEG"), **save)
+    return buf.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's signature)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def _post(server, data: bytes, name="x.jpg", ctype="image/jpeg", field="image", **params) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", files={field: (name, data, ctype)}, params=params, timeout=60)
+
+
+def test_deploy_copies_the_champions_and_builds_a_bento(deployed):
+    v = deployed["versions"]
+    text = deployed["deploy_stdout"]
+    assert f"classifier: drspot-classifier/{v['classifier']} -> Bento model drspot-classifier:" in text
+    assert "built Bento drspot:" in text
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "get", "drspot-classifier:latest", "-o", "json"],
+        env=deployed["env"],
+        capture_output=True,
+        text=True,
+    )
+    meta = json.loads(listed.stdout)["metadata"]
+    assert meta["registry"] == f"drspot-classifier/{v['classifier']}" and meta["data_version"] == "v-serving-test"
+    assert "macro_auc" in meta["metrics"]
+
+
+def test_predict_answers_the_contract_and_logs_it(server, deployed):
+    img = sorted((deployed["root"] / "ds" / "images").glob("*.jpg"))[0].read_bytes()
+    r = _post(server, img, language="ko")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    v = deployed["versions"]
+    assert d["models"] == {
+        "classifier": f"drspot-classifier/{v['classifier']}",
+        "detector": f"drspot-detector/{v['detector']}",
+    }
+    import hashlib
+
+    assert d["image"]["sha256"] == hashlib.sha256(img).hexdigest()
+    assert {"blur", "brightness", "ok", "warnings"} <= set(d["image"]["quality"])
+    assert d["lesions"] and d["disclaimer"].startswith("DrSpot is a decision-support tool")
+    for les in d["lesions"]:
+        assert abs(sum(les["probabilities"].values()) - 1) < 1e-3
+        assert les["label"] == max(les["probabilities"], key=les["probabilities"].get)
+        assert les["risk"] in ("low", "medium", "high")
+        if d["fallback"]:
+            assert les["box"] is None and les["detector_confidence"] is None
+        else:
+            assert all(0 <= x <= 1 for x in les["box"]) and les["detector_confidence"] >= 0.001
+    assert d["guidance"]["language"] == "ko" and d["guidance"]["source"].startswith("knowledge base")
+    assert {"decode", "detector", "classifier", "total"} <= set(d["timings_ms"])
+
+    # the log row, the stored image (consent on in this profile), and /readyz naming the same models
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(f"sqlite:///{deployed['root'] / '.drspot' / 'predictions.db'}")
+    with eng.connect() as c:
+        row = c.execute(text("select * from predictions where request_id=:r"), {"r": d["request_id"]}).mappings().one()
+    assert row["image_sha256"] == d["image"]["sha256"] and row["fallback"] == d["fallback"]
+    assert len(json.loads(row["embedding"])) >= 32 and row["classifier_version"] == d["models"]["classifier"]
+    stored = deployed["root"] / ".drspot" / "images" / row["image_sha256"][:2] / f"{row['image_sha256']}.jpg"
+    assert row["image_path"] == str(stored) and stored.read_bytes() == img
+    ready = httpx.get(f"{server.url}/readyz").json()
+    assert ready["ready"] and ready["models"] == d["models"]
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_json_variant_compare_and_unknown_language(server, deployed):
+    import base64
+
+    img = sorted((deployed["root"] / "ds" / "images").glob("*.jpg"))[1].read_bytes()
+    r = httpx.post(
+        f"{server.url}/predict/json",
+        json={"image": base64.b64encode(img).decode(), "preprocess": "clahe", "compare": True, "language": "fr"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["preprocess"] == "clahe" and set(d["comparison"]) == {"none", "clahe"}
+    assert d["guidance"]["text"] is None and "no guidance for language 'fr'" in d["guidance"]["note"]
+
+
+BAD = [
+    ("not an image", lambda: b"hello, I am text", "a.txt", "text/plain", 415, "not an image"),
+    ("empty body", lambda: b"", "a.jpg", "image/jpeg", 400, "empty image"),
+    ("truncated JPEG", lambda: _jpeg((400, 300))[:3000], "t.jpg", "image/jpeg", 422, "truncated"),
+    ("1x1 image", lambda: _jpeg((1, 1)), "p.jpg", "image/jpeg", 422, "image too small"),
+    ("50,000 x 50,000 PNG", lambda: _png_claiming(50000, 50000), "b.png", "image/png", 422, "too many pixels"),
+    ("animated GIF", None, "a.gif", "image/gif", 415, "GIF is not accepted"),
+    ("30 MB body", lambda: b"\xff\xd8" + b"\0" * (30 * 1024 * 1024), "big.jpg", "image/jpeg", 413, "too large"),
+]
+
+
+def _gif() -> bytes:
+    frames = [Image.new("P", (64, 64), i) for i in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_the_right_4xx_and_the_server_still_answers(server, case):
+    _, make, name, ctype, status, words = case
+    data = _gif() if make is None else make()
+    r = _post(server, data, name, ctype)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"} and words in (body["error"] + " " + body["detail"])
+    assert _post(server, _jpeg()).status_code == 200  # still serving
+
+
+def test_wrong_content_type_and_missing_field(server):
+    r = httpx.post(f"{server.url}/predict", content=b'{"x": 1}', headers={"content-type": "application/json"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = httpx.post(f"{server.url}/predict", files={"photo": ("x.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 422 and r.json()["error"] == "missing field 'image'" and "photo" in r.json()["detail"]
+    r = _post(server, _jpeg(), preprocess="sepia")
+    assert r.status_code == 422 and "color_constancy" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "mode,fmt,note",
+    [("CMYK", "JPEG", "CMYK converted to RGB"), ("I;16", "PNG", "I;16 rescaled to 8 bits"), ("RGBA", "PNG", None)],
+)
+def test_any_mode_is_converted(server, mode, fmt, note):
+    if mode == "I;16":
+        arr = (np.random.default_rng(1).integers(0, 65535, (120, 160))).astype(np.uint16)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")  # uint16 -> mode I;16
+        data = buf.getvalue()
+    else:
+        data = _jpeg(mode=mode, format=fmt)
+    r = _post(server, data, f"m.{fmt.lower()}", f"image/{fmt.lower()}")
+    assert r.status_code == 200, r.text
+    if note:
+        assert note in " ".join(r.json()["image"]["notes"])
+
+
+def test_feedback_needs_the_key_a_known_request_and_a_valid_label(server, deployed):
+    rid = _post(server, _jpeg()).json()["request_id"]
+    url = f"{server.url}/feedback"
+    good = {"request_id": rid, "confirmed_label": "mel", "reviewer": "dr.kim"}
+    assert httpx.post(url, json=good).status_code == 401
+    assert httpx.post(url, json=good, headers={"X-API-Key": "wrong"}).status_code == 401
+    h = {"X-API-Key": API_KEY}
+    r = httpx.post(url, json={**good, "request_id": "nope"}, headers=h)
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    r = httpx.post(url, json={**good, "confirmed_label": "wart"}, headers=h)
+    assert r.status_code == 422 and "'wart' is not one of" in r.json()["detail"]
+    r = httpx.post(url, json={**good, "reviewer": ""}, headers=h)
+    assert r.status_code == 422 and "reviewer" in r.json()["detail"]
+    r = httpx.post(url, json=good, headers=h)
+    assert r.status_code == 201, r.text
+    assert r.json()["confirmed_label"] == "mel" and r.json()["usable_for_retraining"] is True
+
+    from serving.store import PredictionLog
+
+    log = PredictionLog(f"sqlite:///{deployed['root'] / '.drspot' / 'predictions.db'}")
+    confirmed = {c["request_id"]: c for c in log.confirmed()}
+    assert confirmed[rid]["confirmed_label"] == "mel" and confirmed[rid]["reviewer"] == "dr.kim"
+
+
+def test_metrics_count_requests_fallbacks_and_rejections(server):
+    _post(server, b"")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'drspot_rejections_total{reason="empty"}' in text
+    assert "drspot_request_latency_seconds_bucket" in text
+    assert 'drspot_requests_total{endpoint="/predict",status="200"}' in text
+
+
+def test_web_page_is_served(server):
+    r = httpx.get(f"{server.url}/")
+    assert r.status_code == 200 and 'id="drop"' in r.text and 'fetch("/predict?"' in r.text
+
+
+# --- the pipeline's fail-safe, in process --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(deployed):
+    from components.config import load_config
+    from serving.pipeline import Pipeline
+
+    return Pipeline(deployed["root"] / "clf", deployed["root"] / "det", load_config("test"))
+
+
+def test_detector_that_raises_falls_back_to_the_whole_image(pipeline, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(pipeline.detector, "predict", broken)
+    rgb = Image.open(io.BytesIO(_jpeg())).convert("RGB")
+    r = pipeline.analyse(rgb)
+    assert r["fallback"] and r["fallback_reason"].startswith("detector error: RuntimeError: CUDA out of memory")
+    (les,) = r["lesions"]
+    assert (
+        les["box"] is None and les["detector_confidence"] is None and abs(sum(les["probabilities"].values()) - 1) < 1e-3
+    )
+
+
+def test_detector_that_finds_nothing_falls_back(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline, "conf", 0.9999)
+    r = pipeline.analyse(Image.open(io.BytesIO(_jpeg())).convert("RGB"))
+    assert r["fallback"] and "no lesion found above the detector's confidence threshold 0.9999" == r["fallback_reason"]
+    assert r["lesions"][0]["box"] is None
+
+
+def test_a_service_whose_detector_cannot_load_still_answers(deployed, tmp_path):
+    """A broken detector file: the service starts, says so at /readyz, and answers by fallback."""
+    import glob
+    import shutil
+
+    root = deployed["root"]
+    store = root / ".drspot" / "bentoml" / "models" / "drspot-detector"
+    (version,) = [p for p in glob.glob(str(store / "*")) if not p.endswith("latest")]
+    backup = tmp_path / "detector.pt"
+    shutil.copy(f"{version}/detector.pt", backup)
+    open(f"{version}/detector.pt", "wb").write(b"not a torch file")
+    try:
+        s = Server(deployed["env"], root / "serve-broken.log", "--source")
+        try:
+            ready = httpx.get(f"{s.url}/readyz").json()
+            assert ready["detector_loaded"] is False and "detector not loaded" in ready["detector_error"]
+            r = _post(s, _jpeg())
+            assert (
+                r.status_code == 200 and r.json()["fallback"] and "detector not loaded" in r.json()["fallback_reason"]
+            )
+            assert 'drspot_fallbacks_total{reason="detector_error"}' in httpx.get(f"{s.url}/metrics").text
+        finally:
+            s.stop()
+    finally:
+        shutil.copy(backup, f"{version}/detector.pt")
