@@ -8,22 +8,14 @@ real ``drspot serve`` on a free loopback port, with its own prediction log and i
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from serving.launch import Server, free_port  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-feedback-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_and_register(root: Path, synthetic_source: Path, cfg) -> dict[str, str]:
@@ -75,41 +67,3 @@ def service_env(root: Path, **extra: str) -> dict[str, str]:
 def drspot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "drspot"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-
-
-class Server:
-    def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "drspot"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--port", str(self.port), *extra],
-            env=env,
-            cwd=ROOT,
-            stdout=open(log, "w"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"drspot serve exited {self.proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"drspot serve not ready in 180 s:\n{log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)

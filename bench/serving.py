@@ -1,0 +1,182 @@
+"""Serving throughput and latency: the raw in-process pipeline against the HTTP endpoint.
+
+Run:  .venv/bin/drspot deploy && .venv/bin/python bench/serving.py [--images 48] [--requests 96]
+
+In one run, on the same images (the project's data/images, else freshly generated synthetic ones):
+* raw: the in-process two-stage pipeline (decode + detector + classifier, no HTTP), one image at a
+  time, on the deployed champions;
+* HTTP: ``drspot serve`` of the deployed Bento, multipart POST /predict at concurrency 1, 8 and 32,
+  with BentoML adaptive batching on and off (``serving.batching``).
+Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratio and p99/p50, and writes
+bench/results/serving.json. ONNX Runtime is not offered by DrSpot, so that column is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import components  # noqa: E402,F401
+from components.config import load_config  # noqa: E402
+
+
+def images(n: int) -> list[bytes]:
+    """``n`` decodable photos (the dataset's planted corrupt files are left out)."""
+    from components.images import ImageError, decode
+
+    def good(paths):
+        out = []
+        for p in paths:
+            try:
+                decode(p)
+            except ImageError:
+                continue
+            out.append(p.read_bytes())
+            if len(out) == n:
+                break
+        return out
+
+    found = good(sorted((ROOT / "data" / "images").glob("*.jpg")))
+    if len(found) < n:
+        from components.synthetic import Spec, generate
+
+        out = Path(tempfile.mkdtemp()) / "syn"
+        generate(out, Spec.from_config(load_config("demo")))
+        found = good(sorted(out.rglob("*.jpg")))
+    return found
+
+
+def stats(lat: list[float], wall: float) -> dict[str, float]:
+    a = np.asarray(lat) * 1000
+    return {
+        "requests": len(lat),
+        "rps": round(len(lat) / wall, 2),
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p95_ms": round(float(np.percentile(a, 95)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+    }
+
+
+def raw(imgs: list[bytes], n: int) -> dict[str, float]:
+    import bentoml
+
+    from components.images import decode
+    from serving.deploy import deployed_file
+    from serving.pipeline import Pipeline
+
+    tags = json.loads(deployed_file().read_text())["models"]
+    cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
+    p = Pipeline(cm.path, dm.path, load_config())
+    for b in imgs[:4]:
+        p.analyse(decode(b).rgb)  # warm-up
+    lat = []
+    t0 = time.perf_counter()
+    for k in range(n):
+        t = time.perf_counter()
+        p.analyse(decode(imgs[k % len(imgs)]).rgb)
+        lat.append(time.perf_counter() - t)
+    return stats(lat, time.perf_counter() - t0)
+
+
+async def load(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[str, float]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    queue = list(range(n))
+
+    async def worker(client):
+        nonlocal errors
+        while queue:
+            k = queue.pop()
+            t = time.perf_counter()
+            r = await client.post(f"{url}/predict", files={"image": ("x.jpg", imgs[k % len(imgs)], "image/jpeg")})
+            lat.append(time.perf_counter() - t)
+            errors += r.status_code != 200
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        for b in imgs[:4]:  # warm-up
+            await client.post(f"{url}/predict", files={"image": ("x.jpg", b, "image/jpeg")})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {**stats(lat, wall), "errors": errors}
+
+
+def serve(batching: bool, tmp: Path):
+    from serving.launch import Server
+
+    params = (ROOT / "params.yaml").read_text().replace("    batching: true", f"    batching: {str(batching).lower()}")
+    (tmp / f"params-{batching}.yaml").write_text(params)
+    env = {
+        **os.environ,
+        "DRSPOT_PARAMS": str(tmp / f"params-{batching}.yaml"),
+        "DRSPOT_DATABASE_URL": f"sqlite:///{tmp / f'log-{batching}.db'}",
+    }
+    return Server(env, tmp / f"serve-{batching}.log")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=96)
+    args = ap.parse_args()
+    imgs = images(args.images)
+    print(f"{len(imgs)} images, {args.requests} requests per configuration", flush=True)
+    rows = [{"config": "raw in-process (batch 1)", "concurrency": 1, **raw(imgs, args.requests)}]
+    print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for batching in (True, False):
+            server = serve(batching, Path(tmp))
+            try:
+                for c in (1, 8, 32):
+                    r = asyncio.run(load(server.url, imgs, args.requests, c))
+                    rows.append({"config": f"HTTP, batching {'on' if batching else 'off'}", "concurrency": c, **r})
+                    print(rows[-1], flush=True)
+            finally:
+                server.stop()
+    base = rows[0]["rps"]
+    for r in rows:
+        r["throughput_vs_raw"] = round(r["rps"] / base, 3)
+        r["p99_over_p50"] = round(r["p99_ms"] / r["p50_ms"], 2)
+    at8 = {r["config"]: r for r in rows if r["concurrency"] == 8}
+    best = max(at8.values(), key=lambda r: r["rps"])
+    result = {
+        "rows": rows,
+        "raw_rps": base,
+        "http_c8_batching_on": at8["HTTP, batching on"],
+        "http_c8_batching_off": at8["HTTP, batching off"],
+        "best_at_concurrency_8": best["config"],
+        "goal": {"throughput_vs_raw_at_c8": 0.8, "p99_over_p50": 2.5},
+        "meets_goal": best["throughput_vs_raw"] >= 0.8 and best["p99_over_p50"] <= 2.5,
+        "onnx": "not offered (eager PyTorch only)",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "images": len(imgs),
+    }
+    (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(result, indent=2))
+    print("\nconfig | concurrency | req/s | p50 ms | p95 ms | p99 ms | x raw | p99/p50")
+    for r in rows:
+        print(
+            f"{r['config']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+            f"{r['throughput_vs_raw']} | {r['p99_over_p50']}"
+        )
+    print(
+        f"goal at concurrency 8 (>= 0.8x raw, p99 <= 2.5x p50): {'met' if result['meets_goal'] else 'NOT met'} "
+        f"by {best['config']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
