@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.drspot-installed
 
-.PHONY: setup browser demo test test-fast lint format bench clean
+.PHONY: setup system-deps demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,14 +17,16 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/drspot demo
 
-# The web page's test drives Debian's Chromium through Playwright (no browser download: STACK.md).
-# As root (CI), a missing /usr/bin/chromium is installed with apt; otherwise that test skips, saying so.
-browser:
-	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
-	  echo "chromium not installed: the browser test will skip"
+# Two tests need system packages: the web page's test drives Debian's Chromium through Playwright
+# (no browser download: STACK.md), the prediction-log test starts a throwaway PostgreSQL server.
+# As root (CI) missing ones are installed with apt; otherwise those tests skip, saying so.
+system-deps:
+	@{ test -x /usr/bin/chromium && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium postgresql >/dev/null; } || \
+	  echo "chromium/postgresql not installed: the browser and PostgreSQL tests will skip"
 
-test: setup browser
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -268,3 +268,41 @@ def test_a_service_whose_detector_cannot_load_still_answers(deployed, tmp_path):
             s.stop()
     finally:
         shutil.copy(backup, f"{version}/detector.pt")
+
+
+def test_quality_policy_reject_refuses_a_poor_photo():
+    from components.config import load_config
+    from serving.inputs import InputError, read_image
+
+    cfg = load_config("test")
+    strict = cfg.serving.model_copy(update={"quality_policy": "reject"})
+    dark = _jpeg((400, 300), color=(10, 8, 6))
+    assert "under-exposed" in " ".join(read_image(dark, cfg.serving).warnings)  # warn (default)
+    with pytest.raises(InputError) as e:
+        read_image(dark, strict)
+    assert e.value.status == 422 and "under-exposed: brightness" in e.value.detail
+
+
+def test_after_a_promotion_deploy_and_restart_serve_the_new_champion(deployed, monkeypatch):
+    """Runs last: moves the champion, so the shared server above keeps serving the old one."""
+    from components import registry
+    from tests.serving_fixtures import drspot
+
+    root = deployed["root"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", deployed["env"]["MLFLOW_TRACKING_URI"])
+    from components.config import load_config
+
+    tags = registry.lineage(load_config("test"), root / "prep" / "split" / "split.parquet", "v-serving-test-2")
+    new = registry.register("classifier", root / "clf", {"macro_auc": 0.9}, tags, root / "eval")
+    registry.set_champion(registry.CLASSIFIER, new)
+    out = drspot("deploy", env=deployed["env"])
+    assert out.returncode == 0 and f"drspot-classifier/{new} -> Bento model" in out.stdout, out.stderr[-2000:]
+    s = Server(deployed["env"], root / "serve-new.log")
+    try:
+        ready = httpx.get(f"{s.url}/readyz").json()
+        assert (
+            ready["models"]["classifier"] == f"drspot-classifier/{new}" and ready["data_version"] == "v-serving-test-2"
+        )
+        assert _post(s, _jpeg()).json()["models"]["classifier"] == f"drspot-classifier/{new}"
+    finally:
+        s.stop()

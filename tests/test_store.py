@@ -1,0 +1,109 @@
+"""The prediction log on both real databases: embedded SQLite and a throwaway PostgreSQL server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import sqlalchemy
+
+from serving.launch import free_port
+from serving.store import PredictionLog
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server in a temporary folder (Debian's binaries; `make test` installs them as root)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL server binaries are not installed (make test installs them with apt as root)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (dev extra)")
+    bindir = os.path.dirname(found[-1])
+    import tempfile
+
+    # not under pytest's temporary folder: as root the server runs as `postgres`, which cannot enter it
+    data = tempfile.mkdtemp(prefix="drspot-pg-")
+    os.chmod(data, 0o755)
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run(
+        [*as_user, f"{bindir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-o", opts, "-l", f"{data}/log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    yield url
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def _row(rid: str, label: str = "nv") -> dict:
+    return {
+        "request_id": rid,
+        "image_sha256": "ab" * 32,
+        "width": 600,
+        "height": 450,
+        "format": "JPEG",
+        "quality": {"blur": 120.5, "brightness": 0.5},
+        "embedding": [0.1, -0.2, 0.3],
+        "lesions": [{"box": None, "label": label}],
+        "label": label,
+        "confidence": 0.8,
+        "malignant_probability": 0.1,
+        "risk": "low",
+        "fallback": True,
+        "fallback_reason": "no lesion found",
+        "preprocess": "none",
+        "classifier_version": "drspot-classifier/1",
+        "detector_version": "drspot-detector/1",
+        "image_path": f"/images/{rid}.jpg",
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log(request, tmp_path):
+    if request.param == "sqlite":
+        return PredictionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    url = request.getfixturevalue("postgres")
+    store = PredictionLog(url)
+    with store.engine.begin() as c:  # each test starts empty
+        c.execute(sqlalchemy.text("TRUNCATE feedback, predictions"))
+    return store
+
+
+def test_log_round_trip_window_and_feedback(log):
+    for k in range(5):
+        log.record(_row(f"r{k}"))
+        time.sleep(0.01)
+    got = log.get("r2")
+    assert got["quality"] == {"blur": 120.5, "brightness": 0.5} and got["embedding"] == [0.1, -0.2, 0.3]
+    assert got["fallback"] is True and isinstance(got["created_at"], dt.datetime)
+    assert [r["request_id"] for r in log.window(last=3)] == ["r2", "r3", "r4"]  # the newest 3, oldest first
+    assert len(log.window(since=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))) == 0
+    log.add_feedback("r1", "mel", "dr.kim")
+    log.add_feedback("r1", "bcc", "dr.lee")  # a later review wins
+    log.add_feedback("r3", "nv", "dr.kim")
+    confirmed = {c["request_id"]: c for c in log.confirmed()}
+    assert confirmed["r1"]["confirmed_label"] == "bcc" and confirmed["r1"]["reviewer"] == "dr.lee"
+    assert confirmed["r3"]["image_path"] == "/images/r3.jpg" and set(confirmed) == {"r1", "r3"}
+
+
+def test_feedback_for_an_unknown_request_is_refused_by_the_database(log):
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        log.add_feedback("never-logged", "mel", "dr.kim")
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        log.record(_row("dup"))
+        log.record(_row("dup"))  # a request id is logged once
