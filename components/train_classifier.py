@@ -430,6 +430,13 @@ def train_classifier(
     }
     (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
     (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
+    # the drift-monitoring reference travels with the model (components/reference.py)
+    from components import reference
+
+    model.eval()
+    ref, projection = reference.build(model, model_config, train_rows, dataset_dir)
+    reference.write(out_dir, ref, projection)
+    progress(f"classifier: monitoring reference of {len(ref)} training images, {len(projection['components'])} PCs")
     ckpt_path.unlink(missing_ok=True)
     progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")
     return {"history": history, "best": best, "model_config": model_config}

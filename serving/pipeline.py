@@ -20,6 +20,7 @@ from PIL import Image
 
 from components.config import Config
 from components.evaluate import DISCLAIMER, softmax
+from components.reference import embed
 
 KNOWLEDGE = Path(__file__).parent / "knowledge" / "guidance.yaml"
 PREPROCESS = ("none", "color_constancy", "clahe")
@@ -163,11 +164,7 @@ class Pipeline:
             memory_format=torch.channels_last
         )
         with self.lock, torch.no_grad():
-            emb = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-            logits = self.model.get_classifier()(emb)
-            if self.mc.get("tta", False):
-                flipped = self.model.forward_head(self.model.forward_features(x.flip(3)), pre_logits=True)
-                logits = (logits + self.model.get_classifier()(flipped)) / 2
+            emb, logits = embed(self.model, x, self.mc.get("tta", False))
         return softmax(logits.numpy(), self.temperature), emb.numpy()
 
     def risk(self, p_malignant: float) -> str:

@@ -90,6 +90,35 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
     assert "temperature" not in json.loads((root / "clf" / MODEL_CONFIG).read_text())  # the trained folder is untouched
 
 
+def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(prepared):
+    """The reference is the training images' features + projected embeddings; the service's own
+    embedding of a training image, projected with the saved projection, lands on its reference row."""
+    import pyarrow.parquet as pq
+
+    from components import reference
+    from components.images import decode
+    from components.preprocess import to_uint8
+    from serving.pipeline import Pipeline
+
+    cfg, ds, split, root = prepared
+    if not (root / "clf" / reference.REFERENCE).is_file():
+        train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
+    ref, projection = reference.load(root / "clf")
+    train = [r for r in pq.read_table(split).to_pylist() if r["split"] == "train"]
+    assert len(ref) == len(train)
+    pcs = [c for c in ref.columns if c.startswith("pc_")]
+    assert len(pcs) == len(projection["components"]) == 8 and len(projection["mean"]) >= 32
+    assert set(reference.FEATURES) <= set(ref.columns) and set(ref["label"]) <= set(cfg.classes.names)
+    assert abs(ref["pc_0"].mean()) < 1e-3  # centred on the training embeddings
+    p = Pipeline(root / "clf", None, cfg)
+    for k in (0, len(train) - 1):  # the service's crop of this image (first box + margin), its embedding
+        r = train[k]
+        crop = to_uint8(decode(ds / r["path"]).rgb, (r["boxes"] or [None])[0], p.mc["crop_margin"], p.mc["input_size"])
+        _, emb = p.classify(crop[None])
+        got = reference.project(emb, projection)[0]
+        assert np.allclose(got, ref.loc[k, pcs].to_numpy(dtype=float), atol=1e-3), (k, got)
+
+
 def test_checkpoint_resume_continues_after_an_interruption(prepared):
     cfg, ds, split, root = prepared
     two = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"epochs": 2})})

@@ -1,0 +1,94 @@
+"""The drift-monitoring reference: computed at training time and stored with the classifier.
+
+For every training image: the quality features the service logs (brightness, contrast, saturation,
+blur, colour means, size), the classifier's embedding of the crop the service would classify (the
+first box plus the training margin, or the whole image), projected onto a few principal components
+fitted on these training embeddings, and the predicted class and confidence. Files in the model
+folder: ``reference.parquet`` (one row per training image) and ``projection.json`` (the PCA mean
+and components, plain numbers: loadable without unpickling anything). Monitoring compares logged
+predictions with this table and never recomputes it from images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REFERENCE = "reference.parquet"
+PROJECTION = "projection.json"
+FEATURES = ("brightness", "contrast", "saturation", "blur", "mean_r", "mean_g", "mean_b")
+
+
+def embed(model, x, tta: bool = False):
+    """Penultimate-layer embeddings and logits of a timm model for a normalised NCHW tensor."""
+    emb = model.forward_head(model.forward_features(x), pre_logits=True)
+    logits = model.get_classifier()(emb)
+    if tta:
+        flipped = model.forward_head(model.forward_features(x.flip(3)), pre_logits=True)
+        logits = (logits + model.get_classifier()(flipped)) / 2
+    return emb, logits
+
+
+def fit_projection(emb: np.ndarray, n_components: int) -> dict[str, Any]:
+    mean = emb.mean(0)
+    k = max(1, min(n_components, emb.shape[0] - 1, emb.shape[1]))
+    _, s, vt = np.linalg.svd(emb - mean, full_matrices=False)
+    explained = (s**2 / max(float((s**2).sum()), 1e-12))[:k]
+    return {
+        "mean": mean.astype(float).round(6).tolist(),
+        "components": vt[:k].astype(float).round(6).tolist(),
+        "explained_variance_ratio": explained.astype(float).round(6).tolist(),
+    }
+
+
+def project(emb: np.ndarray, projection: dict[str, Any]) -> np.ndarray:
+    return (np.asarray(emb, dtype=np.float64) - np.asarray(projection["mean"])) @ np.asarray(projection["components"]).T
+
+
+def build(model, mc: dict[str, Any], rows: list[dict[str, Any]], dataset_dir: Path, n_components: int = 8):
+    """(reference DataFrame, projection) for ``rows`` (the training split)."""
+    import pandas as pd
+    import torch
+
+    from components.evaluate import softmax
+    from components.images import decode, quality
+    from components.preprocess import normalise, to_uint8
+
+    feats, crops = [], []
+    for r in rows:
+        rgb = decode(Path(dataset_dir) / r["path"]).rgb
+        q = quality(rgb)
+        feats.append({**{k: q[k] for k in FEATURES}, "width": rgb.size[0], "height": rgb.size[1]})
+        box = (r.get("boxes") or [None])[0]
+        crops.append(to_uint8(rgb, box, mc["crop_margin"], mc["input_size"]))
+    embs, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(crops), 256):
+            x = torch.from_numpy(normalise(np.stack(crops[i : i + 256]), mc["mean"], mc["std"]))
+            e, lo = embed(model, x.contiguous(memory_format=torch.channels_last), mc.get("tta", False))
+            embs.append(e.numpy())
+            logits.append(lo.numpy())
+    emb = np.concatenate(embs)
+    p = softmax(np.concatenate(logits))
+    projection = fit_projection(emb, n_components)
+    pcs = project(emb, projection)
+    df = pd.DataFrame(feats)
+    for k in range(pcs.shape[1]):
+        df[f"pc_{k}"] = pcs[:, k]
+    df["label"] = [mc["classes"][k] for k in p.argmax(1)]
+    df["confidence"] = p.max(1)
+    return df, projection
+
+
+def write(out_dir: Path, df, projection: dict[str, Any]) -> None:
+    df.to_parquet(Path(out_dir) / REFERENCE, index=False)
+    (Path(out_dir) / PROJECTION).write_text(json.dumps(projection))
+
+
+def load(model_dir: Path):
+    import pandas as pd
+
+    return pd.read_parquet(Path(model_dir) / REFERENCE), json.loads((Path(model_dir) / PROJECTION).read_text())
