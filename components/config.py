@@ -255,6 +255,15 @@ class Serving(_Strict):
     max_latency_ms: int = Field(ge=1)
 
 
+class Monitor(_Strict):
+    min_rows: int = Field(ge=2)
+    last: int = Field(ge=2)
+    drift_share: float = Field(gt=0, le=1)
+    embedding_share: float = Field(gt=0, le=1)
+    prediction_drift: bool
+    reports: str
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -270,6 +279,7 @@ class Config(_Strict):
     evaluate: Evaluate
     gate: Gate
     serving: Serving
+    monitor: Monitor
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -60,15 +60,24 @@ def client():
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    use_experiment(EXPERIMENT)
+    return MlflowClient(uri, uri)
+
+
+def use_experiment(name: str) -> None:
+    """Make ``name`` the active MLflow experiment, creating it with project-local artifacts if needed."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
         # a SQLite store keeps its artifacts beside the database (MLflow's default is ./mlruns in
         # whatever folder the process runs in); a tracking server decides for itself
         location = (
             (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri() if uri.startswith("sqlite:///") else None
         )
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-    mlflow.set_experiment(EXPERIMENT)
-    return MlflowClient(uri, uri)
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
 
 
 def file_hash(path: str | Path) -> str:

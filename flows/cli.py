@@ -302,6 +302,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=SOURCE, env=env)
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from flows.monitor import monitor_flow
+
+    s = monitor_flow(since=args.since, last=args.last, profile=args.profile)
+    print(f"drift monitor: {s['status'].upper()} ({s['rows']['current']} predictions in the window)")
+    for r in s.get("reasons", []):
+        print(f"  - {r}")
+    if "report" in s:
+        print(f"  drifted: {', '.join(s['drifted']) or 'nothing'}")
+        print(f"  report: {s['report']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -416,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="port (default: serving.port)")
     sv.add_argument("--source", action="store_true", help="serve serving/service.py from this checkout")
     sv.set_defaults(func=cmd_serve)
+
+    mo = sub.add_parser("monitor", help="drift of logged predictions against the champion's training reference")
+    win = mo.add_mutually_exclusive_group()
+    win.add_argument("--since", help="ISO time: predictions logged since then (e.g. 2026-11-21T00:00:00+00:00)")
+    win.add_argument("--last", type=int, help="the newest N predictions (default: monitor.last)")
+    mo.set_defaults(func=cmd_monitor)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)

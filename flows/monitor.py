@@ -1,0 +1,110 @@
+"""The ``monitor`` flow: drift of a prediction-log window against the serving model's training reference.
+
+Writes the Evidently report (HTML + JSON) under ``monitor.reports``, logs the run to the MLflow
+experiment ``monitoring``, publishes the markdown artifact ``drift-report``, and when drift is found
+emits the Prefect event ``drspot.drift.detected`` (report location and scores in the payload), which
+the retrain deployment is triggered by.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from components import reference, registry
+from components.config import load_config
+from components.monitor import monitor
+
+DRIFT_EVENT = "drspot.drift.detected"
+
+
+@lru_cache(maxsize=8)
+def _reference(version: str):
+    """The training reference saved with a registered classifier version ("drspot-classifier/N")."""
+    import shutil
+
+    name, _, number = version.rpartition("/")
+    if name != registry.CLASSIFIER or not number.isdigit():
+        raise ValueError(f"logged classifier version {version!r} is not a registry version (drspot-classifier/N)")
+    folder = registry.download(name, number)
+    try:
+        if not (folder / reference.REFERENCE).is_file():
+            raise FileNotFoundError(
+                f"{version} has no monitoring reference (trained before references were saved); retrain it"
+            )
+        return reference.load(folder)
+    finally:
+        shutil.rmtree(folder.parent.parent, ignore_errors=True)
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    lines = [f"# Drift: {s['status']}", "", *[f"- {r}" for r in s.get("reasons", [])], ""]
+    if "scores" in s:
+        lines += [
+            f"Window: {s['rows']['current']} predictions of {s['classifier_version']} vs {s['rows']['reference']} "
+            f"training images. Report: `{s['report']}`",
+            "",
+            "| feature | method | score | threshold | drifted |",
+            "|---|---|---|---|---|",
+        ]
+        for col, v in sorted(s["scores"].items()):
+            lines.append(
+                f"| {col} | {v['method']} | {v['score']:.4g} | {v['threshold']} | {'yes' if v['drifted'] else ''} |"
+            )
+    return "\n".join(lines)
+
+
+@flow(name="monitor", log_prints=True)
+def monitor_flow(since: str | None = None, last: int | None = None, profile: str | None = None) -> dict[str, Any]:
+    import mlflow
+    from serving.store import PredictionLog
+
+    cfg = load_config(profile)
+    log = PredictionLog.from_config(cfg)
+    when = dt.datetime.now(dt.UTC)
+    out = cfg.resolve(cfg.monitor.reports) / when.strftime("%Y%m%dT%H%M%SZ")
+    start = dt.datetime.fromisoformat(since) if since else None
+    summary = monitor(cfg, log, _reference, out, since=start, last=last)
+    logger = get_run_logger()
+    registry.use_experiment("monitoring")
+    with mlflow.start_run(run_name=f"monitor-{when:%Y%m%dT%H%M%S}", tags={"status": summary["status"]}):
+        mlflow.log_metrics(
+            {
+                "rows": summary["rows"]["current"],
+                "drift": float(summary["drift"]),
+                **{
+                    k: summary[k]
+                    for k in ("share_image_features_drifted", "share_embedding_components_drifted")
+                    if k in summary
+                },
+            }
+        )
+        if "report" in summary:
+            mlflow.log_artifacts(str(out), artifact_path="drift")
+    create_markdown_artifact(markdown=_markdown(summary), key="drift-report", description="drift monitoring")
+    if summary["drift"]:
+        emit_event(
+            event=DRIFT_EVENT,
+            resource={"prefect.resource.id": "drspot.monitor", "prefect.resource.name": "drspot monitor"},
+            payload={
+                "report": summary["report"],
+                "classifier_version": summary["classifier_version"],
+                "reasons": summary["reasons"],
+                "drifted": summary["drifted"],
+                "share_image_features_drifted": summary["share_image_features_drifted"],
+                "share_embedding_components_drifted": summary["share_embedding_components_drifted"],
+            },
+        )
+        logger.warning("DRIFT: %s (event %s emitted)", "; ".join(summary["reasons"]), DRIFT_EVENT)
+    else:
+        logger.info("%s: %s", summary["status"], "; ".join(summary.get("reasons", [])) or "within the reference")
+    (Path(out) / "summary.json").parent.mkdir(parents=True, exist_ok=True)
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
