@@ -118,14 +118,17 @@ def monitor(
     }
     versions = Counter(r["classifier_version"] for r in rows)
     if len(rows) < cfg.monitor.min_rows:
-        return {
-            "status": "not enough data",
-            "drift": False,
-            "rows": {"current": len(rows)},
-            "needed": cfg.monitor.min_rows,
-            "window": window,
-            "reasons": [f"{len(rows)} predictions in the window; at least {cfg.monitor.min_rows} are needed"],
-        }
+        return _save(
+            out_dir,
+            {
+                "status": "not enough data",
+                "drift": False,
+                "rows": {"current": len(rows)},
+                "needed": cfg.monitor.min_rows,
+                "window": window,
+                "reasons": [f"{len(rows)} predictions in the window; at least {cfg.monitor.min_rows} are needed"],
+            },
+        )
     version = versions.most_common(1)[0][0]
     rows = [r for r in rows if r["classifier_version"] == version]  # one model's outputs at a time
     reference, projection = reference_for(version)
@@ -137,5 +140,10 @@ def monitor(
     summary.update({"window": window, "classifier_version": version, "report": str(out_dir / "drift_report.html")})
     if len(versions) > 1:
         summary["note"] = f"the window held several classifier versions {dict(versions)}; compared {version} only"
+    return _save(out_dir, summary)
+
+
+def _save(out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

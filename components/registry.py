@@ -44,6 +44,11 @@ PIP = [
 ]
 
 
+def model_name(kind: str) -> str:
+    """The registered model name of ``kind`` ("classifier" or "detector")."""
+    return {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+
+
 class RegistryError(RuntimeError):
     """A registry operation cannot be done (no champion to roll back to, unknown version, ...)."""
 
@@ -139,7 +144,7 @@ def register(
 
     import mlflow
 
-    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    name = model_name(kind)
     c = client()
     staging = Path(tempfile.mkdtemp(prefix="drspot-register-"))
     shutil.copytree(model_dir, staging / "model_dir", ignore=shutil.ignore_patterns("ultralytics", "checkpoint.pt"))
@@ -288,7 +293,7 @@ def rejudge(kind: str, version: str, split_manifest: str | Path, dataset_dir: st
     """Score a registered version on ``split_manifest``'s frozen test split (tagged, so done once)."""
     import shutil
 
-    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    name = model_name(kind)
     c = client()
     key = f"rejudged.{file_hash(split_manifest)[:16]}"
     done = c.get_model_version(name, version).tags.get(key)
@@ -325,7 +330,7 @@ def gate_and_promote(
     Without them, or when ``split_manifest`` is not the one the challenger was judged on, the gate
     refuses rather than compare unfairly.
     """
-    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    name = model_name(kind)
     c = client()
     new_mv = c.get_model_version(name, version)
     current = champion(name)
@@ -375,7 +380,7 @@ def rollback(kind: str) -> tuple[str, str]:
     Raises:
         RegistryError: there is no previous champion (the current one stays).
     """
-    name = {"classifier": CLASSIFIER, "detector": DETECTOR}[kind]
+    name = model_name(kind)
     history = _history(name)
     current = champion(name)
     if current is None:

@@ -69,6 +69,20 @@ def _metrics(m) -> dict[str, float]:
     }
 
 
+def _common(imgsz: int, batch: int, dev: str, workers: int, project: Path) -> dict[str, Any]:
+    """The ultralytics arguments training and testing share (quiet, no plots, our own run folder)."""
+    return {
+        "imgsz": imgsz,
+        "batch": batch,
+        "device": dev,
+        "workers": workers,
+        "plots": False,
+        "verbose": False,
+        "project": str(project),
+        "exist_ok": True,
+    }
+
+
 def _val(weights: Path, data_yaml: Path, split: str, common: dict[str, Any]) -> dict[str, float]:
     from components.env import ultralytics
 
@@ -90,16 +104,7 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
         )
         if not (tmp / "yolo_data" / "images" / "test").is_dir():
             raise DataError(f"the test split of {split_manifest} is empty")
-        common = {
-            "imgsz": dc["imgsz"],
-            "batch": cfg.detector.batch,
-            "device": device(),
-            "workers": 0,
-            "plots": False,
-            "verbose": False,
-            "project": str(tmp / "ultralytics"),
-            "exist_ok": True,
-        }
+        common = _common(dc["imgsz"], cfg.detector.batch, device(), 0, tmp / "ultralytics")
         return _val(Path(model_dir) / WEIGHTS, data_yaml, "test", common)
 
 
@@ -132,16 +137,7 @@ def train_detector(
     workdir = out_dir.resolve() / "ultralytics"  # ultralytics puts a relative project under its own runs dir
     shutil.rmtree(workdir, ignore_errors=True)
     progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
-    common = {
-        "imgsz": d.imgsz,
-        "batch": d.batch,
-        "device": dev,
-        "workers": d.workers,
-        "plots": False,
-        "verbose": False,
-        "project": str(workdir),
-        "exist_ok": True,
-    }
+    common = _common(d.imgsz, d.batch, dev, d.workers, workdir)
     model.train(
         data=str(data_yaml),
         epochs=d.epochs,

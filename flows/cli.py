@@ -243,7 +243,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.params)
     dataset, manifest = _split_manifest(args, cfg)
     r = promote_flow(args.kind, args.version, args.profile, str(dataset), str(manifest))
-    name = registry.CLASSIFIER if args.kind == "classifier" else registry.DETECTOR
+    name = registry.model_name(args.kind)
     print(f"{name} v{r['version']}: {'PROMOTED to champion' if r['promote'] else 'REJECTED'}: {r['reason']}")
     return 0 if r["promote"] else 3
 

@@ -9,9 +9,7 @@ the retrain deployment is triggered by.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -105,6 +103,4 @@ def monitor_flow(since: str | None = None, last: int | None = None, profile: str
         logger.warning("DRIFT: %s (event %s emitted)", "; ".join(summary["reasons"]), DRIFT_EVENT)
     else:
         logger.info("%s: %s", summary["status"], "; ".join(summary.get("reasons", [])) or "within the reference")
-    (Path(out) / "summary.json").parent.mkdir(parents=True, exist_ok=True)
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

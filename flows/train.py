@@ -68,7 +68,7 @@ def register_and_gate(
 ):
     cfg = load_config(profile)
     weights = Path(model_dir) / ("model.pt" if kind == "classifier" else "detector.pt")
-    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    name = registry.model_name(kind)
     existing = registry.find_version(name, registry.file_hash(weights))
     if existing is not None:
         return {
@@ -80,6 +80,13 @@ def register_and_gate(
             "champion": registry.champion(name),
         }
     version = registry.register(kind, model_dir, metrics, tags, report, parent_run_id=parent)
+    return _gate(kind, version, cfg, manifest, dataset)
+
+
+def _gate(kind: str, version: str, cfg, manifest: str | None, dataset: str | None) -> dict[str, Any]:
+    """Run the gate on ``version`` and say what happened (the train and promote flows alike)."""
+    name = registry.model_name(kind)
+    before = registry.champion(name)
     d = registry.gate_and_promote(kind, version, cfg, manifest, dataset)
     return {
         "kind": kind,
@@ -89,6 +96,7 @@ def register_and_gate(
         "reason": d.reason,
         "challenger": d.challenger,
         "champion_metrics": d.champion,
+        "champion_before": before,
         "champion": registry.champion(name),
     }
 
@@ -162,21 +170,9 @@ def promote_flow(
 ) -> dict[str, Any]:
     """The gate run by hand (``drspot promote``): the same decision and artifact as in ``train``."""
     cfg = load_config(profile)
-    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    name = registry.model_name(kind)
     version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
-    before = registry.champion(name)
-    d = registry.gate_and_promote(kind, version, cfg, manifest, dataset)
-    result = {
-        "kind": kind,
-        "version": version,
-        "registered": True,
-        "promote": d.promote,
-        "reason": d.reason,
-        "challenger": d.challenger,
-        "champion_metrics": d.champion,
-        "champion_before": before,
-        "champion": registry.champion(name),
-    }
+    result = _gate(kind, version, cfg, manifest, dataset)
     create_markdown_artifact(
         markdown=_markdown([result], "Promote: gate decision"), key="promote-gate", description="gate decision"
     )

@@ -30,7 +30,7 @@ def to_bento_store(kind: str) -> tuple[str, dict[str, Any]]:
     """Copy ``kind``'s champion into the Bento model store; returns (bento tag, metadata)."""
     import bentoml
 
-    name = registry.CLASSIFIER if kind == "classifier" else registry.DETECTOR
+    name = registry.model_name(kind)
     version = registry.champion(name)
     if version is None:
         raise DeployError(f"{name} has no champion in the registry ({registry.tracking_uri()}); run `drspot train`")

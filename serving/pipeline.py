@@ -146,11 +146,12 @@ class Pipeline:
             boxes = r.boxes
             xyxyn = boxes.xyxyn.cpu().numpy().tolist() if len(boxes) else []
             conf = boxes.conf.cpu().numpy().tolist() if len(boxes) else []
-            found = sorted(
-                ([[round(v, 4) for v in b], round(float(c), 4)] for b, c in zip(xyxyn, conf, strict=True)),
-                key=lambda t: -t[1],
+            out.append(
+                sorted(
+                    (([round(v, 4) for v in b], round(float(c), 4)) for b, c in zip(xyxyn, conf, strict=True)),
+                    key=lambda t: -t[1],
+                )
             )
-            out.append([(b, c) for b, c in found])
         return out
 
     # stage 2

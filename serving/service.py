@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 import components  # noqa: F401  (offline settings first)
 from components.config import load_config
-from serving.inputs import InputError, check_length, from_base64, read_image
+from serving.inputs import InputError, body_limit, check_length, from_base64, read_image
 from serving.pipeline import PREPROCESS, Pipeline, correct
 
 CFG = load_config()
@@ -76,8 +76,6 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 async def _read_body(request: Request) -> bytes:
     """The body, refusing one over the limit before reading it (Content-Length) or while reading it."""
-    from serving.inputs import body_limit
-
     check_length(request.headers.get("content-length"), S)
     limit, chunks, size = body_limit(S), [], 0
     async for chunk in request.stream():
@@ -177,11 +175,11 @@ class DrSpot:
         t0 = time.perf_counter()
         up = await anyio.to_thread.run_sync(read_image, data, S)
         t_decode = time.perf_counter() - t0
-        variants = ["none", preprocess] if compare and preprocess != "none" else [preprocess]
-        if compare and preprocess == "none":
-            variants = ["none", "color_constancy"]
+        # compare: the original beside the corrected photo (colour constancy when none was asked for)
+        corrected = preprocess if preprocess != "none" else "color_constancy"
+        variants = ["none", corrected] if compare else [preprocess]
         results = await self._analyse(data, up.rgb, variants)
-        main = results[-1] if not compare else results[1]
+        main = results[-1]
         request_id = uuid.uuid4().hex
         w, h = up.rgb.size
         extra = self.pipeline.answer(main, language)
@@ -203,7 +201,7 @@ class DrSpot:
             "fallback": main["fallback"],
             "fallback_reason": main["fallback_reason"],
             "preprocess": variants[-1],
-            "models": {k: v for k, v in self.versions.items()},
+            "models": dict(self.versions),
             **extra,
         }
         if compare:

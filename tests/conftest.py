@@ -26,6 +26,21 @@ def shared(sub: str) -> Path:
     return path
 
 
+def gated_dataset(root: Path, synthetic_source: Path, cfg) -> tuple[Path, Path]:
+    """Ingest the synthetic source into ``root/ds`` and run the data gate into ``root/prep``.
+
+    Returns (dataset folder, split manifest).
+    """
+    from components import gate
+    from components.ingest import ingest
+
+    ds, prep = root / "ds", root / "prep"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        step(ds, prep, cfg)
+    return ds, prep / "split" / "split.parquet"
+
+
 @pytest.fixture(scope="session")
 def cfg():
     return load_config("test")

@@ -19,17 +19,13 @@ API_KEY = "test-feedback-key-123"
 
 
 def train_and_register(root: Path, synthetic_source: Path, cfg) -> dict[str, str]:
-    from components import gate, registry
+    from components import registry
     from components.evaluate import evaluate
-    from components.ingest import ingest
     from components.train_classifier import train_classifier
     from components.train_detector import train_detector
+    from tests.conftest import gated_dataset
 
-    ds, prep = root / "ds", root / "prep"
-    ingest("synthetic", synthetic_source, ds, cfg)
-    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
-        step(ds, prep, cfg)
-    split = prep / "split" / "split.parquet"
+    ds, split = gated_dataset(root, synthetic_source, cfg)
     train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
     train_detector(split, ds, root / "det", cfg, progress=lambda m: None)
     ev = evaluate(root / "clf", split, ds, root / "eval", cfg, data_version="v-serving-test")

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import gate, registry
+from components import registry
 from components.config import load_config
 from components.evaluate import evaluate
-from components.ingest import ingest
 from components.train_classifier import MODEL, build_model, train_classifier
+from tests.conftest import gated_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,7 @@ def store(tmp_path_factory, synthetic_source):
     root = tmp_path_factory.mktemp("registry")
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     cfg = load_config("test")
-    ds, prep = root / "ds", root / "prep"
-    ingest("synthetic", synthetic_source, ds, cfg)
-    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
-        step(ds, prep, cfg)
-    split = prep / "split" / "split.parquet"
+    ds, split = gated_dataset(root, synthetic_source, cfg)
     train_classifier(split, ds, root / "good", cfg, progress=lambda m: None)
     good = evaluate(root / "good", split, ds, root / "eval_good", cfg, data_version="v-test")
     # a worse challenger: the same architecture and config, weights never trained

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import gate
 from components.config import load_config
 from components.evaluate import corrupt, ece, fit_temperature, softmax, threshold_for_sensitivity
-from components.ingest import ingest
 from components.manifest import DataError
 from components.preprocess import lesion_crop
 from components.train_classifier import TrainingError, check_backbone, check_pretrained, train_classifier
+from tests.conftest import gated_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +22,8 @@ pytestmark = pytest.mark.slow
 def prepared(tmp_path_factory, synthetic_source):
     cfg = load_config("test")
     root = tmp_path_factory.mktemp("train")
-    ds, prep = root / "ds", root / "prep"
-    ingest("synthetic", synthetic_source, ds, cfg)
-    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
-        step(ds, prep, cfg)
-    return cfg, ds, prep / "split" / "split.parquet", root
+    ds, split = gated_dataset(root, synthetic_source, cfg)
+    return cfg, ds, split, root
 
 
 def test_unknown_backbone_is_named_before_training():
