@@ -262,6 +262,15 @@ class Monitor(_Strict):
     embedding_share: float = Field(gt=0, le=1)
     prediction_drift: bool
     reports: str
+    cron: str
+
+
+class Retrain(_Strict):
+    min_new_cases: int = Field(ge=1)
+    feedback_dir: str
+    deploy: bool
+    cron: str
+    timezone: str
 
 
 class Config(_Strict):
@@ -280,6 +289,7 @@ class Config(_Strict):
     gate: Gate
     serving: Serving
     monitor: Monitor
+    retrain: Retrain
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -328,6 +338,22 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
     return out
 
 
+def _settings(text: str) -> dict[str, Any]:
+    """``$DRSPOT_SET``: ``key.path=value`` pairs separated by ``;`` (values in YAML), applied after the
+    profile, e.g. ``DRSPOT_SET="serving.store_images=true;monitor.last=500"``."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r} is not key.path=value")
+        d = out
+        *parents, last = key.strip().split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = yaml.safe_load(value)
+    return out
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -373,6 +399,11 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         merged = _merge(raw["default"], override, "")
     except ConfigError as e:
         raise ConfigError(f"{path} [profile {profile}]: {e}") from None
+    sets = os.environ.get("DRSPOT_SET", "")
+    try:
+        merged = _merge(merged, _settings(sets), "")
+    except ConfigError as e:
+        raise ConfigError(f"DRSPOT_SET={sets!r}: {e}") from None
     merged["profile"] = profile
     try:
         cfg = Config.model_validate(merged)

@@ -12,6 +12,10 @@
   image must correlate with some crop of the other at ``dedup.min_correlation`` or more, which
   removes look-alike lesions that merely share a layout.
 * Lesion links: images with the same lesion_id.
+* Feedback (``source == "feedback"``, clinician-confirmed serving images) never displaces curated
+  rows: an exact copy keeps the curated row, and feedback whose confirmed label disagrees with the
+  curated rows it duplicates is dropped (``label_conflict``, for review) while they stay, so a
+  frozen test image is never lost to a confirmation.
 
 Everything is merged by union-find into groups (``group_id``: the smallest image_id in the group).
 A group whose labelled images disagree is a *label conflict*: all its rows are quarantined.
@@ -184,6 +188,11 @@ def verify(
 # --- union-find -----------------------------------------------------------------------------------
 
 
+def _newcomer(row: dict[str, Any]) -> bool:
+    """Feedback rows never displace curated rows: not as the kept copy, not in a label conflict."""
+    return row.get("source") == "feedback"
+
+
 class UnionFind:
     def __init__(self, items: list[str]) -> None:
         self.parent = {x: x for x in items}
@@ -233,7 +242,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
         (out_dir / name).unlink(missing_ok=True)
     table = read_step_input(validated, "phash", "validate", "de-duplicate")
     cols = ["image_id", "sha256", "label", "lesion_id", "phash", "path", "boxes"]
-    cols += ["phash_crops"] if "phash_crops" in table.column_names else []
+    cols += [c for c in ("phash_crops", "source") if c in table.column_names]
     rows = table.select(cols).to_pylist()
     ids = [r["image_id"] for r in rows]
     uf = UnionFind(ids)
@@ -248,7 +257,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
     for copies in by_sha.values():
         if len(copies) < 2:
             continue
-        copies.sort(key=lambda r: (r["label"] is None, not r["boxes"], r["image_id"]))
+        copies.sort(key=lambda r: (_newcomer(r), r["label"] is None, not r["boxes"], r["image_id"]))
         keeper = copies[0]["image_id"]
         for a, b in combinations(sorted(c["image_id"] for c in copies), 2):
             pairs.append({"a": a, "b": b, "kind": "exact", "distance": 0, "correlation": 1.0})
@@ -296,7 +305,24 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
     conflicts = []
     for g, ms in sorted(members.items()):
         labels = sorted({m["label"] for m in ms if m["label"] is not None})
-        if len(labels) > 1:
+        curated = {m["label"] for m in ms if m["label"] is not None and not _newcomer(m)}
+        if len(labels) > 1 and len(curated) == 1:
+            # feedback disagrees with the curated rows it duplicates: the feedback rows go, for review;
+            # the curated rows (perhaps frozen test images) stay
+            (label,) = curated
+            conflicts.append({"group_id": g, "labels": labels, "images": sorted(m["image_id"] for m in ms)})
+            for m in ms:
+                if _newcomer(m) and m["label"] != label and m["image_id"] not in drop_ids:
+                    drop_ids.add(m["image_id"])
+                    dropped.append(
+                        {
+                            "image_id": m["image_id"],
+                            "reason": "label_conflict",
+                            "detail": f"confirmed as {m['label']}, but it duplicates {label} images of group {g} "
+                            "(curated labels are kept; review the confirmation)",
+                        }
+                    )
+        elif len(labels) > 1:
             conflicts.append({"group_id": g, "labels": labels, "images": sorted(m["image_id"] for m in ms)})
             for m in ms:
                 if m["image_id"] not in drop_ids:

@@ -1,6 +1,6 @@
 """Turn a data source into the canonical dataset: images + ``manifest.parquet``.
 
-One adapter per kind of source (``synthetic``, ``ham10000``, ``isic``, ``medmnist``, ``yolo``,
+One adapter per kind of source (``synthetic``, ``ham10000``, ``isic``, ``medmnist``, ``yolo``, ``feedback``,
 ``imagefolder``). Each adapter only *reads* its source and yields :class:`Candidate` rows (or
 :class:`Problem` s for rows it cannot make sense of); one shared core copies each image into the
 dataset, hashes it, reads its size, maps its label, checks its boxes and writes the manifest in
@@ -404,6 +404,20 @@ def adapt_imagefolder(source: Path, cfg: Config, **opts: Any) -> Iterator[Candid
             yield Candidate(image_id=image_id, label=cdir.name, file=p, ext=p.suffix.lower())
 
 
+def adapt_feedback(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate | Problem]:
+    """Clinician-confirmed cases exported from the prediction log (``feedback.csv`` + ``images/``,
+    written by :func:`components.feedback.export`). They carry no boxes: a confirmation names the
+    lesion, it does not outline it, so they train the classifier (on the whole image) and not the
+    detector."""
+    for row in _read_csv(source / "feedback.csv", ["image_id", "label", "file"]):
+        yield Candidate(
+            image_id=row["image_id"],
+            label=row["label"],
+            file=source / row["file"],
+            ext=Path(row["file"]).suffix.lower(),
+        )
+
+
 ADAPTERS: dict[str, Callable[..., Iterator[Candidate | Problem]]] = {
     "synthetic": adapt_synthetic,
     "ham10000": adapt_ham10000,
@@ -411,6 +425,7 @@ ADAPTERS: dict[str, Callable[..., Iterator[Candidate | Problem]]] = {
     "medmnist": adapt_medmnist,
     "yolo": adapt_yolo,
     "imagefolder": adapt_imagefolder,
+    "feedback": adapt_feedback,
 }
 
 

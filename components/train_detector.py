@@ -34,7 +34,9 @@ def export_yolo(split_manifest: Path, dataset_dir: Path, out_dir: Path, single_c
     shutil.rmtree(out_dir, ignore_errors=True)
     counts = {s: 0 for s in SPLITS}
     for r in rows:
-        if r["split"] not in SPLITS:
+        # a row without boxes is unannotated (e.g. confirmed feedback), not an image without a lesion:
+        # as a YOLO background image it would teach the detector to miss lesions
+        if r["split"] not in SPLITS or not r["boxes"]:
             continue
         src = (dataset_dir / r["path"]).resolve()
         img = out_dir / "images" / r["split"] / f"{r['image_id']}{src.suffix}"
@@ -51,7 +53,9 @@ def export_yolo(split_manifest: Path, dataset_dir: Path, out_dir: Path, single_c
         counts[r["split"]] += 1
     empty = [s for s in ("train", "val") if counts[s] == 0]
     if empty:
-        raise DataError(f"no images in the {' and '.join(empty)} split(s) of {split_manifest} for the detector")
+        raise DataError(
+            f"no images with boxes in the {' and '.join(empty)} split(s) of {split_manifest} for the detector"
+        )
     names = {0: "lesion"} if single_class else dict(enumerate(classes))
     data = {"path": str(out_dir.resolve()), "train": "images/train", "val": "images/val", "names": names}
     if counts["test"]:
@@ -138,6 +142,13 @@ def train_detector(
     shutil.rmtree(workdir, ignore_errors=True)
     progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
     common = _common(d.imgsz, d.batch, dev, d.workers, workdir)
+
+    def epoch_done(trainer) -> None:
+        map50 = (trainer.metrics or {}).get("metrics/mAP50(B)", float("nan"))
+        took = time.monotonic() - t0
+        progress(f"detector: epoch {trainer.epoch + 1}/{trainer.epochs} val mAP50 {map50:.3f} ({took:.0f}s)")
+
+    model.add_callback("on_fit_epoch_end", epoch_done)
     model.train(
         data=str(data_yaml),
         epochs=d.epochs,

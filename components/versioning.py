@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -18,18 +19,31 @@ class DvcError(RuntimeError):
     """A dvc command failed; the message holds its output."""
 
 
-def dvc(*args: str, cwd: str | Path) -> str:
+def dvc(*args: str, cwd: str | Path, echo: Callable[[str], None] | None = None) -> str:
     """Run ``dvc ARGS`` in ``cwd`` and return its output.
+
+    Args:
+        echo: called with each output line as it arrives (a stage's progress), stdout and stderr merged.
 
     Raises:
         DvcError: dvc exited non-zero (its stderr is in the message).
     """
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=os.environ.copy(), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise DvcError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+    cmd = [sys.executable, "-m", "dvc", *args]
+    if echo is None:
+        proc = subprocess.run(cmd, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    else:
+        lines: list[str] = []
+        with subprocess.Popen(
+            cmd, cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as p:
+            for line in p.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                echo(line.rstrip())
+        out, err, rc = "".join(lines), "".join(lines[-40:]), p.returncode
+    if rc != 0:
+        raise DvcError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{err.strip() or out.strip()}")
+    return out
 
 
 def data_version(dvc_file: str | Path) -> str | None:
@@ -54,3 +68,12 @@ def add(target: str | Path, cwd: str | Path) -> str:
 def push(cwd: str | Path, remote: str | None = None) -> str:
     """``dvc push`` to the default (or named) remote; returns dvc's output."""
     return dvc("push", *(["-r", remote] if remote else []), cwd=cwd)
+
+
+def default_remote(cwd: str | Path) -> str | None:
+    """The name of the default DVC remote, or None when none is configured."""
+    try:
+        name = dvc("remote", "default", cwd=cwd).strip()
+    except DvcError:
+        return None
+    return name or None

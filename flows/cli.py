@@ -315,6 +315,35 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain_flow
+
+    s = retrain_flow(trigger="by hand", min_new=args.min_new, profile=args.profile, deploy=not args.no_deploy)
+    print(f"retrain: {s['status'].upper()}: {s['new_cases']} new confirmed case(s)")
+    for x in s["skipped_cases"]:
+        print(f"  not usable: {x['request_id']}: {x['reason']}")
+    if s["status"] == "skipped":
+        print(f"  {s['reason']}")
+        return 0
+    print(f"  data version {s['data_version_before']} -> {s['data_version']}")
+    print(f"  where the cases went: {s['fate_counts'] or 'none were new'}")
+    for iid, f in s["fate"].items():
+        if f["where"] not in ("train", "val"):
+            print(f"    {iid}: {f['where']}: {f['why']}")
+    for r in s["gate"]:
+        print(f"  {r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
+    if s.get("deployed"):
+        print(f"  deployed Bento {s['deployed']}: restart `drspot serve` to serve it")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.schedule import run_schedule
+
+    cfg = load_config(args.profile, args.params)
+    return run_schedule(cfg, cfg.profile, port=args.port)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -355,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_env)
 
     i = sub.add_parser("ingest", help="turn a data source into a dataset (images + manifest.parquet)")
-    i.add_argument("kind", choices=["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder"])
+    i.add_argument("kind", choices=["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder", "feedback"])
     i.add_argument("source", type=Path, help="the source file or folder (synthetic: where the set is generated)")
     i.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
     i.add_argument("--append", action="store_true", help="keep the rows already in --out and add these")
@@ -435,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     win.add_argument("--since", help="ISO time: predictions logged since then (e.g. 2026-11-21T00:00:00+00:00)")
     win.add_argument("--last", type=int, help="the newest N predictions (default: monitor.last)")
     mo.set_defaults(func=cmd_monitor)
+
+    rt = sub.add_parser("retrain", help="the flywheel: confirmed feedback -> data gate -> new DVC version -> train")
+    rt.add_argument("--min-new", type=int, default=1, help="retrain only if at least N new confirmed cases (default 1)")
+    rt.add_argument("--no-deploy", action="store_true", help="do not build a Bento when a model is promoted")
+    rt.set_defaults(func=cmd_retrain)
+    sc = sub.add_parser("schedule", help="serve the flows: monitor, nightly retrain, drift/feedback triggers")
+    sc.add_argument("--port", type=int, default=4200, help="local Prefect server port when PREFECT_API_URL is unset")
+    sc.set_defaults(func=cmd_schedule)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
     d.set_defaults(func=cmd_demo)

@@ -1,59 +1,299 @@
-"""``drspot demo``: the loop on the embedded defaults, start to finish, on one machine.
+"""``drspot demo``: the whole loop on the embedded defaults, start to finish, on one machine.
 
-Today: generate a synthetic dataset with planted faults, ingest it into ``data/``, version it with
-DVC (``dvc add`` + push to the local remote), run the data gate (the ``prepare`` Prefect flow over
-the DVC stages validate -> dedup -> split) and print a summary. Later stages are added here as
-they land (train, register, serve, monitor, retrain).
+synthetic data with planted faults -> DVC version -> data gate (what was quarantined and
+de-duplicated) -> train flow (train, evaluate, register, gate/promote) -> deploy and serve ->
+normal traffic -> monitor -> shifted traffic ("another camera") -> monitor finds drift -> clinicians
+confirm cases (/feedback) -> retrain (the flywheel; the gate promotes or rejects, with the reason)
+-> redeploy if promoted -> a closing summary with the numbers and where to look.
+
+Every step is the real component: the Prefect flows, DVC stages, MLflow registry, the BentoML
+service over HTTP (``drspot serve`` in a subprocess), Evidently. The demo starts from nothing: an
+earlier run's registry, models, reports and prediction log are moved to ``.drspot/previous/<time>``
+(not deleted). It serves with ``serving.store_images`` on, which the flywheel needs (``DRSPOT_SET``);
+the synthetic photos carry no personal data.
 """
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import json
+import os
+import random
+import secrets
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from components.config import Config
-from components.env import project_root
+from components.env import project_root, runtime_dir
+
+TRAFFIC = 120  # photos per traffic phase (normal, shifted)
 
 
-def _step(n: int, title: str) -> float:
-    print(f"\n== [{n}] {title}", flush=True)
-    return time.monotonic()
+class Steps:
+    """Numbered steps with their duration, and the lines the closing summary repeats."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.t0 = time.monotonic()
+        self.rows: list[tuple[str, float, str]] = []
+        self._start = 0.0
+        self._title = ""
+
+    def start(self, title: str) -> None:
+        self.n += 1
+        self._title, self._start = title, time.monotonic()
+        print(f"\n== [{self.n}] {title}", flush=True)
+
+    def done(self, outcome: str) -> None:
+        took = time.monotonic() - self._start
+        self.rows.append((self._title, took, outcome))
+        print(f"   -> {outcome}  ({took:.0f}s; {time.monotonic() - self.t0:.0f}s so far)", flush=True)
+
+
+def _photos(out: Path, cfg: Config, seed: int, shifted: bool) -> list[tuple[Path, str]]:
+    """New lesions (not in the dataset) photographed by the usual or the shifted camera."""
+    from components.synthetic import Spec, generate
+
+    faults = dict.fromkeys(("exact_duplicates", "near_duplicates", "corrupt", "unknown_labels", "tiny"), 0)
+    # the class mix and views per lesion of the training data: a per-class floor on a small set, or one
+    # view per lesion, would change the colour distribution, and the monitor would rightly call it drift
+    spec = Spec.from_config(cfg, shifted=shifted, seed=seed, n_lesions=TRAFFIC, min_lesions_per_class=0, **faults)
+    generate(out, spec)
+    with open(out / "labels.csv") as f:
+        photos = [(out / r["file"], r["label"]) for r in csv.DictReader(f)]
+    random.Random(seed).shuffle(photos)
+    return photos[:TRAFFIC]
+
+
+def _send(url: str, photos: list[tuple[Path, str]], label: str) -> list[dict[str, Any]]:
+    """POST each photo to /predict (4 clients at once); returns the answers with the true label."""
+    import httpx
+
+    done = {"n": 0}
+
+    def one(item: tuple[Path, str]) -> dict[str, Any]:
+        path, truth = item
+        r = httpx.post(f"{url}/predict", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=120)
+        r.raise_for_status()
+        done["n"] += 1
+        if done["n"] % 30 == 0 or done["n"] == len(photos):
+            print(f"   {label}: {done['n']}/{len(photos)} photos answered", flush=True)
+        return {**r.json(), "truth": truth, "file": str(path)}
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, photos))
+
+
+def _traffic_summary(answers: list[dict[str, Any]]) -> str:
+    labels = [a["lesions"][0]["label"] for a in answers]  # the detector's most confident lesion
+    right = sum(label == a["truth"] for label, a in zip(labels, answers, strict=True))
+    fallback = sum(bool(a["fallback"]) for a in answers)
+    top = Counter(labels).most_common(3)
+    return (
+        f"{len(answers)} answered; top-1 agrees with the truth for {right} ({right / len(answers):.0%}); "
+        f"whole-image fallback {fallback}; most predicted {', '.join(f'{k} {v}' for k, v in top)}"
+    )
+
+
+def _monitor(profile: str, last: int) -> dict[str, Any]:
+    from flows.monitor import monitor_flow
+
+    s = monitor_flow(last=last, profile=profile)
+    print(f"   drift monitor: {s['status'].upper()}")
+    for r in s.get("reasons", []):
+        print(f"     - {r}")
+    if s.get("drifted"):
+        print(f"     drifted: {', '.join(s['drifted'])}")
+    return s
+
+
+def _fresh_start(cfg: Config) -> str | None:
+    """Move an earlier run's state aside (never delete it), so the loop starts from nothing: the local
+    MLflow store, the gate's and the evaluation's outputs, the models, the prediction log and stored
+    photos. DVC's cache and remote stay (content addressed: an unchanged stage is restored, not re-run)."""
+    from components import registry
+
+    root = project_root()
+    paths = [cfg.resolve(cfg.paths.prepared), cfg.resolve(cfg.paths.models), cfg.resolve(cfg.paths.reports)]
+    paths += [runtime_dir() / f"predictions.db{x}" for x in ("", "-wal", "-shm")]
+    paths += [cfg.resolve(cfg.serving.images_dir), runtime_dir() / "demo-traffic"]
+    if registry.tracking_uri() == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}":
+        paths += [root / "mlflow" / "mlflow.db", root / "mlflow" / "artifacts"]
+    present = [p for p in paths if p.exists()]
+    if not present:
+        return None
+    keep = runtime_dir() / "previous" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    for p in present:
+        dest = keep / p.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(dest)
+    return str(keep)
 
 
 def run_demo(cfg: Config) -> int:
-    from components import versioning
+    import httpx
+
+    from components import gate, versioning
     from components.ingest import ingest
     from flows.cli import _progress, report_rows
+    from flows.prepare import prepare_flow
+    from flows.retrain import retrain_flow
+    from flows.train import decision, train_flow
+    from serving.deploy import deploy
+    from serving.launch import Server
 
+    if os.environ.get("DRSPOT_DATABASE_URL"):
+        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
     root = project_root()
-    raw = cfg.resolve(cfg.paths.raw) / "synthetic"
+    profile = cfg.profile
+    raw = cfg.resolve(cfg.paths.raw)
     data = cfg.resolve(cfg.paths.data)
-    t0 = _step(1, f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
-    result = ingest("synthetic", raw, data, cfg, generate=True, progress=_progress("ingest"))
-    report_rows(result, 5)
-    print(f"   faults planted (listed in {raw.relative_to(root)}/faults.json) for the data gate to catch")
-    print(f"   took {time.monotonic() - t0:.1f}s")
+    steps = Steps()
+    print(f"DrSpot demo (profile {profile}) in {root}")
+    kept = _fresh_start(cfg)
+    if kept:
+        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
 
-    t0 = _step(2, "version the dataset with DVC")
+    steps.start(f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
+    result = ingest("synthetic", raw / "synthetic", data, cfg, generate=True, progress=_progress("ingest"))
+    report_rows(result, 5)
+    steps.done(f"{result.rows} images of {result.summary['lesions']} lesions; faults in raw/synthetic/faults.json")
+
+    steps.start("version the dataset with DVC (dvc add + push to the default remote)")
     version = versioning.add(data.relative_to(root), cwd=root)
     versioning.push(root)
-    print(f"   data.dvc -> md5 {version} (pushed to the default DVC remote)")
-    print(f"   took {time.monotonic() - t0:.1f}s")
+    steps.done(f"data.dvc md5 {version}")
 
-    t0 = _step(3, "data gate: the `prepare` Prefect flow runs the DVC stages validate -> dedup -> split")
-    from components import gate
-    from flows.prepare import prepare_flow
-
-    gated = prepare_flow(str(data), profile=cfg.profile)
+    steps.start("data gate: the `prepare` flow runs the DVC stages validate -> dedup -> split")
+    gated = prepare_flow(str(data), profile=profile)
     print(gate.markdown(Path(gated["prepared"]), data.relative_to(root)))
-    print(f"   stages: {gated['steps']} (a re-run on unchanged data is cached by DVC)")
-    print(f"   reports: {gated['prepared']}/{{validate,dedup,split}}/*.html|json")
-    print(f"   took {time.monotonic() - t0:.1f}s")
+    q = ", ".join(f"{k} {v}" for k, v in gated["quarantined_by_check"].items()) or "none"
+    steps.done(
+        f"{gated['rows_valid']} of {gated['rows_in']} rows valid (quarantined: {q}); {gated['exact_pairs']} exact + "
+        f"{gated['near_pairs']} near duplicate pairs; splits {gated['rows_per_split']}; leakage {gated['leakage']}"
+    )
+
+    steps.start("train: detector + classifier (DVC stages), evaluate on the frozen test split, register, gate")
+    trained = train_flow(profile=profile)
+    clf, det = trained["results"]
+    m = trained["metrics"]
+    steps.done(
+        f"classifier v{clf['version']} {decision(clf)} (macro AUC {m.get('macro_auc', float('nan')):.3f}, "
+        f"malignant sensitivity {m.get('malignant_sensitivity', float('nan')):.3f}); detector v{det['version']} "
+        f"{decision(det)}; champions: classifier v{clf['champion']}, detector v{det['champion']}"
+    )
+    if clf["champion"] is None or det["champion"] is None:
+        print("\nno champion to serve: the first model did not clear the gate's floors (see the reason above)")
+        return 1
+
+    steps.start("deploy the champions (BentoML model store + Bento) and serve them over HTTP")
+    built = deploy(cfg)
+    print(f"   built Bento {built['bento']} with {built['registry']}")
+    key = secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "DRSPOT_PROFILE": profile,
+        "DRSPOT_SET": "serving.store_images=true",  # consent to keep photos, for the flywheel
+        cfg.serving.feedback_key_env: key,
+    }
+    server = Server(env, runtime_dir() / "demo-serve.log")
+    ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+    models = ready.get("models", {})
+    steps.done(f"{server.url} ready: {models.get('classifier')} + {models.get('detector')}")
+    try:
+        traffic = runtime_dir() / "demo-traffic"
+        steps.start(f"normal traffic: {TRAFFIC} photos of new lesions from the usual camera")
+        normal = _send(server.url, _photos(traffic / "normal", cfg, cfg.seed + 1001, shifted=False), "normal")
+        steps.done(_traffic_summary(normal))
+
+        steps.start("monitor the normal traffic against the champion's training reference")
+        calm = _monitor(profile, len(normal))
+        steps.done(f"{calm['status']}")
+
+        steps.start(f"shifted traffic: {TRAFFIC} photos from another camera (warmer cast, blur, over-exposed)")
+        shifted = _send(server.url, _photos(traffic / "shifted", cfg, cfg.seed + 2002, shifted=True), "shifted")
+        steps.done(_traffic_summary(shifted))
+
+        steps.start("monitor the shifted traffic")
+        drift = _monitor(profile, len(shifted))
+        steps.done(f"{drift['status']}" + (f": report {drift['report']}" if drift.get("report") else ""))
+
+        steps.start("clinicians confirm the shifted cases (POST /feedback with the API key)")
+        headers = {"X-API-Key": key}
+        confirmed = 0
+        for a in shifted:
+            r = httpx.post(
+                f"{server.url}/feedback",
+                json={"request_id": a["request_id"], "confirmed_label": a["truth"], "reviewer": "demo clinician"},
+                headers=headers,
+                timeout=30,
+            )
+            confirmed += r.status_code == 201
+        # one photo that is, byte for byte, a frozen test image: it must never reach training
+        split = Path(gated["prepared"]) / "split" / "split.parquet"
+        import pyarrow.parquet as pq
+
+        test_row = next(r for r in pq.read_table(split).to_pylist() if r["split"] == "test")
+        dup = _send(server.url, [(data / test_row["path"], test_row["label"])], "test-image copy")[0]
+        httpx.post(
+            f"{server.url}/feedback",
+            json={"request_id": dup["request_id"], "confirmed_label": test_row["label"], "reviewer": "demo clinician"},
+            headers=headers,
+            timeout=30,
+        ).raise_for_status()
+        steps.done(f"{confirmed} shifted cases confirmed, plus 1 copy of test image {test_row['image_id']}")
+
+        steps.start("retrain (the flywheel): feedback -> data gate -> new DVC version -> train -> gate -> deploy")
+        fly = retrain_flow(trigger="demo: drift + confirmed cases", min_new=1, profile=profile)
+        print(f"   where the confirmed cases went: {fly.get('fate_counts')}")
+        for iid, f in fly.get("fate", {}).items():
+            if f["where"] not in ("train", "val"):
+                print(f"     {iid}: {f['where']}: {f['why']}")
+        new_clf = fly["gate"][0] if fly.get("gate") else None
+        for r in fly.get("gate", []):
+            print(f"   {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")
+        steps.done(
+            f"data {fly['data_version_before']} -> {fly['data_version']}; "
+            + (f"classifier v{new_clf['version']} {decision(new_clf)}" if new_clf else fly["reason"])
+        )
+
+        if fly.get("deployed"):
+            steps.start("serve the promoted model (restart `drspot serve` on the new Bento)")
+            server.stop()
+            server = Server(env, runtime_dir() / "demo-serve.log")
+            ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+            again = _photos(traffic / "shifted", cfg, cfg.seed + 2002, shifted=True)[:20]
+            after = _send(server.url, again, "check")
+            steps.done(f"serving {ready.get('models', {}).get('classifier')}; {_traffic_summary(after)}")
+    finally:
+        server.stop()
+
+    _summary(steps, root, data, version, fly, drift)
+    return 0
+
+
+def _summary(steps: Steps, root: Path, data: Path, version: str, fly: dict, drift: dict) -> None:
+    from components import registry
 
     print("\n== summary")
-    print(f"   dataset  {data}  ({result.rows} images, {result.summary['lesions']} lesions)")
-    print(f"   version  {version}")
-    print(f"   report   {data / 'ingest_report.json'}")
-    print(f"   gate     {gated['rows_valid']} valid rows -> {gated['rows_per_split']}, leakage {gated['leakage']}")
-    print("   Prefect UI: .venv/bin/prefect server start  (then open http://127.0.0.1:4200)")
-    return 0
+    width = max(len(t) for t, _, _ in steps.rows)
+    for i, (title, took, outcome) in enumerate(steps.rows, 1):
+        print(f" {i:>2}. {title:<{width}}  {took:5.0f}s")
+        print(f"     {outcome}")
+    print(f"\n total {time.monotonic() - steps.t0:.0f}s")
+    print("\n where to look")
+    print(f"   MLflow UI     .venv/bin/mlflow ui --backend-store-uri {registry.tracking_uri()}")
+    print("   Prefect UI    .venv/bin/prefect server start   (then http://127.0.0.1:4200: flow runs, artifacts)")
+    print(f"   data gate     {root / 'prepared' / data.name}/{{validate,dedup,split}}/*.html")
+    print(f"   evaluation    {root / 'reports' / 'evaluation' / 'report.html'}")
+    if drift.get("report"):
+        print(f"   drift report  {drift['report']}")
+    if fly.get("feedback_batch"):
+        print(f"   feedback in   {fly['feedback_batch']}")
+    print(f"   data versions {version} -> {fly.get('data_version')} (data.dvc; `dvc push` went to the default remote)")
+    bento = json.loads((runtime_dir() / "deployed.json").read_text())["bento"]
+    print(f"   serve again   .venv/bin/drspot serve   (Bento {bento})")

@@ -42,6 +42,17 @@ def _reference(version: str):
         shutil.rmtree(folder.parent.parent, ignore_errors=True)
 
 
+def emit_drift(summary: dict[str, Any]) -> None:
+    """The ``drspot.drift.detected`` event (the ``retrain/on-drift`` deployment is triggered by it)."""
+    keys = ("report", "classifier_version", "reasons", "drifted")
+    keys += ("share_image_features_drifted", "share_embedding_components_drifted")
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": "drspot.monitor", "prefect.resource.name": "drspot monitor"},
+        payload={k: summary.get(k) for k in keys},
+    )
+
+
 def _markdown(s: dict[str, Any]) -> str:
     lines = [f"# Drift: {s['status']}", "", *[f"- {r}" for r in s.get("reasons", [])], ""]
     if "scores" in s:
@@ -88,18 +99,7 @@ def monitor_flow(since: str | None = None, last: int | None = None, profile: str
             mlflow.log_artifacts(str(out), artifact_path="drift")
     create_markdown_artifact(markdown=_markdown(summary), key="drift-report", description="drift monitoring")
     if summary["drift"]:
-        emit_event(
-            event=DRIFT_EVENT,
-            resource={"prefect.resource.id": "drspot.monitor", "prefect.resource.name": "drspot monitor"},
-            payload={
-                "report": summary["report"],
-                "classifier_version": summary["classifier_version"],
-                "reasons": summary["reasons"],
-                "drifted": summary["drifted"],
-                "share_image_features_drifted": summary["share_image_features_drifted"],
-                "share_embedding_components_drifted": summary["share_embedding_components_drifted"],
-            },
-        )
+        emit_drift(summary)
         logger.warning("DRIFT: %s (event %s emitted)", "; ".join(summary["reasons"]), DRIFT_EVENT)
     else:
         logger.info("%s: %s", summary["status"], "; ".join(summary.get("reasons", [])) or "within the reference")

@@ -34,13 +34,21 @@ def _retry_unless_data_error(task_, task_run, state) -> bool:
 RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_unless_data_error}
 
 
+def _echo(line: str) -> None:
+    """A stage's own progress lines (epochs, steps), shown as they come; dvc's chatter is not."""
+    chatter = ("To track the changes", "\tgit add", "To enable auto staging", "\tdvc config")
+    bar = "\x1b[" in line or "it/s" in line or "s/it" in line  # ultralytics' progress bars, redrawn in place
+    if line.strip() and not line.startswith(chatter) and not bar:
+        print(f"   | {line}", flush=True)
+
+
 @task(name="dvc-stage", **RETRY)
 def dvc_stage(stage: str, root: str) -> str:
     """Run one DVC stage; returns 'ran' or 'cached'."""
     from components.versioning import DvcError, dvc
 
     try:
-        out = dvc("repro", "--single-item", stage, cwd=root)
+        out = dvc("repro", "--single-item", stage, cwd=root, echo=_echo)
     except DvcError as e:
         if "error:" in str(e) and "drspot" in str(e):  # the step itself refused the data
             raise DataError(str(e)) from None

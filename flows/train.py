@@ -70,6 +70,11 @@ def register_and_gate(
     weights = Path(model_dir) / ("model.pt" if kind == "classifier" else "detector.pt")
     name = registry.model_name(kind)
     existing = registry.find_version(name, registry.file_hash(weights))
+    if existing is not None and existing != registry.champion(name):
+        # the same weights, rejected before: the gate runs again (its parameters may have changed)
+        result = _gate(kind, existing, cfg, manifest, dataset)
+        reason = f"nothing trained: these weights are already {name} v{existing}; gate: {result['reason']}"
+        return {**result, "registered": False, "reason": reason}
     if existing is not None:
         return {
             "kind": kind,
@@ -101,6 +106,11 @@ def _gate(kind: str, version: str, cfg, manifest: str | None, dataset: str | Non
     }
 
 
+def decision(r: dict[str, Any]) -> str:
+    """One word for a gate result: PROMOTED, rejected, or unchanged (the champion's own weights)."""
+    return {True: "PROMOTED", False: "rejected", None: "unchanged"}[r["promote"]]
+
+
 def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions") -> str:
     lines = [
         f"# {title}",
@@ -109,8 +119,7 @@ def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions
         "|---|---|---|---|---|",
     ]
     for r in results:
-        decision = "unchanged" if not r["registered"] else ("PROMOTED" if r["promote"] else "rejected")
-        lines.append(f"| {r['kind']} | v{r['version']} | {decision} | {r['reason']} | v{r['champion']} |")
+        lines.append(f"| {r['kind']} | v{r['version']} | {decision(r)} | {r['reason']} | v{r['champion']} |")
     for r in results:
         if r.get("challenger"):
             lines += ["", f"**{r['kind']} challenger**: `{json.dumps(r['challenger'], sort_keys=True)}`"]
@@ -157,7 +166,13 @@ def train_flow(dataset: str | None = None, profile: str | None = None, root: str
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
     for r in results:
         print(f"{r['kind']}: v{r['version']} {r['reason']}; champion v{r['champion']}")
-    return {"steps": steps, "results": results, "prepare": prepared["steps"], "metrics": metrics}
+    return {
+        "steps": steps,
+        "results": results,
+        "prepare": prepared["steps"],
+        "prepared_dir": prepared["prepared"],
+        "metrics": metrics,
+    }
 
 
 @flow(name="promote", log_prints=True)

@@ -165,8 +165,16 @@ class DrSpot:
 
     async def _analyse(self, data: bytes, rgb, variants: list[str]) -> list[dict[str, Any]]:
         if S.batching:
+            import aiohttp
+
             b64 = base64.b64encode(data).decode()
-            out = await self.to_async.infer([json.dumps({"image": b64, "preprocess": v}) for v in variants])
+            items = [json.dumps({"image": b64, "preprocess": v}) for v in variants]
+            try:
+                out = await self.to_async.infer(items)
+            except aiohttp.ServerDisconnectedError:
+                # the service's own client reused a keep-alive connection the server had just closed
+                # (idle timeout); inference is idempotent, so one retry on a fresh connection is safe
+                out = await self.to_async.infer(items)
             return [json.loads(o) for o in out]
         images = [correct(rgb, v) for v in variants]
         return await anyio.to_thread.run_sync(self.pipeline.analyse_many, images)

@@ -85,3 +85,16 @@ def test_cli_reports_a_bad_params_file(drspot_cli, tmp_path):
     out = drspot_cli("--params", str(bad), "config")
     assert out.returncode == 2
     assert "is not valid YAML" in out.stderr
+
+
+def test_drspot_set_overrides_keys_after_the_profile_and_rejects_unknown_ones(monkeypatch):
+    monkeypatch.setenv("DRSPOT_SET", "serving.store_images=true; monitor.last=500")
+    cfg = load_config("test")
+    assert cfg.serving.store_images is True and cfg.monitor.last == 500
+    assert cfg.classifier.epochs == 1  # the profile still applies
+    monkeypatch.setenv("DRSPOT_SET", "serving.store_image=true")
+    with pytest.raises(ConfigError, match="DRSPOT_SET='serving.store_image=true': unknown key 'serving.store_image'"):
+        load_config("test")
+    monkeypatch.setenv("DRSPOT_SET", "monitor.last")
+    with pytest.raises(ConfigError, match="'monitor.last' is not key.path=value"):
+        load_config("test")

@@ -1,0 +1,189 @@
+"""Drift detection: false alarms on unshifted windows, detection rate per shift and window size.
+
+Run:  .venv/bin/python bench/drift.py [--repeats 20] [--epochs 4]
+
+Needs ../shared/data (DermaMNIST and the HAM10000 polygon set). In one run:
+1. DermaMNIST's official train split is ingested and a classifier trained on it with the product's
+   ``train_classifier`` (resnet18 at 32 px, a few epochs: the monitor needs its embedding and its
+   training reference, not a good model), which writes the monitoring reference as in production;
+2. every image of a pool is turned into the row the service would log (the quality features,
+   size, the projected embedding, the predicted class and confidence; whole-image path, as
+   DermaMNIST has no boxes): the held-out DermaMNIST test split as is (no shift), the same images
+   through each shift at a mild and a moderate severity (brightness up, brightness down, blur,
+   colour cast, JPEG quality), and a different real source, the HAM10000 photos of the polygon set;
+3. windows of 50, 100, 200 and 500 rows are drawn from each pool (without replacement, 20 seeds)
+   and judged by the product's ``components.monitor.compare`` (Evidently 0.7, the ``monitor.*``
+   policy of params.yaml).
+Writes bench/results/drift.json: the full table, ``false_alarm_rate`` (all no-shift windows) and
+``detection_rate_moderate_200`` (moderate shifts, windows of 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import components  # noqa: E402,F401
+from components.config import load_config  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+NPZ = SHARED / "dermamnist_28" / "dermamnist_28_from_jpeg.npz"
+HAM = SHARED / "ham10000_yolo_seg_roboflow"
+WINDOWS = (50, 100, 200, 500)
+# (mild, moderate) severity of each shift
+SHIFTS = {
+    "brighter": (1.1, 1.25),  # exposure gain
+    "darker": (0.9, 0.75),
+    "blur": (0.4, 0.8),  # Gaussian radius in pixels (of a 28 px image)
+    "colour cast": ((1.04, 1.0, 0.96), (1.12, 0.97, 0.85)),  # RGB gains (the synthetic "other camera")
+    "jpeg": (60, 25),  # JPEG quality
+}
+
+
+def shift(img, kind: str, s):
+    from PIL import Image, ImageFilter
+
+    if kind in ("brighter", "darker"):
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) * s, 0, 255).astype(np.uint8))
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(s))
+    if kind == "colour cast":
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) * np.array(s), 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=s)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def rows_for(images, model, mc, projection) -> "object":
+    """The monitor's columns for PIL images, computed as the service computes them."""
+    import pandas as pd
+    import torch
+
+    from components.evaluate import softmax
+    from components.images import quality
+    from components.preprocess import normalise, to_uint8
+    from components.reference import FEATURES, embed, project
+
+    feats, crops = [], []
+    for im in images:
+        q = quality(im)
+        feats.append({**{k: q[k] for k in FEATURES}, "width": im.size[0], "height": im.size[1]})
+        crops.append(to_uint8(im, None, mc["crop_margin"], mc["input_size"]))
+    embs, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(crops), 512):
+            x = torch.from_numpy(normalise(np.stack(crops[i : i + 512]), mc["mean"], mc["std"]))
+            e, lo = embed(model, x.contiguous(memory_format=torch.channels_last), mc.get("tta", False))
+            embs.append(e.numpy())
+            logits.append(lo.numpy())
+    p = softmax(np.concatenate(logits))
+    pcs = project(np.concatenate(embs), projection)
+    df = pd.DataFrame(feats)
+    for k in range(pcs.shape[1]):
+        df[f"pc_{k}"] = pcs[:, k]
+    df["label"] = [mc["classes"][k] for k in p.argmax(1)]
+    df["confidence"] = p.max(1)
+    return df
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=4)
+    args = ap.parse_args()
+    if not NPZ.is_file() or not HAM.is_dir():
+        sys.exit(f"{NPZ} or {HAM} not found: this benchmark needs ../shared/data")
+    from PIL import Image
+
+    from components import reference
+    from components.ingest import ingest
+    from components.monitor import compare
+    from components.train_classifier import load_model, train_classifier
+
+    base = load_config("demo")
+    cfg = base.model_copy(
+        update={
+            "classifier": base.classifier.model_copy(
+                update={"input_size": 32, "epochs": args.epochs, "batch_size": 128, "crop_margin": 0.0}
+            )
+        }
+    )
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ds = tmp / "derma"
+        ingest("medmnist", NPZ, ds, cfg)  # the official split; the gate is not what is measured here
+        train_classifier(ds / "manifest.parquet", ds, tmp / "model", cfg, progress=lambda m: None)
+        model, mc = load_model(tmp / "model")
+        ref, projection = reference.load(tmp / "model")
+        import pyarrow.parquet as pq
+
+        test = [r for r in pq.read_table(ds / "manifest.parquet").to_pylist() if r["split"] == "test"]
+        originals = [Image.open(ds / r["path"]).convert("RGB") for r in test]
+        t_train = time.monotonic() - t0
+        pools = {"no shift": rows_for(originals, model, mc, projection)}
+        for kind, (mild, moderate) in SHIFTS.items():
+            for level, s in (("mild", mild), ("moderate", moderate)):
+                pools[f"{kind} ({level})"] = rows_for([shift(im, kind, s) for im in originals], model, mc, projection)
+        ham = sorted(glob.glob(str(HAM / "*" / "images" / "*.jpg")))
+        pools["HAM10000 photos (other source)"] = rows_for(
+            [Image.open(p).convert("RGB") for p in ham], model, mc, projection
+        )
+    t_pools = time.monotonic() - t0 - t_train
+
+    table = []
+    for name, pool in pools.items():
+        row = {"condition": name, "pool": len(pool)}
+        for n in WINDOWS:
+            hits = 0
+            for k in range(args.repeats):
+                idx = np.random.default_rng(1000 * n + k).choice(len(pool), size=min(n, len(pool)), replace=False)
+                summary, _ = compare(ref, pool.iloc[idx].reset_index(drop=True), cfg)
+                hits += summary["drift"]
+            row[str(n)] = hits / args.repeats
+        table.append(row)
+        print(f"{name:<32} " + "  ".join(f"n={n}: {row[str(n)]:.2f}" for n in WINDOWS), flush=True)
+    wall = time.monotonic() - t0
+
+    false_alarm = table[0]
+    moderate = [r for r in table if "(moderate)" in r["condition"]]
+    result = {
+        "false_alarm_rate": float(np.mean([false_alarm[str(n)] for n in WINDOWS])),
+        "false_alarm_rate_by_window": {str(n): false_alarm[str(n)] for n in WINDOWS},
+        "detection_rate_moderate_200": float(np.mean([r["200"] for r in moderate])),
+        "table": table,
+        "reference_rows": len(ref),
+        "repeats": args.repeats,
+        "policy": cfg.monitor.model_dump(),
+        "shifts": {k: {"mild": v[0], "moderate": v[1]} for k, v in SHIFTS.items()},
+        "classifier": {"backbone": mc["backbone"], "input_size": mc["input_size"], "epochs": args.epochs},
+        "seconds": {"train": round(t_train, 1), "features": round(t_pools, 1), "total": round(wall, 1)},
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+    }
+    out = ROOT / "bench" / "results" / "drift.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print("\n| condition | " + " | ".join(f"window {n}" for n in WINDOWS) + " |")
+    print("|---|" + "---|" * len(WINDOWS))
+    for r in table:
+        print(f"| {r['condition']} | " + " | ".join(f"{r[str(n)]:.2f}" for n in WINDOWS) + " |")
+    print(f"\nfalse alarm rate (no shift, all windows): {result['false_alarm_rate']:.3f} (goal <= 0.05)")
+    print(f"detection rate, moderate shifts, window 200: {result['detection_rate_moderate_200']:.3f} (goal >= 0.95)")
+    print(f"wrote {out} ({wall:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

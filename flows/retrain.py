@@ -1,0 +1,160 @@
+"""The ``retrain`` flow, the flywheel: confirmed feedback -> data gate -> new DVC version -> ``train`` -> deploy.
+
+1. The clinician-confirmed cases not yet in the dataset are taken from the prediction log
+   (:func:`components.feedback.pending`: only confirmations, only stored images; every case left
+   out is listed with its reason). Fewer than ``min_new`` of them: nothing happens, and the flow
+   says so (the threshold trigger runs it with ``retrain.min_new_cases``).
+2. They are exported as a source folder under ``retrain.feedback_dir`` and appended to the dataset
+   by ``ingest`` (``source=feedback``), then the dataset is versioned (``dvc add`` + ``dvc push`` to
+   the default remote) when the project tracks it with DVC.
+3. The ``train`` flow runs: its data gate validates and de-duplicates the new rows against
+   everything already there, and the split keeps the frozen test set (a case duplicating a test
+   image is dropped or held out, never trained on; no case enters test). The gate decides.
+4. If a model was promoted (and ``retrain.deploy``), ``drspot deploy`` builds the new Bento; a
+   running ``drspot serve`` keeps the models it started with until it is restarted.
+
+Runs are serialised by a file lock, so the nightly run, the threshold run and a drift-triggered run
+never retrain the same data twice at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components import feedback
+from components.config import load_config
+from components.env import project_root, runtime_dir
+from flows.train import decision
+
+
+@contextmanager
+def _one_at_a_time(root: Path):
+    lock = runtime_dir() / f"retrain-{abs(hash(str(root.resolve())))}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@task(name="collect-feedback")
+def collect(profile: str | None, data: str) -> tuple[list[feedback.Case], list[dict[str, str]]]:
+    from serving.store import PredictionLog
+
+    return feedback.pending(PredictionLog.from_config(load_config(profile)), data)
+
+
+@task(name="ingest-feedback")
+def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, profile: str | None) -> dict[str, Any]:
+    from components.ingest import ingest
+
+    feedback.export(cases, batch)
+    result = ingest("feedback", batch, data, load_config(profile), append=True)
+    return {"rows": result.rows, "problems": result.problem_counts()}
+
+
+@task(name="version-data")
+def version_data(root: str, data: str) -> dict[str, Any]:
+    from components import versioning
+
+    version = versioning.add(Path(data).resolve().relative_to(Path(root).resolve()), cwd=root)
+    remote = versioning.default_remote(root)
+    if remote:
+        versioning.push(root)
+    return {"data_version": version, "pushed_to": remote}
+
+
+@task(name="deploy")
+def deploy_task(profile: str | None) -> dict[str, Any]:
+    from serving.deploy import deploy
+
+    return deploy(load_config(profile))
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    lines = [f"# Retrain ({s['trigger']}): {s['status']}", "", s["reason"], ""]
+    if s.get("fate_counts"):
+        lines += ["| where the confirmed cases went | cases |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in s["fate_counts"].items()]
+    for r in s.get("gate", []):
+        lines.append(f"- {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")
+    if s.get("deployed"):
+        lines.append(f"- deployed: Bento `{s['deployed']}`")
+    if s.get("skipped_cases"):
+        lines += ["", f"{len(s['skipped_cases'])} confirmed case(s) could not be used:"]
+        lines += [f"- `{x['request_id']}`: {x['reason']}" for x in s["skipped_cases"][:50]]
+    return "\n".join(lines)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(
+    trigger: str = "by hand",
+    min_new: int = 1,
+    profile: str | None = None,
+    root: str | None = None,
+    deploy: bool | None = None,
+) -> dict[str, Any]:
+    """Take the new confirmed cases into the dataset and retrain; returns what happened."""
+    from components.versioning import data_version
+    from flows.train import train_flow
+
+    cfg = load_config(profile)
+    root_path = Path(root) if root else project_root()
+    data = root_path / cfg.paths.data
+    logger = get_run_logger()
+    with _one_at_a_time(root_path):
+        cases, skipped = collect(profile, str(data))
+        for x in skipped:
+            logger.warning("confirmed case %s not usable: %s", x["request_id"], x["reason"])
+        summary: dict[str, Any] = {
+            "trigger": trigger,
+            "new_cases": len(cases),
+            "skipped_cases": skipped,
+            "data_version_before": data_version(root_path / "data.dvc"),
+        }
+        if len(cases) < min_new:
+            summary |= {
+                "status": "skipped",
+                "reason": f"{len(cases)} new confirmed case(s) with a stored image; at least {min_new} needed",
+            }
+        else:
+            if cases:
+                batch = cfg.resolve(cfg.retrain.feedback_dir) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+                summary["ingest"] = ingest_feedback(cases, str(batch), str(data), profile)
+                summary["feedback_batch"] = str(batch)
+                if (root_path / "data.dvc").is_file():
+                    summary |= version_data(str(root_path), str(data))
+                problems = summary["ingest"]["problems"] or "no problems"
+                print(f"{len(cases)} confirmed case(s) added to {data} ({problems})")
+            trained = train_flow(dataset=str(data), profile=profile, root=str(root_path))
+            prepared = trained.get("prepared_dir")
+            fates = feedback.fate(prepared, [c.image_id for c in cases]) if prepared else {}
+            promoted = [r for r in trained["results"] if r.get("promote")]
+            summary |= {
+                "status": "retrained",
+                "reason": "; ".join(f"{r['kind']}: {r['reason']}" for r in trained["results"]),
+                "fate": fates,
+                "fate_counts": dict(Counter(f["where"] for f in fates.values())),
+                "gate": trained["results"],
+                "metrics": trained["metrics"],
+                "promoted": [f"{r['kind']} v{r['version']}" for r in promoted],
+            }
+            for iid, f in fates.items():
+                if f["where"] not in ("train", "val"):
+                    logger.info("feedback %s: %s (%s)", iid, f["where"], f["why"])
+            if promoted and (cfg.retrain.deploy if deploy is None else deploy):
+                summary["deployed"] = deploy_task(profile).get("bento")
+        summary["data_version"] = data_version(root_path / "data.dvc")
+    create_markdown_artifact(markdown=_markdown(summary), key="retrain-summary", description="the flywheel")
+    print(f"retrain ({trigger}): {summary['status']}: {summary['reason']}")
+    return summary

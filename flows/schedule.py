@@ -1,0 +1,146 @@
+"""``drspot schedule``: one long-running process that serves the flows on their schedules and triggers.
+
+Deployments (Prefect ``serve``; the runs execute in this process's subprocesses):
+
+* ``monitor/hourly`` - the drift monitor, cron ``monitor.cron`` (default hourly);
+* ``retrain/nightly`` - the retrain flow, cron ``retrain.cron`` (default 02:00), ``min_new=0``: it
+  retrains even without new cases, and with the project's DVC pipeline unchanged data, params and
+  code make it a no-op ("nothing trained");
+* ``retrain/feedback-threshold`` - the retrain flow on the monitor's cron with
+  ``min_new=retrain.min_new_cases``: it retrains once that many confirmed cases are waiting;
+* ``retrain/on-drift`` - no schedule: a deployment trigger on the ``drspot.drift.detected`` event
+  the monitor emits (report location passed in ``trigger``); it retrains when at least one new
+  confirmed case is waiting, and otherwise says that drift alone gives it nothing new to learn from.
+
+Schedules need a Prefect server running its scheduler service (the temporary server Prefect starts
+for a lone flow run does not schedule): with ``PREFECT_API_URL`` set that server is used, otherwise
+the local one is started here (``prefect server start``, same database as every other DrSpot run,
+UI on http://127.0.0.1:4200) and stopped on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from components.config import Config
+from components.env import runtime_dir
+
+DRIFT_TRIGGER = "drift: {{ event.payload.report }}"
+
+
+def deployments(cfg: Config, profile: str | None) -> list[Any]:
+    """The four deployments ``drspot schedule`` serves (also what a work pool would run)."""
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.monitor import DRIFT_EVENT, monitor_flow
+    from flows.retrain import retrain_flow
+
+    tz = cfg.retrain.timezone
+    hourly, nightly = Cron(cfg.monitor.cron, timezone=tz), Cron(cfg.retrain.cron, timezone=tz)
+    return [
+        monitor_flow.to_deployment(
+            "hourly", schedules=[hourly], parameters={"profile": profile}, tags=["drspot", "monitor"]
+        ),
+        retrain_flow.to_deployment(
+            "nightly",
+            schedules=[nightly],
+            parameters={"trigger": "nightly schedule", "min_new": 0, "profile": profile},
+            tags=["drspot", "retrain"],
+            concurrency_limit=1,
+        ),
+        retrain_flow.to_deployment(
+            "feedback-threshold",
+            schedules=[hourly],
+            parameters={"trigger": "feedback threshold", "min_new": cfg.retrain.min_new_cases, "profile": profile},
+            tags=["drspot", "retrain"],
+            concurrency_limit=1,
+        ),
+        retrain_flow.to_deployment(
+            "on-drift",
+            triggers=[
+                DeploymentEventTrigger(
+                    name="drift -> retrain",
+                    expect={DRIFT_EVENT},
+                    parameters={"trigger": DRIFT_TRIGGER, "min_new": 1, "profile": profile},
+                )
+            ],
+            parameters={"trigger": "drift", "min_new": 1, "profile": profile},
+            tags=["drspot", "retrain"],
+            concurrency_limit=1,
+        ),
+    ]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_local_server(port: int, timeout: float = 180) -> tuple[str, subprocess.Popen | None]:
+    """``prefect server start`` on 127.0.0.1:``port`` (reused if one already answers there)."""
+    url = f"http://127.0.0.1:{port}/api"
+    if _healthy(url):
+        return url, None
+    log = runtime_dir() / "prefect-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(log, "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if _healthy(url):
+            return url, proc
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"the Prefect server did not answer on {url} within {timeout:.0f} s (log: {log})")
+
+
+def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
+    """Serve the deployments until interrupted (Ctrl-C / SIGTERM)."""
+    import signal
+
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, server = os.environ.get("PREFECT_API_URL"), None
+    if not url:
+        url, server = start_local_server(port)
+        print(f"Prefect server: {url} (UI http://127.0.0.1:{port}; log {runtime_dir() / 'prefect-server.log'})")
+    else:
+        print(f"Prefect server: {url} (PREFECT_API_URL)")
+    os.environ["PREFECT_API_URL"] = url  # the flow-run subprocesses report to the same server
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            deps = deployments(cfg, profile)
+            for d in deps:
+                when = ", ".join(str(s.schedule.cron) for s in d.schedules or []) or "on drspot.drift.detected"
+                print(f"  {d.flow_name}/{d.name}: {when}  ({d.parameters})", flush=True)
+            serve(*deps, print_starting_message=False)  # returns on SIGINT/SIGTERM, deployments paused
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("drspot schedule: stopped (deployments paused)", flush=True)
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return 0
