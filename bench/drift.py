@@ -66,36 +66,11 @@ def shift(img, kind: str, s):
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def rows_for(images, model, mc, projection) -> "object":
-    """The monitor's columns for PIL images, computed as the service computes them."""
-    import pandas as pd
-    import torch
+def rows_for(images, model, mc, projection):
+    """The monitor's columns for PIL images (whole-image path: DermaMNIST has no boxes)."""
+    from components.reference import features
 
-    from components.evaluate import softmax
-    from components.images import quality
-    from components.preprocess import normalise, to_uint8
-    from components.reference import FEATURES, embed, project
-
-    feats, crops = [], []
-    for im in images:
-        q = quality(im)
-        feats.append({**{k: q[k] for k in FEATURES}, "width": im.size[0], "height": im.size[1]})
-        crops.append(to_uint8(im, None, mc["crop_margin"], mc["input_size"]))
-    embs, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(crops), 512):
-            x = torch.from_numpy(normalise(np.stack(crops[i : i + 512]), mc["mean"], mc["std"]))
-            e, lo = embed(model, x.contiguous(memory_format=torch.channels_last), mc.get("tta", False))
-            embs.append(e.numpy())
-            logits.append(lo.numpy())
-    p = softmax(np.concatenate(logits))
-    pcs = project(np.concatenate(embs), projection)
-    df = pd.DataFrame(feats)
-    for k in range(pcs.shape[1]):
-        df[f"pc_{k}"] = pcs[:, k]
-    df["label"] = [mc["classes"][k] for k in p.argmax(1)]
-    df["confidence"] = p.max(1)
-    return df
+    return features(((im, None) for im in images), model, mc, projection)[0]
 
 
 def main() -> None:
@@ -150,7 +125,7 @@ def main() -> None:
             hits = 0
             for k in range(args.repeats):
                 idx = np.random.default_rng(1000 * n + k).choice(len(pool), size=min(n, len(pool)), replace=False)
-                summary, _ = compare(ref, pool.iloc[idx].reset_index(drop=True), cfg)
+                summary, _ = compare(ref, pool.iloc[idx].reset_index(drop=True), cfg, report=False)
                 hits += summary["drift"]
             row[str(n)] = hits / args.repeats
         table.append(row)

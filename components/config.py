@@ -261,6 +261,9 @@ class Monitor(_Strict):
     drift_share: float = Field(gt=0, le=1)
     embedding_share: float = Field(gt=0, le=1)
     prediction_drift: bool
+    num_method: str
+    cat_method: str
+    threshold: float = Field(gt=0, lt=1)
     reports: str
     cron: str
 

@@ -48,21 +48,20 @@ def project(emb: np.ndarray, projection: dict[str, Any]) -> np.ndarray:
     return (np.asarray(emb, dtype=np.float64) - np.asarray(projection["mean"])) @ np.asarray(projection["components"]).T
 
 
-def build(model, mc: dict[str, Any], rows: list[dict[str, Any]], dataset_dir: Path, n_components: int = 8):
-    """(reference DataFrame, projection) for ``rows`` (the training split)."""
+def features(items, model, mc: dict[str, Any], projection: dict[str, Any] | None = None, n_components: int = 8):
+    """(DataFrame of the monitor's columns, projection) for ``(rgb image, box or None)`` pairs, computed
+    as the service computes them; the projection is fitted on these embeddings when none is given."""
     import pandas as pd
     import torch
 
     from components.evaluate import softmax
-    from components.images import decode, quality
+    from components.images import quality
     from components.preprocess import normalise, to_uint8
 
     feats, crops = [], []
-    for r in rows:
-        rgb = decode(Path(dataset_dir) / r["path"]).rgb
+    for rgb, box in items:  # one image at a time: only the small crops are kept
         q = quality(rgb)
         feats.append({**{k: q[k] for k in FEATURES}, "width": rgb.size[0], "height": rgb.size[1]})
-        box = (r.get("boxes") or [None])[0]
         crops.append(to_uint8(rgb, box, mc["crop_margin"], mc["input_size"]))
     embs, logits = [], []
     with torch.no_grad():
@@ -73,7 +72,7 @@ def build(model, mc: dict[str, Any], rows: list[dict[str, Any]], dataset_dir: Pa
             logits.append(lo.numpy())
     emb = np.concatenate(embs)
     p = softmax(np.concatenate(logits))
-    projection = fit_projection(emb, n_components)
+    projection = projection or fit_projection(emb, n_components)
     pcs = project(emb, projection)
     df = pd.DataFrame(feats)
     for k in range(pcs.shape[1]):
@@ -81,6 +80,14 @@ def build(model, mc: dict[str, Any], rows: list[dict[str, Any]], dataset_dir: Pa
     df["label"] = [mc["classes"][k] for k in p.argmax(1)]
     df["confidence"] = p.max(1)
     return df, projection
+
+
+def build(model, mc: dict[str, Any], rows: list[dict[str, Any]], dataset_dir: Path, n_components: int = 8):
+    """(reference DataFrame, projection) for ``rows`` (the training split)."""
+    from components.images import decode
+
+    items = ((decode(Path(dataset_dir) / r["path"]).rgb, (r.get("boxes") or [None])[0]) for r in rows)
+    return features(items, model, mc, n_components=n_components)
 
 
 def write(out_dir: Path, df, projection: dict[str, Any]) -> None:

@@ -100,7 +100,7 @@ def test_held_out_photos_pass_and_another_camera_is_drift(deployed, tmp_path):
         s = monitor(cfg, log, lambda v: ref, tmp_path / f"out-{shift}", last=len(rows))
         assert s["status"] == expected, (shift, s["reasons"], s["drifted"])
         if shift:
-            assert {"brightness", "mean_b"} <= set(s["drifted"]) and any("image features" in r for r in s["reasons"])
+            assert {"brightness", "mean_r"} <= set(s["drifted"])  # darker, with the red channel cut most
             assert (tmp_path / "out-True" / "drift_report.html").stat().st_size > 100_000
 
 
