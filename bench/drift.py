@@ -77,6 +77,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument(
+        "--reference",
+        choices=["train", "val"],
+        default="train",
+        help="the shipped reference (training split) or, as an experiment, the validation split's rows",
+    )
+    ap.add_argument("--only", help="run only conditions whose name contains this (e.g. 'no shift')")
     args = ap.parse_args()
     if not NPZ.is_file() or not HAM.is_dir():
         sys.exit(f"{NPZ} or {HAM} not found: this benchmark needs ../shared/data")
@@ -105,7 +112,11 @@ def main() -> None:
         ref, projection = reference.load(tmp / "model")
         import pyarrow.parquet as pq
 
-        test = [r for r in pq.read_table(ds / "manifest.parquet").to_pylist() if r["split"] == "test"]
+        manifest = pq.read_table(ds / "manifest.parquet").to_pylist()
+        if args.reference == "val":  # the same projection, the model's behaviour on images it did not train on
+            val = [Image.open(ds / r["path"]).convert("RGB") for r in manifest if r["split"] == "val"]
+            ref = rows_for(val, model, mc, projection)
+        test = [r for r in manifest if r["split"] == "test"]
         originals = [Image.open(ds / r["path"]).convert("RGB") for r in test]
         t_train = time.monotonic() - t0
         pools = {"no shift": rows_for(originals, model, mc, projection)}
@@ -120,6 +131,8 @@ def main() -> None:
 
     table = []
     for name, pool in pools.items():
+        if args.only and args.only not in name:
+            continue
         row = {"condition": name, "pool": len(pool)}
         for n in WINDOWS:
             hits = 0
@@ -147,7 +160,11 @@ def main() -> None:
         "seconds": {"train": round(t_train, 1), "features": round(t_pools, 1), "total": round(wall, 1)},
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
     }
-    out = ROOT / "bench" / "results" / "drift.json"
+    result["reference"] = args.reference
+    if args.reference != "train" or args.only:  # experiments do not overwrite the benchmark's figures
+        out = ROOT / "bench" / "results" / f"drift_{args.reference}_{(args.only or 'all').replace(' ', '_')}.json"
+    else:
+        out = ROOT / "bench" / "results" / "drift.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
