@@ -326,10 +326,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         print(f"  {s['reason']}")
         return 0
     print(f"  data version {s['data_version_before']} -> {s['data_version']}")
-    print(f"  where the cases went: {s['fate_counts'] or 'none were new'}")
-    for iid, f in s["fate"].items():
-        if f["where"] not in ("train", "val"):
-            print(f"    {iid}: {f['where']}: {f['why']}")
     for r in s["gate"]:
         print(f"  {r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
     if s.get("deployed"):

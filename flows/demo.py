@@ -88,6 +88,14 @@ def _send(url: str, photos: list[tuple[Path, str]], label: str) -> list[dict[str
         return list(pool.map(one, photos))
 
 
+def _confirm(url: str, key: str, request_id: str, label: str) -> int:
+    """A clinician's confirmation through POST /feedback; returns the HTTP status."""
+    import httpx
+
+    body = {"request_id": request_id, "confirmed_label": label, "reviewer": "demo clinician"}
+    return httpx.post(f"{url}/feedback", json=body, headers={"X-API-Key": key}, timeout=30).status_code
+
+
 def _traffic_summary(answers: list[dict[str, Any]]) -> str:
     labels = [a["lesions"][0]["label"] for a in answers]  # the detector's most confident lesion
     right = sum(label == a["truth"] for label, a in zip(labels, answers, strict=True))
@@ -223,36 +231,20 @@ def run_demo(cfg: Config) -> int:
         steps.done(f"{drift['status']}" + (f": report {drift['report']}" if drift.get("report") else ""))
 
         steps.start("clinicians confirm the shifted cases (POST /feedback with the API key)")
-        headers = {"X-API-Key": key}
-        confirmed = 0
-        for a in shifted:
-            r = httpx.post(
-                f"{server.url}/feedback",
-                json={"request_id": a["request_id"], "confirmed_label": a["truth"], "reviewer": "demo clinician"},
-                headers=headers,
-                timeout=30,
-            )
-            confirmed += r.status_code == 201
+        confirmed = sum(_confirm(server.url, key, a["request_id"], a["truth"]) == 201 for a in shifted)
         # one photo that is, byte for byte, a frozen test image: it must never reach training
         split = Path(gated["prepared"]) / "split" / "split.parquet"
         import pyarrow.parquet as pq
 
         test_row = next(r for r in pq.read_table(split).to_pylist() if r["split"] == "test")
         dup = _send(server.url, [(data / test_row["path"], test_row["label"])], "test-image copy")[0]
-        httpx.post(
-            f"{server.url}/feedback",
-            json={"request_id": dup["request_id"], "confirmed_label": test_row["label"], "reviewer": "demo clinician"},
-            headers=headers,
-            timeout=30,
-        ).raise_for_status()
+        status = _confirm(server.url, key, dup["request_id"], test_row["label"])
+        if status != 201:
+            raise RuntimeError(f"POST /feedback answered {status} for the test-image copy")
         steps.done(f"{confirmed} shifted cases confirmed, plus 1 copy of test image {test_row['image_id']}")
 
         steps.start("retrain (the flywheel): feedback -> data gate -> new DVC version -> train -> gate -> deploy")
         fly = retrain_flow(trigger="demo: drift + confirmed cases", min_new=1, profile=profile)
-        print(f"   where the confirmed cases went: {fly.get('fate_counts')}")
-        for iid, f in fly.get("fate", {}).items():
-            if f["where"] not in ("train", "val"):
-                print(f"     {iid}: {f['where']}: {f['why']}")
         new_clf = fly["gate"][0] if fly.get("gate") else None
         for r in fly.get("gate", []):
             print(f"   {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")

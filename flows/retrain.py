@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,8 @@ from flows.train import decision
 
 @contextmanager
 def _one_at_a_time(root: Path):
-    lock = runtime_dir() / f"retrain-{abs(hash(str(root.resolve())))}.lock"
+    # a stable name per project (str hashes are salted per process, which would give every process its own lock)
+    lock = runtime_dir() / f"retrain-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -149,9 +151,10 @@ def retrain_flow(
                 "metrics": trained["metrics"],
                 "promoted": [f"{r['kind']} v{r['version']}" for r in promoted],
             }
+            print(f"where the confirmed cases went: {summary['fate_counts'] or 'none were new'}")
             for iid, f in fates.items():
                 if f["where"] not in ("train", "val"):
-                    logger.info("feedback %s: %s (%s)", iid, f["where"], f["why"])
+                    print(f"  {iid}: {f['where']}: {f['why']}")
             if promoted and (cfg.retrain.deploy if deploy is None else deploy):
                 summary["deployed"] = deploy_task(profile).get("bento")
         summary["data_version"] = data_version(root_path / "data.dvc")

@@ -125,7 +125,11 @@ def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
     else:
         print(f"Prefect server: {url} (PREFECT_API_URL)")
     os.environ["PREFECT_API_URL"] = url  # the flow-run subprocesses report to the same server
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def _stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             deps = deployments(cfg, profile)
