@@ -264,6 +264,7 @@ class Monitor(_Strict):
     num_method: str
     cat_method: str
     threshold: float = Field(gt=0, lt=1)
+    correction: Literal["bonferroni", "none"]
     reports: str
     cron: str
 

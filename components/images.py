@@ -102,11 +102,16 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
     return im.convert("RGB")
 
 
+QUALITY_FEATURES = ("brightness", "contrast", "saturation", "blur", "blockiness", "mean_r", "mean_g", "mean_b")
+
+
 def quality(rgb: Image.Image, max_side: int = 512) -> dict[str, float]:
-    """Per-image features recorded for monitoring: brightness, contrast, saturation, blur, colour.
+    """Per-image features recorded for monitoring: brightness, contrast, saturation, blur, JPEG
+    blockiness, colour (:data:`QUALITY_FEATURES`).
 
     Computed on a copy whose long side is at most ``max_side``, so the blur score (variance of
-    the Laplacian) is comparable between sources of different resolution.
+    the Laplacian) is comparable between sources of different resolution. Blockiness is measured
+    at the original resolution (a resize would smear the codec's 8-pixel grid): :func:`blockiness`.
     """
     small = rgb.copy()
     small.thumbnail((max_side, max_side), Image.BILINEAR)
@@ -121,10 +126,29 @@ def quality(rgb: Image.Image, max_side: int = 512) -> dict[str, float]:
         "contrast": float(gray.std()),
         "saturation": float(sat.mean()),
         "blur": float(lap.var()) if lap.size else 0.0,
+        "blockiness": blockiness(rgb, max_side),
         "mean_r": float(a[..., 0].mean()),
         "mean_g": float(a[..., 1].mean()),
         "mean_b": float(a[..., 2].mean()),
     }
+
+
+def blockiness(rgb: Image.Image, max_side: int = 512) -> float:
+    """JPEG blocking: mean absolute grey-level step across the 8-pixel block boundaries divided by
+    the mean step inside blocks (about 1 for an image never JPEG-compressed; it grows as the quality
+    setting falls). Measured on a centred window of at most ``max_side`` pixels a side, cut at a
+    multiple of 8 from the origin so that the window keeps the codec's grid."""
+    w, h = rgb.size
+    x0, y0 = max(0, (w - max_side) // 2) // 8 * 8, max(0, (h - max_side) // 2) // 8 * 8
+    win = rgb.crop((x0, y0, min(w, x0 + max_side), min(h, y0 + max_side)))
+    g = np.asarray(win.convert("L"), dtype=np.float32)
+    dx, dy = np.abs(np.diff(g, axis=1)), np.abs(np.diff(g, axis=0))
+    bx, by = (np.arange(dx.shape[1]) + 1) % 8 == 0, (np.arange(dy.shape[0]) + 1) % 8 == 0
+    on = np.concatenate([dx[:, bx].ravel(), dy[by, :].ravel()])
+    off = np.concatenate([dx[:, ~bx].ravel(), dy[~by, :].ravel()])
+    if not on.size or not off.size:
+        return 1.0  # smaller than one block: no grid to measure
+    return float(on.mean() / max(float(off.mean()), 1e-3))
 
 
 _DCT_CACHE: dict[int, np.ndarray] = {}

@@ -434,9 +434,12 @@ def train_classifier(
     from components import reference
 
     model.eval()
-    ref, projection = reference.build(model, model_config, train_rows, dataset_dir)
+    ref, projection = reference.build(model, model_config, train_rows, dataset_dir, val_rows=val_rows)
     reference.write(out_dir, ref, projection)
-    progress(f"classifier: monitoring reference of {len(ref)} training images, {len(projection['components'])} PCs")
+    progress(
+        f"classifier: monitoring reference of {len(train_rows)} training + {len(val_rows)} validation images, "
+        f"{len(projection['components'])} PCs"
+    )
     ckpt_path.unlink(missing_ok=True)
     progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")
     return {"history": history, "best": best, "model_config": model_config}

@@ -7,7 +7,7 @@ Two layers, because Great Expectations validates tables only:
   present, boxes inside [0, 1] with min < max, width/height bounds, split values;
 * the project's own image checks, in parallel processes: the file is there and unchanged (sha256),
   fully decodes (a truncated JPEG is caught), converts to RGB, is not blank. Quality features
-  (brightness, contrast, saturation, blur, mean colour) and the 64-bit pHash are recorded as
+  (brightness, contrast, saturation, blur, JPEG blockiness, mean colour) and the 64-bit pHash are recorded as
   manifest columns for de-duplication and drift monitoring.
 
 Each check has a severity from ``params.yaml`` (``validate.severity``): *error* stops the gate
@@ -34,13 +34,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.config import Config
+from components.images import QUALITY_FEATURES
 from components.manifest import MANIFEST, SCHEMA, SPLITS, DataError, read_manifest
 from components.report import kv, table, write_html, write_json
 
 VALIDATED = "validated.parquet"
 QUARANTINE = "quarantine.parquet"
 SUMMARY = "validate_summary.json"
-FEATURES = ["brightness", "contrast", "saturation", "blur", "mean_r", "mean_g", "mean_b"]
+FEATURES = list(QUALITY_FEATURES)
 QUARANTINE_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("check", pa.string()), ("reason", pa.string()), ("severity", pa.string())]
 )

@@ -218,7 +218,7 @@ def run_demo(cfg: Config) -> int:
         normal = _send(server.url, _photos(traffic / "normal", cfg, cfg.seed + 1001, shifted=False), "normal")
         steps.done(_traffic_summary(normal))
 
-        steps.start("monitor the normal traffic against the champion's training reference")
+        steps.start("monitor the normal traffic against the champion's reference (its training + validation images)")
         calm = _monitor(profile, len(normal))
         steps.done(f"{calm['status']}")
 

@@ -57,8 +57,9 @@ def _markdown(s: dict[str, Any]) -> str:
     lines = [f"# Drift: {s['status']}", "", *[f"- {r}" for r in s.get("reasons", [])], ""]
     if "scores" in s:
         lines += [
-            f"Window: {s['rows']['current']} predictions of {s['classifier_version']} vs {s['rows']['reference']} "
-            f"training images. Report: `{s['report']}`",
+            f"Window: {s['rows']['current']} predictions of {s['classifier_version']} vs the reference's "
+            + " + ".join(f"{n} {part}" for part, n in s["rows"].get("reference_parts", {}).items())
+            + f" images. Report: `{s['report']}`",
             "",
             "| feature | method | score | threshold | drifted |",
             "|---|---|---|---|---|",

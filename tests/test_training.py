@@ -87,8 +87,8 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
 
 
 def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(prepared):
-    """The reference is the training images' features + projected embeddings; the service's own
-    embedding of a training image, projected with the saved projection, lands on its reference row."""
+    """The reference is the training and validation images' features + projected embeddings; the
+    service's own embedding of one of them, projected with the saved projection, lands on its row."""
     import pyarrow.parquet as pq
 
     from components import reference
@@ -100,15 +100,18 @@ def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(p
     if not (root / "clf" / reference.REFERENCE).is_file():
         train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
     ref, projection = reference.load(root / "clf")
-    train = [r for r in pq.read_table(split).to_pylist() if r["split"] == "train"]
-    assert len(ref) == len(train)
+    rows = pq.read_table(split).to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert ref["part"].tolist() == ["train"] * len(train) + ["val"] * len(val)
     pcs = [c for c in ref.columns if c.startswith("pc_")]
     assert len(pcs) == len(projection["components"]) == 8 and len(projection["mean"]) >= 32
     assert set(reference.FEATURES) <= set(ref.columns) and set(ref["label"]) <= set(cfg.classes.names)
-    assert abs(ref["pc_0"].mean()) < 1e-3  # centred on the training embeddings
+    assert abs(ref.loc[ref["part"] == "train", "pc_0"].mean()) < 1e-3  # centred on the training embeddings
     p = Pipeline(root / "clf", None, cfg)
-    for k in (0, len(train) - 1):  # the service's crop of this image (first box + margin), its embedding
-        r = train[k]
+    # the service's crop of this image (first box + margin), its embedding: first and last training
+    # image, last validation image
+    for k, r in ((0, train[0]), (len(train) - 1, train[-1]), (len(ref) - 1, val[-1])):
         crop = to_uint8(decode(ds / r["path"]).rgb, (r["boxes"] or [None])[0], p.mc["crop_margin"], p.mc["input_size"])
         _, emb = p.classify(crop[None])
         got = reference.project(emb, projection)[0]
