@@ -20,6 +20,7 @@ verdict on at most 3 x ``threshold`` (bench/drift.py measures it). A window unde
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -80,6 +81,7 @@ def _chisquare_pooled(reference, current, feature_type, threshold: float) -> tup
     return p_value, p_value < threshold
 
 
+@functools.cache
 def _register_stattests() -> None:
     from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
     from evidently.legacy.core import ColumnType
@@ -114,16 +116,19 @@ def _drifted(cfg_: dict[str, Any], value: float) -> bool:
     return value < cfg_["threshold"] if p_value else value >= cfg_["threshold"]
 
 
+def family(column: str) -> str:
+    """The family a column's false-alarm budget is shared with: the image features, the embedding
+    components, or the column alone (the predicted class, the confidence)."""
+    return (
+        "image features" if column in IMAGE_FEATURES else "embedding components" if column.startswith("pc_") else column
+    )
+
+
 def column_thresholds(cols: list[str], m) -> dict[str, float]:
     """Each column's p-value threshold: ``m.threshold`` divided, under ``correction: bonferroni``, by
-    the size of its family (the image features, the embedding components); the predicted class and
-    the confidence are families of one."""
-    families = {"image": [c for c in cols if c in IMAGE_FEATURES], "pc": [c for c in cols if c.startswith("pc_")]}
-    out = {}
-    for c in cols:
-        family = families["image"] if c in IMAGE_FEATURES else families["pc"] if c.startswith("pc_") else [c]
-        out[c] = m.threshold / len(family) if m.correction == "bonferroni" else m.threshold
-    return out
+    the size of its :func:`family`."""
+    size = Counter(family(c) for c in cols)
+    return {c: m.threshold / size[family(c)] if m.correction == "bonferroni" else m.threshold for c in cols}
 
 
 def compare(reference, current, cfg: Config, report: bool = True) -> tuple[dict[str, Any], Any]:
@@ -179,36 +184,31 @@ def compare(reference, current, cfg: Config, report: bool = True) -> tuple[dict[
                 "score": float(metric["value"]),
                 "drifted": _drifted(conf, float(metric["value"])),
             }
-    image = [c for c in IMAGE_FEATURES if c in scores]
-    pcs = [c for c in scores if c.startswith("pc_")]
-    share_image = sum(scores[c]["drifted"] for c in image) / max(1, len(image))
-    share_pcs = sum(scores[c]["drifted"] for c in pcs) / max(1, len(pcs))
-    prediction = bool(scores.get("label", {}).get("drifted", False))
 
     def which(columns):
         return ", ".join(
             f"{c} p={scores[c]['score']:.1e} < {scores[c]['threshold']:.1e}" for c in columns if scores[c]["drifted"]
         )
 
-    reasons = []
-    if share_image >= m.drift_share:
-        n = sum(scores[c]["drifted"] for c in image)
-        reasons.append(
-            f"{n} of {len(image)} image features drifted ({which(image)}; policy: >= {m.drift_share:.0%} of them)"
-        )
-    if share_pcs >= m.embedding_share:
-        n = sum(scores[c]["drifted"] for c in pcs)
-        reasons.append(
-            f"{n} of {len(pcs)} embedding components drifted ({which(pcs)}; policy: >= {m.embedding_share:.0%} of them)"
-        )
-    if m.prediction_drift and prediction:
+    reasons, shares, fired = [], {}, {}
+    for name, policy in (("image features", m.drift_share), ("embedding components", m.embedding_share)):
+        columns = [c for c in scores if family(c) == name]
+        n = sum(scores[c]["drifted"] for c in columns)
+        shares[name] = n / max(1, len(columns))
+        fired[name] = shares[name] >= policy
+        if fired[name]:
+            reasons.append(f"{n} of {len(columns)} {name} drifted ({which(columns)}; policy: >= {policy:.0%} of them)")
+    prediction = bool(scores.get("label", {}).get("drifted", False))
+    fired["predicted class"] = m.prediction_drift and prediction
+    if fired["predicted class"]:
         reasons.append(f"the predicted-class distribution drifted ({which(['label'])})")
     summary = {
         "status": "drift" if reasons else "no drift",
         "drift": bool(reasons),
         "reasons": reasons,
-        "share_image_features_drifted": share_image,
-        "share_embedding_components_drifted": share_pcs,
+        "rules_fired": fired,
+        "share_image_features_drifted": shares["image features"],
+        "share_embedding_components_drifted": shares["embedding components"],
         "prediction_drift": prediction,
         "drifted": sorted(c for c, s in scores.items() if s["drifted"]),
         "scores": scores,
