@@ -76,9 +76,10 @@ def raw(imgs: list[bytes], n: int) -> dict[str, float]:
     from serving.deploy import deployed_file
     from serving.pipeline import Pipeline
 
-    tags = json.loads(deployed_file().read_text())["models"]
+    cfg = load_config()
+    tags = json.loads(deployed_file(cfg).read_text())["models"]
     cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
-    p = Pipeline(cm.path, dm.path, load_config())
+    p = Pipeline(cm.path, dm.path, cfg)
     for b in imgs[:4]:
         p.analyse(decode(b).rgb)  # warm-up
     lat = []

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from components.env import project_root
+from components.env import CODE, HOME_ENV, project_root
 
 PROFILES = ("demo", "test", "full")
 DEFAULT_PROFILE = "demo"
@@ -304,8 +304,19 @@ class Config(_Strict):
 
     _base: Path = PrivateAttr(default_factory=project_root)
 
+    @property
+    def home(self) -> Path:
+        """The state home this configuration's relative paths resolve against (:func:`components.env.project_root`)."""
+        return self._base
+
+    def at(self, home: str | Path) -> Config:
+        """The same configuration with its relative paths resolved against another project folder."""
+        other = self.model_copy()
+        other._base = Path(home).resolve()
+        return other
+
     def resolve(self, relative: str) -> Path:
-        """A path from the config: absolute, or relative to the folder of the parameters file."""
+        """A path from the config: absolute, or relative to the state home (never to where the code sits)."""
         p = Path(relative)
         return p if p.is_absolute() else self._base / p
 
@@ -316,13 +327,33 @@ class Config(_Strict):
         """A stable hash of the resolved config, for lineage tags."""
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def to_yaml(self) -> str:
+        """The resolved configuration as YAML, headed by its profile and digest (what a run records)."""
+        head = f"# DrSpot resolved configuration: profile {self.profile}, digest {self.digest()}\n"
+        return head + yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+    def write(self, path: str | Path) -> Path:
+        """Write :meth:`to_yaml` to ``path`` atomically (a reader never sees half a file); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+
+CONFIG_ENV = "DRSPOT_CONFIG"  # a resolved configuration file handed to a process (``drspot serve`` -> the service)
+
 
 def default_params_path() -> Path:
-    """``$DRSPOT_PARAMS``, else ``./params.yaml`` (a DVC stage runs in its project), else the project's."""
+    """``$DRSPOT_PARAMS``, else the state home's ``params.yaml``, else the one beside the code (a Bento's copy)."""
     if os.environ.get("DRSPOT_PARAMS"):
         return Path(os.environ["DRSPOT_PARAMS"])
-    here = Path.cwd() / "params.yaml"
-    return here if here.is_file() else project_root() / "params.yaml"
+    try:
+        home = project_root() / "params.yaml"
+    except Exception:  # noqa: BLE001 - no state home: the code's own copy still says what the parameters are
+        home = None
+    return home if home is not None and home.is_file() else CODE / "params.yaml"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
@@ -383,6 +414,8 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
     Raises:
         ConfigError: naming the file, the profile and the offending key.
     """
+    if profile is None and path is None and os.environ.get(CONFIG_ENV):
+        return load_resolved(os.environ[CONFIG_ENV], CONFIG_ENV)
     profile = profile or os.environ.get("DRSPOT_PROFILE") or DEFAULT_PROFILE
     path = Path(path) if path else default_params_path()
     try:
@@ -413,5 +446,35 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         cfg = Config.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format(e, f"{path} [profile {profile}]")) from None
-    cfg._base = path.resolve().parent
     return cfg
+
+
+def load_resolved(path: str | Path, setting: str = "--config") -> Config:
+    """A configuration resolved earlier (``Config.write``), taken as it is: no profile, no ``DRSPOT_SET``.
+
+    This is how a run hands its configuration to the processes it starts (DVC stages, the service), so that
+    none of them re-resolves a profile by name.
+
+    Raises:
+        ConfigError: naming the file and ``setting`` when it is missing, malformed or invalid.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"resolved configuration not found: {path} ({setting})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} ({setting}) is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or "profile" not in raw:
+        raise ConfigError(f"{path} ({setting}) is not a resolved DrSpot configuration (write one with `drspot config`)")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, f"{path} ({setting})")) from None
+
+
+def hand_over(cfg: Config, name: str) -> dict[str, str]:
+    """The variables that hand a child process (the service, a flow-run worker) this run's decisions: the state home
+    and the resolved configuration, written to ``<home>/.drspot/run/<name>.yaml``, so that it re-derives neither."""
+    path = cfg.write(cfg.home / ".drspot" / "run" / f"{name}.yaml")
+    return {HOME_ENV: str(cfg.home), CONFIG_ENV: str(path)}

@@ -21,6 +21,9 @@ FIXED: dict[str, str] = {
     "BENTOML_DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",  # else dvc forks a detached analytics process
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # a task run outside a flow (a DVC stage run by hand through its task) logs to the console only, without a
+    # warning per line that the API could not take it
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",  # timm would ask the Hugging Face hub for pretrained weights
     "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning"),
@@ -29,34 +32,141 @@ FIXED: dict[str, str] = {
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 
 
+HOME_ENV = "DRSPOT_HOME"
+CODE = Path(__file__).resolve().parent.parent  # where this copy of the code sits (a checkout, a Bento, a package)
+
+
+class StateError(RuntimeError):
+    """DrSpot's state folder cannot be decided or used (not set where it must be, not writable, inside a Bento)."""
+
+
+def is_checkout(folder: Path) -> bool:
+    """A DrSpot project checkout (its pipeline and project file), as opposed to a Bento's or a package's copy."""
+    return (folder / "dvc.yaml").is_file() and (folder / "pyproject.toml").is_file()
+
+
 def project_root() -> Path:
-    """The folder DrSpot keeps its state in: ``$DRSPOT_HOME``, else the repository root."""
-    env = os.environ.get("DRSPOT_HOME")
+    """The one folder DrSpot keeps its state in (the state home), decided here and nowhere else.
+
+    ``$DRSPOT_HOME`` when set (``drspot serve`` hands it to the service, a Prefect worker or a container gets it
+    by configuration); else the checkout this code runs from. Code that runs from anywhere else (a Bento, a
+    container image, an installed package) has no home of its own: deriving one from the code's location would
+    put the prediction log inside a folder that the next deploy replaces, so this refuses, naming the setting.
+
+    Raises:
+        StateError: no ``$DRSPOT_HOME`` and the code is not in a project checkout.
+    """
+    env = os.environ.get(HOME_ENV)
     if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parent.parent
+        return Path(env).expanduser().resolve()
+    if is_checkout(CODE):
+        return CODE
+    raise StateError(
+        f"DrSpot's code runs from {CODE}, which is not a project checkout (a Bento, a container or an installed "
+        f"package): set {HOME_ENV} to the project folder that holds DrSpot's state (`drspot serve` does this)"
+    )
 
 
 def runtime_dir() -> Path:
-    """Project-local homes for the libraries (git-ignored)."""
+    """Project-local homes for the libraries, the prediction log and run files (git-ignored)."""
     return project_root() / ".drspot"
+
+
+def inside_code(path: str | Path) -> bool:
+    """True when ``path`` lies inside a copy of the code that is not a checkout (a Bento's or a package's folder)."""
+    return not is_checkout(CODE) and Path(path).expanduser().resolve().is_relative_to(CODE)
+
+
+def check_home(home: Path | None = None) -> Path:
+    """The state home, checked before any work starts: not inside a Bento or a package, and writable.
+
+    Raises:
+        StateError: naming the folder, what is wrong and the setting to give.
+    """
+    home = home or project_root()
+    if inside_code(home):
+        raise StateError(
+            f"the state folder {home} ({HOME_ENV}) lies inside this copy of the code ({CODE}, a Bento or a "
+            f"package), which a redeploy replaces: set {HOME_ENV} to the project folder"
+        )
+    try:
+        (home / ".drspot").mkdir(parents=True, exist_ok=True)
+        probe = home / ".drspot" / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        setting = HOME_ENV if os.environ.get(HOME_ENV) else f"{HOME_ENV} (default: the checkout)"
+        raise StateError(
+            f"the state folder {home} is not writable ({e.strerror or e}): set {setting} to a writable folder"
+        ) from None
+    return home
+
+
+# library -> its project-local home under .drspot/
+_HOMES = {
+    "PREFECT_HOME": "prefect",
+    "BENTOML_HOME": "bentoml",
+    "DVC_SITE_CACHE_DIR": "dvc-site-cache",
+    "YOLO_CONFIG_DIR": "ultralytics",
+    "MPLCONFIGDIR": "matplotlib",
+}
 
 
 def homes() -> dict[str, str]:
     """Environment variables that point each library at a project-local home."""
     rt = runtime_dir()
-    return {
-        "PREFECT_HOME": str(rt / "prefect"),
-        "BENTOML_HOME": str(rt / "bentoml"),
-        "DVC_SITE_CACHE_DIR": str(rt / "dvc-site-cache"),
-        "YOLO_CONFIG_DIR": str(rt / "ultralytics"),
-        "MPLCONFIGDIR": str(rt / "matplotlib"),
-    }
+    return {key: str(rt / sub) for key, sub in _HOMES.items()}
 
 
 def settings() -> dict[str, str]:
     """Every variable :func:`apply` sets, with the value it would set."""
     return {**FIXED, **homes()}
+
+
+def exports() -> dict[str, str]:
+    """What a shell needs so that ``prefect``, ``mlflow``, ``bentoml`` and ``dvc`` typed by hand see DrSpot's state:
+    the settings in force, the state home and the tracking store (``drspot env --export``)."""
+    from components.registry import tracking_uri
+
+    out = {k: os.environ.get(k) or v for k, v in settings().items()}
+    out[HOME_ENV] = str(project_root())
+    out["MLFLOW_TRACKING_URI"] = tracking_uri()
+    for key in ("DRSPOT_DATABASE_URL", "PREFECT_API_URL", "DRSPOT_PARAMS"):
+        if os.environ.get(key):
+            out[key] = os.environ[key]
+    return out
+
+
+def close_prefect() -> None:
+    """Flush Prefect's log and event workers and stop the temporary server it started, while the streams are open.
+
+    Left to Prefect's own ``atexit`` hook, the server is stopped after the interpreter has closed the output
+    stream, and its "Stopping temporary server" log line ends every command (and the test run) with a
+    ``--- Logging error ---`` traceback.
+    """
+    if "prefect.server.api.server" not in sys.modules:
+        return
+    import logging
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    servers = [s for s in list(SubprocessASGIServer._instances.values()) if s.server_process is not None]
+    if not servers:
+        return
+    for worker in ("prefect.logging.handlers:APILogWorker", "prefect.events.worker:EventsWorker"):
+        module, name = worker.split(":")
+        try:
+            getattr(sys.modules[module], name).drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - flushing is best effort; the server still stops
+            pass
+    logger = logging.getLogger("prefect")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the "Stopping temporary server" line is noise at the end of a command
+    try:
+        for server in servers:
+            server.stop()
+    finally:
+        logger.setLevel(level)
 
 
 def _install_fonts(config_dir: Path) -> None:
@@ -83,18 +193,31 @@ def apply(force: bool = False) -> dict[str, str]:
     A variable the user already set wins (so a shared Prefect server or another BENTOML_HOME can be
     chosen by configuration), unless ``force``. Returns the settings now in force.
     """
-    for key, value in settings().items():
+    try:
+        wanted = settings()
+    except StateError:
+        # no state home (a Bento run without DRSPOT_HOME): the fixed settings only; whatever needs the home
+        # (the service, a command) asks for it and refuses with the reason
+        wanted = dict(FIXED)
+    for key, value in wanted.items():
         if force or not os.environ.get(key):
             os.environ[key] = value
-    for key in homes():
-        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    for key in set(_HOMES) & set(wanted):
+        try:
+            Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # an unwritable home: check_home() says so before any work starts
     # DVC stages run `drspot ...` through a shell: the interpreter's bin folder (the venv) first
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     # ultralytics reads its user config (settings.yaml, fonts) from $YOLO_CONFIG_DIR/Ultralytics
-    _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
-    return {k: os.environ[k] for k in settings()}
+    if "YOLO_CONFIG_DIR" in os.environ:
+        try:
+            _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+        except OSError:
+            pass
+    return {k: os.environ[k] for k in wanted}
 
 
 def ultralytics():

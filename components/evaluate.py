@@ -445,6 +445,7 @@ def evaluate(
         json.dumps({"temperature": temperature, "malignant_threshold": threshold}, indent=2)
     )
     (out_dir / "model_card.md").write_text(model_card(result))
+    cfg.write(out_dir / "config.yaml")  # the resolved configuration, beside the figures it produced
     _html(out_dir, result)
     return result
 

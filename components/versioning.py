@@ -19,24 +19,26 @@ class DvcError(RuntimeError):
     """A dvc command failed; the message holds its output."""
 
 
-def dvc(*args: str, cwd: str | Path, echo: Callable[[str], None] | None = None) -> str:
+def dvc(*args: str, cwd: str | Path, echo: Callable[[str], None] | None = None, home: str | Path | None = None) -> str:
     """Run ``dvc ARGS`` in ``cwd`` and return its output.
 
     Args:
         echo: called with each output line as it arrives (a stage's progress), stdout and stderr merged.
+        home: the state home handed to the stages' ``drspot`` commands (``$DRSPOT_HOME``), decided by the caller.
 
     Raises:
         DvcError: dvc exited non-zero (its stderr is in the message).
     """
     cmd = [sys.executable, "-m", "dvc", *args]
+    env = os.environ.copy()
+    if home is not None:
+        env["DRSPOT_HOME"] = str(home)
     if echo is None:
-        proc = subprocess.run(cmd, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     else:
         lines: list[str] = []
-        with subprocess.Popen(
-            cmd, cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as p:
+        with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
             for line in p.stdout:  # type: ignore[union-attr]
                 lines.append(line)
                 echo(line.rstrip())

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import components  # noqa: F401  (offline settings before anything else)
-from components.config import PROFILES, ConfigError, load_config
+from components.config import ConfigError, load_config, load_resolved
 
 
 def _progress(label: str, total: int | None = None):
@@ -44,22 +44,28 @@ def _kv(text: str) -> dict[str, str]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    import yaml
+    cfg = args.cfg
+    if args.write:
+        from flows.prepare import stage_config
 
-    cfg = load_config(args.profile, args.params)
-    if args.json:
+        print(f"wrote {stage_config(cfg)} (profile {cfg.profile}, digest {cfg.digest()}): `dvc repro` runs with it")
+    elif args.json:
         print(json.dumps(cfg.as_dict(), indent=2))
     else:
-        print(f"# resolved parameters, profile {cfg.profile} (digest {cfg.digest()})")
-        print(yaml.safe_dump(cfg.as_dict(), sort_keys=False), end="")
+        print(cfg.to_yaml(), end="")
     return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     import os
+    import shlex
 
-    from components.env import settings
+    from components.env import exports, settings
 
+    if args.export:
+        for k, v in sorted(exports().items()):
+            print(f"export {k}={shlex.quote(v)}")
+        return 0
     print(json.dumps({k: os.environ.get(k) for k in settings()}, indent=2, sort_keys=True))
     return 0
 
@@ -67,7 +73,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from components.ingest import ingest
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     opts: dict = {
         "images": args.images,
         "class_map": args.class_map,
@@ -121,7 +127,7 @@ def _gate_step(step: str):
     def run(args: argparse.Namespace) -> int:
         from components import gate
 
-        cfg = load_config(args.profile, args.params)
+        cfg = args.cfg
         prepared = gate.prepared_dir(args.dataset, cfg, args.prepared)
         fn = {"validate": gate.run_validate, "dedup": gate.run_dedup, "split": gate.run_split}[step]
         fn(args.dataset, prepared, cfg)
@@ -153,7 +159,7 @@ def _gate_step(step: str):
 def cmd_prepare(args: argparse.Namespace) -> int:
     from flows.prepare import prepare_flow
 
-    result = prepare_flow(str(args.dataset), str(args.prepared) if args.prepared else None, args.profile)
+    result = prepare_flow(str(args.dataset), str(args.prepared) if args.prepared else None, cfg=args.cfg)
     from components import gate
 
     print(gate.markdown(Path(result["prepared"]), args.dataset))
@@ -171,7 +177,7 @@ def _split_manifest(args, cfg) -> tuple[Path, Path]:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from components.train_classifier import train_classifier
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     dataset, manifest = _split_manifest(args, cfg)
     out = args.out or cfg.resolve(cfg.paths.models) / "classifier"
     train_classifier(manifest, dataset, out, cfg, resume=not args.no_resume)
@@ -181,7 +187,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_train_detector(args: argparse.Namespace) -> int:
     from components.train_detector import train_detector
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     dataset, manifest = _split_manifest(args, cfg)
     train_detector(manifest, dataset, args.out or cfg.resolve(cfg.paths.models) / "detector", cfg)
     return 0
@@ -191,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from components.evaluate import evaluate
     from components.versioning import data_version
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     dataset, manifest = _split_manifest(args, cfg)
     models = cfg.resolve(cfg.paths.models)
     out = args.out or cfg.resolve(cfg.paths.reports) / "evaluation"
@@ -220,7 +226,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from components import registry
     from components.versioning import data_version
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     dataset, manifest = _split_manifest(args, cfg)
     models = cfg.resolve(cfg.paths.models)
     tags = registry.lineage(cfg, manifest, data_version(cfg.resolve("data.dvc")))
@@ -240,9 +246,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from components import registry
     from flows.train import promote_flow
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     dataset, manifest = _split_manifest(args, cfg)
-    r = promote_flow(args.kind, args.version, args.profile, str(dataset), str(manifest))
+    r = promote_flow(args.kind, args.version, dataset=str(dataset), manifest=str(manifest), cfg=cfg)
     name = registry.model_name(args.kind)
     print(f"{name} v{r['version']}: {'PROMOTED to champion' if r['promote'] else 'REJECTED'}: {r['reason']}")
     return 0 if r["promote"] else 3
@@ -259,7 +265,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
 
-    result = train_flow(str(args.dataset) if args.dataset else None, args.profile)
+    result = train_flow(str(args.dataset) if args.dataset else None, cfg=args.cfg)
     print(f"steps: prepare {result['prepare']}, training {result['steps']}")
     for r in result["results"]:
         print(f"{r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
@@ -269,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from serving.deploy import deploy
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     r = deploy(cfg, build=not args.no_build)
     for kind in ("classifier", "detector"):
         print(f"{kind}: {r['registry'][kind]} -> Bento model {r['models'][kind]}")
@@ -285,8 +291,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.deploy import SOURCE, deployed_file
 
-    cfg = load_config(args.profile, args.params)
-    state = deployed_file()
+    cfg = args.cfg
+    state = deployed_file(cfg)
     if args.source:
         target = "serving.service:DrSpot"
     elif state.is_file() and "bento" in json.loads(state.read_text()):
@@ -294,18 +300,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         raise FileNotFoundError(f"no Bento deployed yet ({state} is missing): run `drspot deploy` first")
     host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
-    env = {**os.environ, "DRSPOT_PROFILE": cfg.profile}
-    if args.params:
-        env["DRSPOT_PARAMS"] = str(Path(args.params).resolve())
+    from components.config import hand_over
+    from serving.store import describe
+
+    env = {**os.environ, **hand_over(cfg, f"serve-{port}")}
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     print(f"serving {target} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    return subprocess.call(cmd, cwd=SOURCE, env=env)
+    print(f"  state home {cfg.home}; prediction log {describe(cfg)}; configuration {env['DRSPOT_CONFIG']}", flush=True)
+    return subprocess.call(cmd, cwd=SOURCE if args.source else cfg.home, env=env)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from flows.monitor import monitor_flow
 
-    s = monitor_flow(since=args.since, last=args.last, profile=args.profile)
+    s = monitor_flow(since=args.since, last=args.last, cfg=args.cfg)
     print(f"drift monitor: {s['status'].upper()} ({s['rows']['current']} predictions in the window)")
     for r in s.get("reasons", []):
         print(f"  - {r}")
@@ -318,7 +326,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from flows.retrain import retrain_flow
 
-    s = retrain_flow(trigger="by hand", min_new=args.min_new, profile=args.profile, deploy=not args.no_deploy)
+    s = retrain_flow(trigger="by hand", min_new=args.min_new, deploy=not args.no_deploy, cfg=args.cfg)
     print(f"retrain: {s['status'].upper()}: {s['new_cases']} new confirmed case(s)")
     for x in s["skipped_cases"]:
         print(f"  not usable: {x['request_id']}: {x['reason']}")
@@ -336,34 +344,63 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from flows.schedule import run_schedule
 
-    cfg = load_config(args.profile, args.params)
+    cfg = args.cfg
     return run_schedule(cfg, cfg.profile, port=args.port)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.status import collect, render
+
+    s = collect(args.cfg)
+    print(json.dumps(s, indent=2, default=str) if args.json else render(s))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.ui import run_ui
+
+    return run_ui(args.cfg, args.prefect_port, args.mlflow_port)
+
+
+def cmd_import_logs(args: argparse.Namespace) -> int:
+    from serving.store import describe, import_stranded
+
+    done = import_stranded(args.cfg, [p.resolve() for p in args.logs] or None)
+    if not done:
+        print("no prediction logs inside Bento folders: nothing to import")
+    for src, n in done:
+        print(
+            f"{src}: {n['predictions']} predictions, {n['feedback']} confirmations, {n['images']} images imported "
+            f"({n['predictions_present']} predictions and {n['feedback_present']} confirmations were there already"
+            + (f"; {n['images_missing']} stored images missing at the source" if n["images_missing"] else "")
+            + ")"
+        )
+    print(f"prediction log: {describe(args.cfg)}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    return run_demo(load_config(args.profile, args.params))
+    return run_demo(args.cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # --profile/--params are accepted before or after the command; SUPPRESS keeps a
     # sub-command's absent option from hiding the global one.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--profile",
-        choices=PROFILES,
-        default=argparse.SUPPRESS,
-        help="params.yaml profile (default: $DRSPOT_PROFILE or demo)",
-    )
-    common.add_argument(
-        "--params", default=argparse.SUPPRESS, help="parameters file (default: params.yaml in the project)"
-    )
     p = argparse.ArgumentParser(prog="drspot", description="DrSpot: skin-lesion MLOps (see README.md).")
-    p.add_argument(
-        "--profile", choices=PROFILES, default=None, help="params.yaml profile (default: $DRSPOT_PROFILE or demo)"
-    )
-    p.add_argument("--params", default=None, help="parameters file (default: params.yaml in the project)")
+    for parser, default in ((common, argparse.SUPPRESS), (p, None)):
+        parser.add_argument("--profile", default=default, help="params.yaml profile (default: $DRSPOT_PROFILE or demo)")
+        parser.add_argument(
+            "--params", default=default, help="parameters file (default: params.yaml in the state home)"
+        )
+        parser.add_argument(
+            "--config",
+            default=default,
+            metavar="FILE",
+            help="a configuration resolved earlier (`drspot config`), used as it is: no profile, no DRSPOT_SET",
+        )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add = sub.add_parser
 
@@ -372,12 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
-    c = sub.add_parser("config", help="print the resolved configuration")
+    c = sub.add_parser("config", help="print the resolved configuration (profile + DRSPOT_SET + params.yaml)")
     c.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    c.add_argument("--write", action="store_true", help="write it where dvc.yaml's stages read it (.drspot/run/)")
     c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("env", help="print the offline/telemetry settings in force")
+    e.add_argument(
+        "--export", action="store_true", help='shell lines: eval "$(drspot env --export)" gives a shell the project'
+    )
     e.set_defaults(func=cmd_env)
+
+    st = sub.add_parser("status", help="where everything is and how it stands: data, models, service, log, flows")
+    st.add_argument("--json", action="store_true", help="print JSON for machines")
+    st.set_defaults(func=cmd_status)
+
+    u = sub.add_parser("ui", help="the Prefect UI and the MLflow UI on the project's own stores (Ctrl-C stops)")
+    u.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI/API port (default 4200)")
+    u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    u.set_defaults(func=cmd_ui)
+
+    il = sub.add_parser(
+        "import-logs", help="import prediction logs that earlier versions left inside Bento folders (idempotent)"
+    )
+    il.add_argument("logs", type=Path, nargs="*", help="SQLite logs to import (default: every one in the Bento store)")
+    il.set_defaults(func=cmd_import_logs)
 
     i = sub.add_parser("ingest", help="turn a data source into a dataset (images + manifest.parquet)")
     i.add_argument("kind", choices=["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder", "feedback"])
@@ -474,13 +530,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve(args: argparse.Namespace):
+    """The run's configuration, resolved once: a resolved file (``--config``) as it is, else profile +
+    ``DRSPOT_SET`` + parameters file. Every command and flow of this run gets this object."""
+    if args.config:
+        if args.profile or args.params:
+            raise ConfigError("--config is a configuration resolved already: give it without --profile/--params")
+        return load_resolved(args.config)
+    return load_config(args.profile, args.params)
+
+
+# commands that keep no state of their own: they run without a writable state home
+STATELESS = {"config", "env"}
+# commands that read or write the prediction log: a log that cannot be used is refused before they start
+USES_LOG = {"serve", "monitor", "retrain", "demo", "import-logs"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from components.env import check_home, close_prefect
+
     args = build_parser().parse_args(argv)
     try:
+        args.cfg = resolve(args)
+        if args.command not in STATELESS:
+            check_home(args.cfg.home)
+        if args.command in USES_LOG:
+            from serving.store import check_log
+
+            check_log(args.cfg)
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
         print(f"drspot {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_prefect()  # while stdout is open: the command ends on its own last line
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Config
-from components.env import project_root, runtime_dir
 
 TRAFFIC = 120  # photos per traffic phase (normal, shifted)
 
@@ -107,10 +106,10 @@ def _traffic_summary(answers: list[dict[str, Any]]) -> str:
     )
 
 
-def _monitor(profile: str, last: int) -> dict[str, Any]:
+def _monitor(cfg: Config, last: int) -> dict[str, Any]:
     from flows.monitor import monitor_flow
 
-    s = monitor_flow(last=last, profile=profile)
+    s = monitor_flow(last=last, cfg=cfg)
     print(f"   drift monitor: {s['status'].upper()}")
     for r in s.get("reasons", []):
         print(f"     - {r}")
@@ -124,17 +123,19 @@ def _fresh_start(cfg: Config) -> str | None:
     MLflow store, the gate's and the evaluation's outputs, the models, the prediction log and stored
     photos. DVC's cache and remote stay (content addressed: an unchanged stage is restored, not re-run)."""
     from components import registry
+    from serving.store import database_url
 
-    root = project_root()
+    root, runtime = cfg.home, cfg.home / ".drspot"
     paths = [cfg.resolve(cfg.paths.prepared), cfg.resolve(cfg.paths.models), cfg.resolve(cfg.paths.reports)]
-    paths += [runtime_dir() / f"predictions.db{x}" for x in ("", "-wal", "-shm")]
-    paths += [cfg.resolve(cfg.serving.images_dir), runtime_dir() / "demo-traffic"]
+    log = Path(database_url(cfg).removeprefix("sqlite:///"))
+    paths += [log.with_name(log.name + x) for x in ("", "-wal", "-shm")]
+    paths += [cfg.resolve(cfg.serving.images_dir), runtime / "demo-traffic"]
     if registry.tracking_uri() == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}":
         paths += [root / "mlflow" / "mlflow.db", root / "mlflow" / "artifacts"]
     present = [p for p in paths if p.exists()]
     if not present:
         return None
-    keep = runtime_dir() / "previous" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    keep = runtime / "previous" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     for p in present:
         dest = keep / p.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,8 @@ def run_demo(cfg: Config) -> int:
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
-    root = project_root()
+    root = cfg.home
+    runtime = root / ".drspot"
     profile = cfg.profile
     raw = cfg.resolve(cfg.paths.raw)
     data = cfg.resolve(cfg.paths.data)
@@ -177,7 +179,7 @@ def run_demo(cfg: Config) -> int:
     steps.done(f"data.dvc md5 {version}")
 
     steps.start("data gate: the `prepare` flow runs the DVC stages validate -> dedup -> split")
-    gated = prepare_flow(str(data), profile=profile)
+    gated = prepare_flow(str(data), cfg=cfg)
     print(gate.markdown(Path(gated["prepared"]), data.relative_to(root)))
     q = ", ".join(f"{k} {v}" for k, v in gated["quarantined_by_check"].items()) or "none"
     steps.done(
@@ -186,7 +188,7 @@ def run_demo(cfg: Config) -> int:
     )
 
     steps.start("train: detector + classifier (DVC stages), evaluate on the frozen test split, register, gate")
-    trained = train_flow(profile=profile)
+    trained = train_flow(cfg=cfg)
     clf, det = trained["results"]
     m = trained["metrics"]
     steps.done(
@@ -202,24 +204,22 @@ def run_demo(cfg: Config) -> int:
     built = deploy(cfg)
     print(f"   built Bento {built['bento']} with {built['registry']}")
     key = secrets.token_urlsafe(16)
-    env = {
-        **os.environ,
-        "DRSPOT_PROFILE": profile,
-        "DRSPOT_SET": "serving.store_images=true",  # consent to keep photos, for the flywheel
-        cfg.serving.feedback_key_env: key,
-    }
-    server = Server(env, runtime_dir() / "demo-serve.log")
+    env = {**os.environ, cfg.serving.feedback_key_env: key}
+    # the service gets this run's configuration, with consent to keep photos (the flywheel needs them)
+    serving = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"store_images": True})})
+    serve_args = ("--config", str(serving.write(runtime / "run" / "demo-serve.yaml")))
+    server = Server(env, runtime / "demo-serve.log", *serve_args)
     ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
     models = ready.get("models", {})
     steps.done(f"{server.url} ready: {models.get('classifier')} + {models.get('detector')}")
     try:
-        traffic = runtime_dir() / "demo-traffic"
+        traffic = runtime / "demo-traffic"
         steps.start(f"normal traffic: {TRAFFIC} photos of new lesions from the usual camera")
         normal = _send(server.url, _photos(traffic / "normal", cfg, cfg.seed + 1001, shifted=False), "normal")
         steps.done(_traffic_summary(normal))
 
         steps.start("monitor the normal traffic against the champion's reference (its training + validation images)")
-        calm = _monitor(profile, len(normal))
+        calm = _monitor(cfg, len(normal))
         steps.done(f"{calm['status']}")
 
         steps.start(f"shifted traffic: {TRAFFIC} photos from another camera (warmer cast, blur, over-exposed)")
@@ -227,7 +227,7 @@ def run_demo(cfg: Config) -> int:
         steps.done(_traffic_summary(shifted))
 
         steps.start("monitor the shifted traffic")
-        drift = _monitor(profile, len(shifted))
+        drift = _monitor(cfg, len(shifted))
         steps.done(f"{drift['status']}" + (f": report {drift['report']}" if drift.get("report") else ""))
 
         steps.start("clinicians confirm the shifted cases (POST /feedback with the API key)")
@@ -244,7 +244,7 @@ def run_demo(cfg: Config) -> int:
         steps.done(f"{confirmed} shifted cases confirmed, plus 1 copy of test image {test_row['image_id']}")
 
         steps.start("retrain (the flywheel): feedback -> data gate -> new DVC version -> train -> gate -> deploy")
-        fly = retrain_flow(trigger="demo: drift + confirmed cases", min_new=1, profile=profile)
+        fly = retrain_flow(trigger="demo: drift + confirmed cases", min_new=1, cfg=cfg)
         new_clf = fly["gate"][0] if fly.get("gate") else None
         for r in fly.get("gate", []):
             print(f"   {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")
@@ -256,7 +256,7 @@ def run_demo(cfg: Config) -> int:
         if fly.get("deployed"):
             steps.start("serve the promoted model (restart `drspot serve` on the new Bento)")
             server.stop()
-            server = Server(env, runtime_dir() / "demo-serve.log")
+            server = Server(env, runtime / "demo-serve.log", *serve_args)
             ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
             again = _photos(traffic / "shifted", cfg, cfg.seed + 2002, shifted=True)[:20]
             after = _send(server.url, again, "check")
@@ -264,13 +264,11 @@ def run_demo(cfg: Config) -> int:
     finally:
         server.stop()
 
-    _summary(steps, root, data, version, fly, drift)
+    _summary(steps, cfg, data, version, fly, drift)
     return 0
 
 
-def _summary(steps: Steps, root: Path, data: Path, version: str, fly: dict, drift: dict) -> None:
-    from components import registry
-
+def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, drift: dict) -> None:
     print("\n== summary")
     width = max(len(t) for t, _, _ in steps.rows)
     for i, (title, took, outcome) in enumerate(steps.rows, 1):
@@ -278,14 +276,17 @@ def _summary(steps: Steps, root: Path, data: Path, version: str, fly: dict, drif
         print(f"     {outcome}")
     print(f"\n total {time.monotonic() - steps.t0:.0f}s")
     print("\n where to look")
-    print(f"   MLflow UI     .venv/bin/mlflow ui --backend-store-uri {registry.tracking_uri()}")
-    print("   Prefect UI    .venv/bin/prefect server start   (then http://127.0.0.1:4200: flow runs, artifacts)")
-    print(f"   data gate     {root / 'prepared' / data.name}/{{validate,dedup,split}}/*.html")
-    print(f"   evaluation    {root / 'reports' / 'evaluation' / 'report.html'}")
+    print("   status        .venv/bin/drspot status   (data, champions, service, prediction log, last runs)")
+    print("   consoles      .venv/bin/drspot ui   (the Prefect UI and the MLflow UI on this project's stores)")
+    print('   by hand       eval "$(.venv/bin/drspot env --export)"   (prefect, mlflow, bentoml, dvc see this project)')
+    print(f"   data gate     {cfg.resolve(cfg.paths.prepared) / data.name}/{{validate,dedup,split}}/*.html")
+    print(f"   evaluation    {cfg.resolve(cfg.paths.reports) / 'evaluation' / 'report.html'}")
     if drift.get("report"):
         print(f"   drift report  {drift['report']}")
     if fly.get("feedback_batch"):
         print(f"   feedback in   {fly['feedback_batch']}")
     print(f"   data versions {version} -> {fly.get('data_version')} (data.dvc; `dvc push` went to the default remote)")
-    bento = json.loads((runtime_dir() / "deployed.json").read_text())["bento"]
+    from serving.deploy import deployed_file
+
+    bento = json.loads(deployed_file(cfg).read_text())["bento"]
     print(f"   serve again   .venv/bin/drspot serve   (Bento {bento})")

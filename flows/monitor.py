@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from components import reference, registry
-from components.config import load_config
+from components.config import Config, load_config
 from components.monitor import monitor
 
 DRIFT_EVENT = "drspot.drift.detected"
@@ -72,19 +72,28 @@ def _markdown(s: dict[str, Any]) -> str:
 
 
 @flow(name="monitor", log_prints=True)
-def monitor_flow(since: str | None = None, last: int | None = None, profile: str | None = None) -> dict[str, Any]:
+def monitor_flow(
+    since: str | None = None, last: int | None = None, profile: str | None = None, cfg: Config | None = None
+) -> dict[str, Any]:
+    """Compare the newest ``last`` predictions (or those ``since`` an ISO time) with the served model's reference.
+
+    ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given).
+    """
     import mlflow
     from serving.store import PredictionLog
 
-    cfg = load_config(profile)
+    cfg = cfg or load_config(profile)
     log = PredictionLog.from_config(cfg)
     when = dt.datetime.now(dt.UTC)
     out = cfg.resolve(cfg.monitor.reports) / when.strftime("%Y%m%dT%H%M%SZ")
     start = dt.datetime.fromisoformat(since) if since else None
     summary = monitor(cfg, log, _reference, out, since=start, last=last)
+    cfg.write(out / "config.yaml")
     logger = get_run_logger()
     registry.use_experiment("monitoring")
-    with mlflow.start_run(run_name=f"monitor-{when:%Y%m%dT%H%M%S}", tags={"status": summary["status"]}):
+    tags = {"status": summary["status"], "config_digest": cfg.digest(), "profile": cfg.profile}
+    with mlflow.start_run(run_name=f"monitor-{when:%Y%m%dT%H%M%S}", tags=tags):
+        mlflow.log_dict(cfg.as_dict(), "config/resolved.yaml")
         mlflow.log_metrics(
             {
                 "rows": summary["rows"]["current"],

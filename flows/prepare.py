@@ -16,8 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import gate
-from components.config import load_config
-from components.env import project_root
+from components.config import Config, load_config
 from components.manifest import DataError
 
 
@@ -43,58 +42,81 @@ def _echo(line: str) -> None:
 
 
 @task(name="dvc-stage", **RETRY)
-def dvc_stage(stage: str, root: str) -> str:
-    """Run one DVC stage; returns 'ran' or 'cached'."""
+def dvc_stage(stage: str, cfg: Config) -> str:
+    """Run one DVC stage of the project ``cfg.home`` with ``cfg`` (written first by :func:`stage_config`);
+    returns 'ran', 'restored' (from DVC's run cache) or 'cached' (unchanged)."""
     from components.versioning import DvcError, dvc
 
     try:
-        out = dvc("repro", "--single-item", stage, cwd=root, echo=_echo)
+        out = dvc("repro", "--single-item", stage, cwd=cfg.home, echo=_echo, home=cfg.home)
     except DvcError as e:
         if "error:" in str(e) and "drspot" in str(e):  # the step itself refused the data
             raise DataError(str(e)) from None
         raise
-    status = "ran" if "Running stage" in out else "cached"  # dvc prints "Stage 'x' didn't change, skipping"
+    # dvc prints "Running stage", "Stage 'x' is cached - skipping run, checking out outputs" (its run cache
+    # holds the outputs of exactly these dependencies and parameters), or "Stage 'x' didn't change, skipping"
+    status = "restored" if "is cached - skipping run" in out else "ran" if "Running stage" in out else "cached"
     get_run_logger().info("dvc stage %s: %s", stage, status)
     return status
 
 
 @task(name="validate", **RETRY)
-def validate_task(dataset: str, prepared: str, profile: str | None) -> int:
-    return gate.run_validate(dataset, Path(prepared), load_config(profile)).rows_valid
+def validate_task(dataset: str, prepared: str, cfg: Config) -> int:
+    return gate.run_validate(dataset, Path(prepared), cfg).rows_valid
 
 
 @task(name="dedup", **RETRY)
-def dedup_task(dataset: str, prepared: str, profile: str | None) -> int:
-    return gate.run_dedup(dataset, Path(prepared), load_config(profile)).rows_out
+def dedup_task(dataset: str, prepared: str, cfg: Config) -> int:
+    return gate.run_dedup(dataset, Path(prepared), cfg).rows_out
 
 
 @task(name="split", **RETRY)
-def split_task(dataset: str, prepared: str, profile: str | None) -> dict[str, int]:
-    return gate.run_split(dataset, Path(prepared), load_config(profile)).report["rows_per_split"]
+def split_task(dataset: str, prepared: str, cfg: Config) -> dict[str, int]:
+    return gate.run_split(dataset, Path(prepared), cfg).report["rows_per_split"]
 
 
-def uses_dvc(dataset: str | Path, root: Path, data_path: Path) -> bool:
-    return (root / "dvc.yaml").is_file() and Path(dataset).resolve() == data_path.resolve()
+def uses_dvc(dataset: str | Path, cfg: Config) -> bool:
+    """Whether ``dataset`` is the project's DVC-tracked dataset, whose steps are the stages of ``dvc.yaml``."""
+    return (cfg.home / "dvc.yaml").is_file() and Path(dataset).resolve() == cfg.resolve(cfg.paths.data).resolve()
+
+
+def stage_config(cfg: Config) -> Path:
+    """Write ``cfg`` where ``dvc.yaml``'s stages read it (their ``--config`` and ``params`` file), so DVC runs them
+    with exactly this configuration and its staleness check sees every value they use."""
+    return cfg.write(cfg.resolve(STAGE_CONFIG))
+
+
+STAGE_CONFIG = ".drspot/run/config.yaml"  # the file dvc.yaml names (relative to the project)
 
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(
-    dataset: str, prepared: str | None = None, profile: str | None = None, root: str | None = None
+    dataset: str,
+    prepared: str | None = None,
+    profile: str | None = None,
+    root: str | None = None,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
-    """Validate, de-duplicate and split ``dataset``; publish a markdown artifact of the figures."""
-    cfg = load_config(profile)
-    root_path = Path(root) if root else project_root()
+    """Validate, de-duplicate and split ``dataset``; publish a markdown artifact of the figures.
+
+    ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given); ``root`` moves its
+    state home to another project folder.
+    """
+    cfg = cfg or load_config(profile)
+    if root:
+        cfg = cfg.at(root)
     steps: dict[str, str] = {}
-    if uses_dvc(dataset, root_path, root_path / cfg.paths.data):
+    if uses_dvc(dataset, cfg):
         # the stages in dvc.yaml write to <prepared>/<data folder name>, as the CLI defaults do
-        out = root_path / cfg.paths.prepared / Path(cfg.paths.data).name
+        out = cfg.resolve(cfg.paths.prepared) / Path(cfg.paths.data).name
+        stage_config(cfg)
         for stage in ("validate", "dedup", "split"):
-            steps[stage] = dvc_stage(stage, str(root_path))
+            steps[stage] = dvc_stage(stage, cfg)
     else:
         out = gate.prepared_dir(dataset, cfg, prepared)
-        validate_task(dataset, str(out), profile)
-        dedup_task(dataset, str(out), profile)
-        split_task(dataset, str(out), profile)
+        validate_task(dataset, str(out), cfg)
+        dedup_task(dataset, str(out), cfg)
+        split_task(dataset, str(out), cfg)
         steps = dict.fromkeys(("validate", "dedup", "split"), "ran")
     md = gate.markdown(out, dataset)
     create_markdown_artifact(markdown=md, key="prepare-summary", description=f"data gate for {dataset}")

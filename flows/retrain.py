@@ -31,9 +31,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import feedback
-from components.config import load_config
-from components.env import project_root, runtime_dir
+from components.config import Config, load_config
+from components.env import runtime_dir
 from flows.train import decision
+
+SUMMARY = "summary.json"  # each retrain's record under <paths.reports>/retrain/<time>/ (read by `drspot status`)
 
 
 @contextmanager
@@ -50,18 +52,18 @@ def _one_at_a_time(root: Path):
 
 
 @task(name="collect-feedback")
-def collect(profile: str | None, data: str) -> tuple[list[feedback.Case], list[dict[str, str]]]:
+def collect(cfg: Config, data: str) -> tuple[list[feedback.Case], list[dict[str, str]]]:
     from serving.store import PredictionLog
 
-    return feedback.pending(PredictionLog.from_config(load_config(profile)), data)
+    return feedback.pending(PredictionLog.from_config(cfg), data)
 
 
 @task(name="ingest-feedback")
-def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, profile: str | None) -> dict[str, Any]:
+def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Config) -> dict[str, Any]:
     from components.ingest import ingest
 
     feedback.export(cases, batch)
-    result = ingest("feedback", batch, data, load_config(profile), append=True)
+    result = ingest("feedback", batch, data, cfg, append=True)
     return {"rows": result.rows, "problems": result.problem_counts()}
 
 
@@ -77,10 +79,10 @@ def version_data(root: str, data: str) -> dict[str, Any]:
 
 
 @task(name="deploy")
-def deploy_task(profile: str | None) -> dict[str, Any]:
+def deploy_task(cfg: Config) -> dict[str, Any]:
     from serving.deploy import deploy
 
-    return deploy(load_config(profile))
+    return deploy(cfg)
 
 
 def _markdown(s: dict[str, Any]) -> str:
@@ -98,6 +100,19 @@ def _markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _record(cfg: Config, started: dt.datetime, summary: dict[str, Any]) -> None:
+    """Keep the run's summary and configuration under ``<paths.reports>/retrain/<time>/`` (``drspot status``)."""
+    import json
+
+    out = cfg.resolve(cfg.paths.reports) / "retrain" / started.strftime("%Y%m%dT%H%M%S%fZ")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.write(out / "config.yaml")
+    keep = {k: v for k, v in summary.items() if k not in ("fate",)}
+    tmp = out / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(keep, indent=2, default=str))
+    tmp.replace(out / SUMMARY)
+
+
 @flow(name="retrain", log_prints=True)
 def retrain_flow(
     trigger: str = "by hand",
@@ -105,17 +120,25 @@ def retrain_flow(
     profile: str | None = None,
     root: str | None = None,
     deploy: bool | None = None,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
-    """Take the new confirmed cases into the dataset and retrain; returns what happened."""
+    """Take the new confirmed cases into the dataset and retrain; returns what happened.
+
+    ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given); ``root`` moves its
+    state home to another project folder.
+    """
     from components.versioning import data_version
     from flows.train import train_flow
 
-    cfg = load_config(profile)
-    root_path = Path(root) if root else project_root()
-    data = root_path / cfg.paths.data
+    cfg = cfg or load_config(profile)
+    if root:
+        cfg = cfg.at(root)
+    root_path = cfg.home
+    data = cfg.resolve(cfg.paths.data)
+    started = dt.datetime.now(dt.UTC)
     logger = get_run_logger()
     with _one_at_a_time(root_path):
-        cases, skipped = collect(profile, str(data))
+        cases, skipped = collect(cfg, str(data))
         for x in skipped:
             logger.warning("confirmed case %s not usable: %s", x["request_id"], x["reason"])
         summary: dict[str, Any] = {
@@ -132,13 +155,13 @@ def retrain_flow(
         else:
             if cases:
                 batch = cfg.resolve(cfg.retrain.feedback_dir) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-                summary["ingest"] = ingest_feedback(cases, str(batch), str(data), profile)
+                summary["ingest"] = ingest_feedback(cases, str(batch), str(data), cfg)
                 summary["feedback_batch"] = str(batch)
                 if (root_path / "data.dvc").is_file():
                     summary |= version_data(str(root_path), str(data))
                 problems = summary["ingest"]["problems"] or "no problems"
                 print(f"{len(cases)} confirmed case(s) added to {data} ({problems})")
-            trained = train_flow(dataset=str(data), profile=profile, root=str(root_path))
+            trained = train_flow(dataset=str(data), cfg=cfg)
             prepared = trained.get("prepared_dir")
             fates = feedback.fate(prepared, [c.image_id for c in cases]) if prepared else {}
             promoted = [r for r in trained["results"] if r.get("promote")]
@@ -156,8 +179,10 @@ def retrain_flow(
                 if f["where"] not in ("train", "val"):
                     print(f"  {iid}: {f['where']}: {f['why']}")
             if promoted and (cfg.retrain.deploy if deploy is None else deploy):
-                summary["deployed"] = deploy_task(profile).get("bento")
+                summary["deployed"] = deploy_task(cfg).get("bento")
         summary["data_version"] = data_version(root_path / "data.dvc")
+    summary |= {"at": started.isoformat(), "config_digest": cfg.digest(), "profile": cfg.profile}
+    _record(cfg, started, summary)
     create_markdown_artifact(markdown=_markdown(summary), key="retrain-summary", description="the flywheel")
     print(f"retrain ({trigger}): {summary['status']}: {summary['reason']}")
     return summary

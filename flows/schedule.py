@@ -86,12 +86,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_local_server(port: int, timeout: float = 180) -> tuple[str, subprocess.Popen | None]:
-    """``prefect server start`` on 127.0.0.1:``port`` (reused if one already answers there)."""
+def start_local_server(port: int, timeout: float = 180, log: Path | None = None) -> tuple[str, subprocess.Popen | None]:
+    """``prefect server start`` on 127.0.0.1:``port`` over the project's Prefect home (reused if one already
+    answers there); returns its API URL and the process (None when reused)."""
     url = f"http://127.0.0.1:{port}/api"
     if _healthy(url):
         return url, None
-    log = runtime_dir() / "prefect-server.log"
+    log = log or runtime_dir() / "prefect-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -21,37 +21,32 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import registry
-from components.config import load_config
-from components.env import project_root
+from components.config import Config, load_config
 from components.versioning import data_version
-from flows.prepare import RETRY, dvc_stage, prepare_flow, uses_dvc
+from flows.prepare import RETRY, dvc_stage, prepare_flow, stage_config, uses_dvc
 
 
 @task(name="train-classifier", **RETRY)
-def train_classifier_task(manifest: str, dataset: str, out: str, profile: str | None) -> str:
+def train_classifier_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
     from components.train_classifier import train_classifier
 
-    train_classifier(manifest, dataset, out, load_config(profile))
+    train_classifier(manifest, dataset, out, cfg)
     return out
 
 
 @task(name="train-detector", **RETRY)
-def train_detector_task(manifest: str, dataset: str, out: str, profile: str | None) -> str:
+def train_detector_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
     from components.train_detector import train_detector
 
-    train_detector(manifest, dataset, out, load_config(profile))
+    train_detector(manifest, dataset, out, cfg)
     return out
 
 
 @task(name="evaluate", **RETRY)
-def evaluate_task(
-    model: str, manifest: str, dataset: str, out: str, detector: str, profile: str | None, version: str | None
-):
+def evaluate_task(model: str, manifest: str, dataset: str, out: str, detector: str, cfg: Config, version: str | None):
     from components.evaluate import evaluate
 
-    return evaluate(model, manifest, dataset, out, load_config(profile), detector_dir=detector, data_version=version)[
-        "metrics"
-    ]
+    return evaluate(model, manifest, dataset, out, cfg, detector_dir=detector, data_version=version)["metrics"]
 
 
 @task(name="register-and-gate", retries=1, retry_delay_seconds=2)
@@ -62,11 +57,10 @@ def register_and_gate(
     tags: dict,
     report: str | None,
     parent: str,
-    profile: str | None,
+    cfg: Config,
     manifest: str,
     dataset: str,
 ):
-    cfg = load_config(profile)
     weights = Path(model_dir) / ("model.pt" if kind == "classifier" else "detector.pt")
     name = registry.model_name(kind)
     existing = registry.find_version(name, registry.file_hash(weights))
@@ -128,40 +122,49 @@ def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions
 
 
 @flow(name="train", log_prints=True)
-def train_flow(dataset: str | None = None, profile: str | None = None, root: str | None = None) -> dict[str, Any]:
-    """Prepare, train both models, evaluate, register and gate. Returns what happened."""
+def train_flow(
+    dataset: str | None = None, profile: str | None = None, root: str | None = None, cfg: Config | None = None
+) -> dict[str, Any]:
+    """Prepare, train both models, evaluate, register and gate. Returns what happened.
+
+    ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given), handed to every
+    task and, for the project dataset, written where the DVC stages read it; ``root`` moves the state home.
+    """
     import mlflow
 
-    cfg = load_config(profile)
-    root_path = Path(root) if root else project_root()
-    dataset = dataset or str(root_path / cfg.paths.data)
-    prepared = prepare_flow(dataset, profile=profile, root=str(root_path))
+    cfg = cfg or load_config(profile)
+    if root:
+        cfg = cfg.at(root)
+    dataset = dataset or str(cfg.resolve(cfg.paths.data))
+    prepared = prepare_flow(dataset, cfg=cfg)
     manifest = str(Path(prepared["prepared"]) / "split" / "split.parquet")
-    models, reports = root_path / cfg.paths.models, root_path / cfg.paths.reports / "evaluation"
+    models, reports = cfg.resolve(cfg.paths.models), cfg.resolve(cfg.paths.reports) / "evaluation"
     clf, det = str(models / "classifier"), str(models / "detector")
-    version = data_version(root_path / "data.dvc")
+    version = data_version(cfg.home / "data.dvc")
     logger = get_run_logger()
-    if uses_dvc(dataset, root_path, root_path / cfg.paths.data):
-        steps = {s: dvc_stage(s, str(root_path)) for s in ("train_classifier", "train_detector", "evaluate")}
+    if uses_dvc(dataset, cfg):
+        stage_config(cfg)
+        steps = {s: dvc_stage(s, cfg) for s in ("train_classifier", "train_detector", "evaluate")}
         metrics = json.loads((reports / "evaluation.json").read_text())["metrics"]
     else:
-        a = train_classifier_task.submit(manifest, dataset, clf, profile)
-        b = train_detector_task.submit(manifest, dataset, det, profile)
+        a = train_classifier_task.submit(manifest, dataset, clf, cfg)
+        b = train_detector_task.submit(manifest, dataset, det, cfg)
         a.result(), b.result()
-        metrics = evaluate_task(clf, manifest, dataset, str(reports), det, profile, version)
+        metrics = evaluate_task(clf, manifest, dataset, str(reports), det, cfg, version)
         steps = dict.fromkeys(("train_classifier", "train_detector", "evaluate"), "ran")
-    if all(v == "cached" for v in steps.values()):
-        logger.info("data, params and code unchanged: DVC trained nothing")
+    if all(v in ("cached", "restored") for v in steps.values()):
+        logger.info("data, params and code unchanged since a run DVC remembers: nothing trained")
     registry.client()
     tags = registry.lineage(cfg, manifest, version)
     with mlflow.start_run(run_name="train-flow", tags=tags) as parent:
+        mlflow.log_dict(cfg.as_dict(), "config/resolved.yaml")  # the configuration this run used, as resolved
         mlflow.log_metrics({f"gate_input.{k}": float(v) for k, v in metrics.items() if v == v})
         det_metrics = json.loads((Path(det) / "detector_config.json").read_text())["metrics"]
         results = [
             register_and_gate(
-                "classifier", clf, metrics, tags, str(reports), parent.info.run_id, profile, manifest, dataset
+                "classifier", clf, metrics, tags, str(reports), parent.info.run_id, cfg, manifest, dataset
             ),
-            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, profile, manifest, dataset),
+            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, cfg, manifest, dataset),
         ]
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
     for r in results:
@@ -182,9 +185,10 @@ def promote_flow(
     profile: str | None = None,
     dataset: str | None = None,
     manifest: str | None = None,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
     """The gate run by hand (``drspot promote``): the same decision and artifact as in ``train``."""
-    cfg = load_config(profile)
+    cfg = cfg or load_config(profile)
     name = registry.model_name(kind)
     version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
     result = _gate(kind, version, cfg, manifest, dataset)

@@ -15,7 +15,6 @@ from typing import Any
 
 from components import registry
 from components.config import Config
-from components.env import runtime_dir
 
 BENTO = "drspot"
 BENTOFILE = Path(__file__).parent / "bentofile.yaml"
@@ -62,19 +61,28 @@ def to_bento_store(kind: str) -> tuple[str, dict[str, Any]]:
     return str(model.tag), metadata
 
 
-def deployed_file() -> Path:
-    """What the last ``drspot deploy`` built (read by ``drspot serve``)."""
-    return runtime_dir() / "deployed.json"
+def deployed_file(cfg: Config) -> Path:
+    """What the last ``drspot deploy`` built (read by ``drspot serve``), in the state home."""
+    return cfg.home / ".drspot" / "deployed.json"
 
 
 def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
-    """Champions into the model store, then ``bentoml build`` (offline: no package locking)."""
+    """Champions into the model store, then ``bentoml build`` (offline: no package locking).
+
+    Prediction logs that earlier DrSpot versions left inside Bento folders are imported into the configured log
+    first (idempotent), so no logged prediction, confirmation or stored image stays behind in an old Bento.
+    """
     import bentoml
 
+    from serving.store import import_stranded
+
+    imported = [(str(src), n) for src, n in import_stranded(cfg) if n["predictions"] or n["feedback"]]
     tags, meta = {}, {}
     for kind in ("classifier", "detector"):
         tags[kind], meta[kind] = to_bento_store(kind)
     result: dict[str, Any] = {"models": tags, "registry": {k: m["registry"] for k, m in meta.items()}}
+    if imported:
+        result["imported_logs"] = imported
     if build:
         bento = bentoml.bentos.build_bentofile(
             str(BENTOFILE),
@@ -84,7 +92,7 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
         )
         result["bento"] = str(bento.tag)
         result["bento_path"] = str(bento.path)
-    state = deployed_file()
+    state = deployed_file(cfg)
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps(result, indent=2))
     return result

@@ -27,10 +27,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 import components  # noqa: F401  (offline settings first)
 from components.config import load_config
+from components.env import check_home
 from serving.inputs import InputError, body_limit, check_length, from_base64, read_image
 from serving.pipeline import PREPROCESS, Pipeline, correct
 
+# the configuration `drspot serve` resolved ($DRSPOT_CONFIG) and the state home it handed over ($DRSPOT_HOME):
+# a service whose log would land inside its own Bento refuses to start here, naming the setting to give
 CFG = load_config()
+HOME = check_home(CFG.home)
 S = CFG.serving
 # the model tags: pinned by `drspot deploy` as Bento build arguments; else the newest in the store
 _ARGS = bentoml.use_arguments()
@@ -130,8 +134,9 @@ class DrSpot:
     detector_model = bentoml.models.BentoModel(DETECTOR_TAG)
 
     def __init__(self) -> None:
-        from serving.store import PredictionLog
+        from serving.store import PredictionLog, check_log, describe
 
+        check_log(CFG)
         cm, dm = self.classifier_model, self.detector_model
         self.versions = {
             "classifier": cm.info.metadata.get("registry", str(cm.tag)),
@@ -149,6 +154,10 @@ class DrSpot:
                 "detector_error": self.pipeline.detector_error,
                 "batching": S.batching,
                 "profile": CFG.profile,
+                "config_digest": CFG.digest(),
+                "state_home": str(HOME),
+                "prediction_log": describe(CFG),
+                "images_dir": str(CFG.resolve(S.images_dir)) if S.store_images else None,
             }
         )
 

@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 
 from components.config import Config
-from components.env import runtime_dir
+from components.env import StateError, inside_code
 
 metadata = MetaData()
 
@@ -71,13 +71,66 @@ feedback = Table(
 )
 
 
+DB_ENV = "DRSPOT_DATABASE_URL"
+CONNECT_TIMEOUT_S = 5  # a database that does not answer is reported within this, not waited on
+
+
 def database_url(cfg: Config) -> str:
-    """``$DRSPOT_DATABASE_URL``, else ``serving.database_url``, else SQLite under ``.drspot/``."""
+    """``$DRSPOT_DATABASE_URL``, else ``serving.database_url``, else SQLite in the state home's ``.drspot/``."""
+    return os.environ.get(DB_ENV) or cfg.serving.database_url or f"sqlite:///{cfg.home / '.drspot' / 'predictions.db'}"
+
+
+def _setting(cfg: Config) -> str:
+    """Which setting chose the database (for error messages)."""
+    if os.environ.get(DB_ENV):
+        return DB_ENV
     return (
-        os.environ.get("DRSPOT_DATABASE_URL")
-        or cfg.serving.database_url
-        or f"sqlite:///{runtime_dir() / 'predictions.db'}"
+        "serving.database_url" if cfg.serving.database_url else "DRSPOT_HOME (the log is <home>/.drspot/predictions.db)"
     )
+
+
+def redact(url: str) -> str:
+    """A database URL without its password (for /readyz, status lines and logs)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show only its scheme
+        return url.split(":", 1)[0] + ":…"
+
+
+def describe(cfg: Config) -> str:
+    """Where predictions are logged: a file path for SQLite, else the URL without credentials."""
+    url = database_url(cfg)
+    return url[len("sqlite:///") :] if url.startswith("sqlite:///") else redact(url)
+
+
+def check_log(cfg: Config) -> str:
+    """Refuse, before any work, a prediction log or image store that would be lost or cannot be reached.
+
+    Raises:
+        StateError: the SQLite file or the images folder lies inside a Bento's or a package's own folder (a
+            redeploy would strand it), or the database does not answer within ``CONNECT_TIMEOUT_S``; the
+            message names the setting to change.
+    """
+    url = database_url(cfg)
+    images = cfg.resolve(cfg.serving.images_dir)
+    if url.startswith("sqlite:///") and inside_code(url[len("sqlite:///") :]):
+        raise StateError(
+            f"the prediction log {url[len('sqlite:///') :]} would sit inside this copy of the code (a Bento or a "
+            f"package), which the next deploy replaces: set {_setting(cfg)} to a place outside it"
+        )
+    if inside_code(images):
+        raise StateError(
+            f"stored images would go to {images}, inside this copy of the code (a Bento or a package): "
+            "set DRSPOT_HOME or serving.images_dir to a place outside it"
+        )
+    try:
+        PredictionLog(url).engine.dispose()
+    except Exception as e:  # noqa: BLE001 - any driver error: say which setting and why
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        raise StateError(f"the prediction log at {redact(url)} ({_setting(cfg)}) cannot be used: {reason}") from None
+    return url
 
 
 class PredictionLog:
@@ -85,7 +138,9 @@ class PredictionLog:
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True)
+        # a server that does not answer fails within CONNECT_TIMEOUT_S instead of hanging the caller
+        args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+        self.engine = create_engine(url, pool_pre_ping=True, connect_args=args)
         if self.engine.dialect.name == "sqlite":
 
             @event.listens_for(self.engine, "connect")
@@ -137,6 +192,16 @@ class PredictionLog:
             )
             return int(res.inserted_primary_key[0])
 
+    def count(self, since: dt.datetime | None = None) -> int:
+        """How many predictions are logged (since ``since``, when given)."""
+        from sqlalchemy import func
+
+        q = select(func.count()).select_from(predictions)
+        if since is not None:
+            q = q.where(predictions.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
     def window(self, since: dt.datetime | None = None, last: int | None = None) -> list[dict[str, Any]]:
         """Logged predictions, oldest first: those after ``since``, or the ``last`` N."""
         q = select(predictions)
@@ -167,3 +232,93 @@ class PredictionLog:
             rows = [dict(r) for r in conn.execute(q.order_by(feedback.c.id)).mappings()]
         latest = {r["request_id"]: r for r in rows}
         return list(latest.values())
+
+
+IMPORTED = ".imported"  # suffix of the marker written beside a stranded log once it was imported
+
+
+def stranded(bentoml_home: str | Path) -> list[Path]:
+    """Prediction logs that DrSpot versions before the state home left inside Bento folders
+    (``<BENTOML_HOME>/bentos/<name>/<version>/src/.drspot/predictions.db``) and that were not imported yet."""
+    found = Path(bentoml_home).glob("bentos/*/*/src/.drspot/predictions.db")
+    return sorted(p for p in found if not p.with_name(p.name + IMPORTED).is_file())
+
+
+def import_log(source: str | Path, into: PredictionLog) -> dict[str, int]:
+    """Copy the predictions, confirmations and stored images of the SQLite log ``source`` into ``into``.
+
+    Idempotent: a prediction whose ``request_id`` is already there, or a confirmation already there (same request,
+    label, reviewer and time), is not copied again. Stored images are copied into ``into``'s image store (content
+    addressed) and the rows point at the copies; an image missing at the source keeps its old path, so the flywheel
+    reports it as missing rather than losing the row. The source is read only, never changed or deleted.
+
+    Returns:
+        counts: predictions / feedback imported and already present, images copied and missing.
+    """
+    src = create_engine(f"sqlite:///{Path(source).resolve()}")
+    counts = dict.fromkeys(
+        ("predictions", "predictions_present", "feedback", "feedback_present", "images", "images_missing"), 0
+    )
+    try:
+        with src.connect() as conn:
+            rows = [dict(r) for r in conn.execute(select(predictions)).mappings()]
+            confirmations = [dict(r) for r in conn.execute(select(feedback).order_by(feedback.c.id)).mappings()]
+    finally:
+        src.dispose()
+    with into.engine.connect() as conn:
+        have = set(conn.execute(select(predictions.c.request_id)).scalars())
+        seen = {
+            (r.request_id, r.confirmed_label, r.reviewer, _naive(r.created_at))
+            for r in conn.execute(
+                select(feedback.c.request_id, feedback.c.confirmed_label, feedback.c.reviewer, feedback.c.created_at)
+            )
+        }
+    new_rows = []
+    for r in rows:
+        if r["request_id"] in have:
+            counts["predictions_present"] += 1
+            continue
+        old = r["image_path"]
+        if old and into.images_dir is not None:
+            if Path(old).is_file():
+                r["image_path"] = into.store_image(r["image_sha256"], Path(old).read_bytes(), r["format"] or "")
+                counts["images"] += 1
+            else:
+                counts["images_missing"] += 1
+        new_rows.append(r)
+    new_feedback = []
+    for f in confirmations:
+        key = (f["request_id"], f["confirmed_label"], f["reviewer"], _naive(f["created_at"]))
+        if key in seen:
+            counts["feedback_present"] += 1
+            continue
+        seen.add(key)
+        new_feedback.append({k: v for k, v in f.items() if k != "id"})
+    with into.engine.begin() as conn:  # one transaction: an interrupted import leaves nothing half-copied
+        if new_rows:
+            conn.execute(insert(predictions), new_rows)
+        if new_feedback:
+            conn.execute(insert(feedback), new_feedback)
+    counts["predictions"], counts["feedback"] = len(new_rows), len(new_feedback)
+    return counts
+
+
+def _naive(t: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive times, PostgreSQL aware ones (UTC): compare them alike."""
+    return t.astimezone(dt.UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+
+
+def import_stranded(cfg: Config, sources: list[Path] | None = None) -> list[tuple[Path, dict[str, int]]]:
+    """Import every log left inside a Bento folder (or the ``sources`` given) into the configured log."""
+    sources = stranded(os.environ["BENTOML_HOME"]) if sources is None else sources
+    if not sources:
+        return []
+    log = PredictionLog.from_config(cfg)
+    done = []
+    for src in sources:
+        counts = import_log(src, log)
+        # the marker keeps `drspot deploy` from importing it again into a log that was since moved aside (the demo's
+        # fresh start); `drspot import-logs PATH` still can, and finds everything already there
+        src.with_name(src.name + IMPORTED).write_text(f"imported into {redact(log.url)} at {dt.datetime.now(dt.UTC)}\n")
+        done.append((src, counts))
+    return done

@@ -46,6 +46,15 @@ def cfg():
     return load_config("test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_closed_while_output_is_open():
+    """Stop Prefect's temporary server before pytest closes its streams (else the run ends on a logging traceback)."""
+    yield
+    from components.env import close_prefect
+
+    close_prefect()
+
+
 @pytest.fixture(scope="session")
 def synthetic_source(tmp_path_factory, cfg):
     """A generated synthetic raw source on the `test` profile, with planted faults (read-only)."""
@@ -90,13 +99,14 @@ def copytree(tmp_path):
 
 @pytest.fixture
 def dvc_project(git_dvc_repo, cfg, synthetic_source):
-    """A fresh clone-like project: params, dvc.yaml (profile test), the stages' code deps, data/ added."""
+    """A fresh clone-like project: params, dvc.yaml, the stages' code deps, data/ added (flows run it with the
+    `test` profile, which they write where the stages read it)."""
     from components.ingest import ingest
     from components.versioning import dvc
 
     root = git_dvc_repo
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("profile: demo", "profile: test"))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "components", root / "components")
     ingest("synthetic", synthetic_source, root / "data", cfg)
     dvc("add", "data", cwd=root)

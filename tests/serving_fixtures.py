@@ -42,22 +42,24 @@ def train_and_register(root: Path, synthetic_source: Path, cfg) -> dict[str, str
 
 
 def service_env(root: Path, **extra: str) -> dict[str, str]:
+    """A project at ``root`` (its own params.yaml) and the environment of a shell that points DrSpot at it with
+    ``DRSPOT_HOME`` alone: the libraries' homes, the prediction log and the params are derived from that, as for
+    a user (none of this test process's own settings are passed on)."""
+    from components.env import settings
+
     params = (ROOT / "params.yaml").read_text()
     params = params.replace("    store_images: false", "    store_images: true")
     params = params.replace("    detector_conf: null", "    detector_conf: 0.001")  # one-epoch detector
     (root / "params.yaml").write_text(params)
-    env = {
-        **os.environ,
+    inherited = {k: v for k, v in os.environ.items() if k not in settings() and not k.startswith("DRSPOT_")}
+    return {
+        **inherited,
         "DRSPOT_HOME": str(root),
-        "DRSPOT_PARAMS": str(root / "params.yaml"),
         "DRSPOT_PROFILE": "test",
-        "BENTOML_HOME": str(root / ".drspot" / "bentoml"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "DRSPOT_FEEDBACK_API_KEY": API_KEY,
         **extra,
     }
-    env.pop("DRSPOT_DATABASE_URL", None)
-    return env
 
 
 def drspot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -76,7 +76,43 @@ def test_cli_prints_the_resolved_config(drspot_cli):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["synthetic"]["n_lesions"] == load_config("test").synthetic.n_lesions
     out = drspot_cli("config", "--profile", "demo")
-    assert out.stdout.startswith("# resolved parameters, profile demo")
+    digest = load_config("demo").digest()
+    assert out.stdout.startswith(f"# DrSpot resolved configuration: profile demo, digest {digest}")
+
+
+def test_a_resolved_configuration_is_taken_as_it_is(tmp_path, monkeypatch, drspot_cli):
+    from components.config import load_resolved
+
+    monkeypatch.setenv("DRSPOT_SET", "monitor.last=77")
+    cfg = load_config("test")
+    path = cfg.write(tmp_path / "run" / "config.yaml")
+    assert not list(path.parent.glob(".*.tmp"))  # written whole, through a temporary file
+    monkeypatch.setenv("DRSPOT_SET", "monitor.last=5")  # a later override does not re-resolve a resolved file
+    again = load_resolved(path)
+    assert again == cfg and again.digest() == cfg.digest() and again.monitor.last == 77
+    out = drspot_cli("--config", str(path), "config", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["monitor"]["last"] == 77
+    out = drspot_cli("--config", str(path), "--profile", "demo", "config")
+    assert out.returncode == 2 and "give it without --profile/--params" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--profile", "nope", "status"], {}, "unknown profile 'nope'"),
+        (["status"], {"DRSPOT_PROFILE": "nope"}, "unknown profile 'nope'"),
+        (["status"], {"DRSPOT_SET": "classifier.epoch=3"}, "unknown key 'classifier.epoch'"),
+        (["--config", "/nonexistent/config.yaml", "status"], {}, "resolved configuration not found"),
+    ],
+)
+def test_a_bad_setting_is_named_before_any_work(drspot_cli, tmp_path, args, env, message):
+    import os
+
+    home = tmp_path / "home"
+    out = drspot_cli(*args, env={**os.environ, "DRSPOT_HOME": str(home), **env})
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.startswith("drspot status: error:") and not home.exists()  # refused before anything was made
 
 
 def test_cli_reports_a_bad_params_file(drspot_cli, tmp_path):

@@ -29,10 +29,11 @@ def _shift(data: bytes) -> bytes:
 
 @pytest.fixture
 def monitor_env(deployed, monkeypatch):
+    """This process in the service's state home: the log, params and reports are found from it alone."""
     root = deployed["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", deployed["env"]["MLFLOW_TRACKING_URI"])
-    monkeypatch.setenv("DRSPOT_DATABASE_URL", f"sqlite:///{root / '.drspot' / 'predictions.db'}")
-    monkeypatch.setenv("DRSPOT_PARAMS", deployed["env"]["DRSPOT_PARAMS"])
+    monkeypatch.setenv("DRSPOT_HOME", str(root))
+    monkeypatch.delenv("DRSPOT_DATABASE_URL", raising=False)
     return root
 
 

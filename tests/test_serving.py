@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -51,8 +52,15 @@ def test_deploy_copies_the_champions_and_builds_a_bento(deployed):
     import subprocess
     import sys
 
+    # `bentoml` typed by hand sees the project's store once the shell has the project's settings
+    drspot_exe = Path(sys.executable).parent / "drspot"
     listed = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", "drspot-classifier:latest", "-o", "json"],
+        [
+            "bash",
+            "-c",
+            f'eval "$({drspot_exe} env --export)"; {sys.executable} -m bentoml models get '
+            "drspot-classifier:latest -o json",
+        ],
         env=deployed["env"],
         capture_output=True,
         text=True,
@@ -101,6 +109,51 @@ def test_predict_answers_the_contract_and_logs_it(server, deployed):
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["ready"] and ready["models"] == d["models"]
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+    # the state home `drspot serve` handed over, never the Bento's own folder
+    root = deployed["root"]
+    assert ready["state_home"] == str(root) and ready["prediction_log"] == str(root / ".drspot" / "predictions.db")
+    assert ready["images_dir"] == str(root / ".drspot" / "images") and ready["profile"] == "test"
+    assert not list((root / ".drspot" / "bentoml" / "bentos").glob("*/*/src/.drspot"))
+
+
+def test_a_bento_served_without_its_state_home_refuses_to_start(deployed, server):
+    """`bentoml serve` on the Bento by hand, without DRSPOT_HOME: it must not log into its own folder."""
+    import subprocess
+    import sys
+
+    from tests.serving_fixtures import free_port
+
+    env = {k: v for k, v in deployed["env"].items() if k != "DRSPOT_HOME"}
+    env["BENTOML_HOME"] = str(deployed["root"] / ".drspot" / "bentoml")
+    cmd = [sys.executable, "-m", "bentoml", "serve", "drspot:latest", "--host", "127.0.0.1", "--port", str(free_port())]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=deployed["root"])
+    assert out.returncode != 0
+    assert "is not a project checkout" in out.stderr and "set DRSPOT_HOME to the project folder" in out.stderr
+
+
+def test_status_shows_the_service_its_log_and_the_champions(server, deployed):
+    from tests.serving_fixtures import drspot
+
+    env = {**deployed["env"], "DRSPOT_SET": f"serving.port={server.port}"}
+    out = drspot("status", "--json", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    v = deployed["versions"]
+    assert s["home"] == str(deployed["root"])
+    assert s["models"]["classifier"]["champion"]["version"] == v["classifier"]
+    assert "macro_auc" in s["models"]["classifier"]["champion"]["metrics"]
+    assert (
+        s["serving"]["answering"]
+        and s["serving"]["readyz"]["models"]["classifier"] == f"drspot-classifier/{v['classifier']}"
+    )
+    assert s["serving"]["deployed"]["bento"].startswith("drspot:")
+    from serving.store import PredictionLog
+
+    logged = PredictionLog(f"sqlite:///{deployed['root'] / '.drspot' / 'predictions.db'}").count()
+    assert logged > 0 and s["prediction_log"]["predictions"] == logged
+    text = drspot("status", env=env).stdout
+    assert f"{server.url} answering: drspot-classifier/{v['classifier']}" in text
+    assert f"{logged} predictions" in text
 
 
 def test_json_variant_compare_and_unknown_language(server, deployed):

@@ -1,0 +1,318 @@
+"""``drspot status``: one screen that says where everything is and how it stands.
+
+Everything is read, nothing is created: a store that does not exist yet is reported as such (asking MLflow about
+a missing SQLite store, or the prediction log about a missing file, would create an empty one). Each part is
+collected on its own, so one part that cannot be read (a server that does not answer) is reported in its line and
+the others still show.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from components.config import Config
+
+KEY_METRICS = {
+    "classifier": ("macro_auc", "balanced_accuracy", "malignant_sensitivity", "malignant_specificity"),
+    "detector": ("map50", "map50_95"),
+}
+PROBE_TIMEOUT_S = 2.0  # a server that does not answer within this is reported as not answering
+
+
+def _part(fn, *args) -> dict[str, Any]:
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - one unreadable part must not hide the others
+        return {"error": f"{type(e).__name__}: {e}"[:400]}
+
+
+def data_status(cfg: Config) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from components.manifest import MANIFEST
+    from components.versioning import data_version
+
+    data = cfg.resolve(cfg.paths.data)
+    out: dict[str, Any] = {"path": str(data), "version": data_version(cfg.home / "data.dvc")}
+    if (data / MANIFEST).is_file():
+        table = pq.read_table(data / MANIFEST, columns=["label", "source"])
+        out["images"] = table.num_rows
+        out["by_source"] = dict(Counter(table.column("source").to_pylist()))
+    split = cfg.resolve(cfg.paths.prepared) / data.name / "split" / "split.parquet"
+    if split.is_file():
+        splits = pq.read_table(split, columns=["split"]).column("split").to_pylist()
+        out["splits"] = {k or "held out": v for k, v in sorted(Counter(splits).items(), key=lambda kv: str(kv[0]))}
+    return out
+
+
+def models_status(cfg: Config) -> dict[str, Any]:
+    from components import registry
+
+    uri = registry.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return {"tracking_uri": uri, "note": "no registry yet (run `drspot train`)"}
+    from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, uri)
+    out: dict[str, Any] = {"tracking_uri": uri}
+    for kind in ("classifier", "detector"):
+        name = registry.model_name(kind)
+        entry: dict[str, Any] = {}
+        for alias in ("champion", "challenger"):
+            try:
+                mv = client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                entry[alias] = None
+                continue
+            metrics = {k: float(mv.tags[f"metric.{k}"]) for k in KEY_METRICS[kind] if f"metric.{k}" in mv.tags}
+            entry[alias] = {
+                "version": str(mv.version),
+                "metrics": metrics,
+                "data_version": mv.tags.get("data_version"),
+                "gate": mv.tags.get("gate.decision"),
+                "gate_reason": mv.tags.get("gate.reason"),
+            }
+        out[kind] = entry
+    return out
+
+
+def serving_status(cfg: Config) -> dict[str, Any]:
+    import httpx
+
+    from serving.deploy import deployed_file
+
+    state = deployed_file(cfg)
+    out: dict[str, Any] = {"deployed": json.loads(state.read_text()) if state.is_file() else None}
+    url = f"http://{cfg.serving.host}:{cfg.serving.port}"
+    out["url"] = url
+    try:
+        r = httpx.get(f"{url}/readyz", timeout=PROBE_TIMEOUT_S)
+        out["answering"] = True
+        out["ready"] = r.status_code == 200
+        out["readyz"] = r.json()
+    except (httpx.HTTPError, ValueError):
+        out["answering"] = False
+    return out
+
+
+def _latest(folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """The newest ``<time>/summary.json`` under ``folder`` (time-named folders sort by time)."""
+    runs = sorted(p for p in folder.glob("*/summary.json")) if folder.is_dir() else []
+    return (runs[-1].parent.name, json.loads(runs[-1].read_text())) if runs else None
+
+
+def _when(stamp: str) -> dt.datetime:
+    """A run folder's name (``20261130T063000Z`` or with microseconds) as a UTC time."""
+    for fmt in ("%Y%m%dT%H%M%S%fZ", "%Y%m%dT%H%M%SZ"):
+        try:
+            return dt.datetime.strptime(stamp, fmt).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+    raise ValueError(f"not a run time: {stamp}")
+
+
+def monitor_status(cfg: Config) -> dict[str, Any]:
+    last = _latest(cfg.resolve(cfg.monitor.reports))
+    if last is None:
+        return {"last": None}
+    stamp, s = last
+    return {
+        "last": {
+            "at": _when(stamp).isoformat(),
+            "status": s["status"],
+            "rows": s.get("rows", {}).get("current"),
+            "reasons": s.get("reasons", []),
+            "report": s.get("report"),
+        }
+    }
+
+
+def retrain_status(cfg: Config) -> dict[str, Any]:
+    last = _latest(cfg.resolve(cfg.paths.reports) / "retrain")
+    if last is None:
+        return {"last": None}
+    _, s = last
+    keep = ("at", "trigger", "status", "reason", "new_cases", "data_version_before", "data_version", "deployed")
+    gate = [
+        {"kind": r["kind"], "version": r["version"], "promote": r["promote"], "reason": r["reason"]}
+        for r in s.get("gate", [])
+    ]
+    return {"last": {**{k: s.get(k) for k in keep}, "gate": gate}}
+
+
+def log_status(cfg: Config, since: str | None) -> dict[str, Any]:
+    from components import feedback
+    from serving.store import PredictionLog, database_url, describe
+
+    url = database_url(cfg)
+    out: dict[str, Any] = {"location": describe(cfg)}
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        return {**out, "predictions": 0, "note": "nothing logged yet"}
+    log = PredictionLog.from_config(cfg)
+    try:
+        out["predictions"] = log.count()
+        if since:
+            out["since_last_monitor"] = log.count(dt.datetime.fromisoformat(since))
+        cases, unusable = feedback.pending(log, cfg.resolve(cfg.paths.data))
+        out["confirmed_waiting"] = len(cases)
+        out["confirmed_unusable"] = len(unusable)
+    finally:
+        log.engine.dispose()
+    return out
+
+
+def schedule_status(cfg: Config) -> dict[str, Any]:
+    """Deployments and their next runs, when a Prefect server answers (``PREFECT_API_URL`` or the local one)."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"
+    try:
+        httpx.get(f"{url}/health", timeout=PROBE_TIMEOUT_S).raise_for_status()
+    except httpx.HTTPError:
+        return {"server": url, "answering": False}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        deployments = {d.id: d for d in client.read_deployments()}
+        flows = {f.id: f.name for f in client.read_flows()}
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=10,
+        )
+    names = {i: f"{flows.get(d.flow_id, '?')}/{d.name}" for i, d in deployments.items()}
+    return {
+        "server": url,
+        "answering": True,
+        "deployments": sorted(names.values()),
+        "next_runs": [
+            {"deployment": names.get(r.deployment_id, "?"), "at": r.expected_start_time.isoformat()}
+            for r in runs
+            if r.expected_start_time
+        ],
+    }
+
+
+def collect(cfg: Config) -> dict[str, Any]:
+    """Every part of the status, as plain data (``drspot status --json``)."""
+    out: dict[str, Any] = {"home": str(cfg.home), "profile": cfg.profile, "config_digest": cfg.digest()}
+    out["data"] = _part(data_status, cfg)
+    out["models"] = _part(models_status, cfg)
+    out["serving"] = _part(serving_status, cfg)
+    out["monitor"] = _part(monitor_status, cfg)
+    last_monitor = (out["monitor"].get("last") or {}).get("at")
+    out["prediction_log"] = _part(log_status, cfg, last_monitor)
+    out["retrain"] = _part(retrain_status, cfg)
+    out["schedule"] = _part(schedule_status, cfg)
+    return out
+
+
+def _metrics(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) or "no metrics"
+
+
+def _model(entry: dict[str, Any] | None) -> str:
+    return f"v{entry['version']} ({_metrics(entry['metrics'])})" if entry else "none"
+
+
+def render(s: dict[str, Any]) -> str:
+    """The one-screen text of :func:`collect`."""
+    lines = [f"DrSpot status: state home {s['home']} (profile {s['profile']}, configuration {s['config_digest']})"]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name:<10} {text}")
+
+    d = s["data"]
+    if "error" in d:
+        row("data", f"unreadable: {d['error']}")
+    else:
+        counts = f"{d['images']} images" if "images" in d else "no dataset yet"
+        splits = ", ".join(f"{k} {v}" for k, v in d.get("splits", {}).items())
+        row(
+            "data",
+            f"{d['path']}: version {d['version'] or 'unversioned'}; {counts}" + (f" ({splits})" if splits else ""),
+        )
+    m = s["models"]
+    if "error" in m or "note" in m:
+        row("models", m.get("error") or f"{m['note']} ({m['tracking_uri']})")
+    else:
+        for kind in ("classifier", "detector"):
+            e = m[kind]
+            text = f"champion {_model(e['champion'])}; challenger {_model(e['challenger'])}"
+            ch = e["challenger"]
+            if ch and ch.get("gate"):
+                text += f", gate {ch['gate']}"
+            row(kind, text)
+        row("registry", m["tracking_uri"])
+    v = s["serving"]
+    if "error" in v:
+        row("serving", f"unreadable: {v['error']}")
+    else:
+        bento = (v["deployed"] or {}).get("bento") or "nothing deployed yet"
+        if v.get("answering"):
+            r = v.get("readyz", {})
+            served = " + ".join((r.get("models") or {}).values()) or r.get("detail", "not ready")
+            where = f"{v['url']} answering: {served} (profile {r.get('profile')}, data {r.get('data_version')})"
+        else:
+            where = f"no service answering at {v['url']}"
+        row("serving", f"Bento {bento}; {where}")
+    log = s["prediction_log"]
+    if "error" in log:
+        row("log", f"unreadable: {log['error']}")
+    else:
+        since = f", {log['since_last_monitor']} since the last monitor run" if "since_last_monitor" in log else ""
+        row("log", f"{log['location']}: {log['predictions']} predictions{since}")
+        if "confirmed_waiting" in log:
+            row(
+                "feedback",
+                f"{log['confirmed_waiting']} confirmed case(s) waiting for the flywheel"
+                + (f" ({log['confirmed_unusable']} not usable)" if log["confirmed_unusable"] else ""),
+            )
+    mon = s["monitor"]
+    last = mon.get("last")
+    if "error" in mon:
+        row("monitor", f"unreadable: {mon['error']}")
+    elif last:
+        why = f": {last['reasons'][0]}" if last.get("reasons") else ""
+        row("monitor", f"last run {last['at']}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
+    else:
+        row("monitor", "never run")
+    rt = s["retrain"]
+    last = rt.get("last")
+    if "error" in rt:
+        row("retrain", f"unreadable: {rt['error']}")
+    elif last:
+        gates = "; ".join(
+            f"{g['kind']} v{g['version']} {({True: 'promoted', False: 'rejected', None: 'unchanged'})[g['promote']]}"
+            for g in last["gate"]
+        )
+        versions = f"data {last['data_version_before']} -> {last['data_version']}"
+        row(
+            "retrain",
+            f"last run {last['at']} ({last['trigger']}): {last['status']}; {versions}"
+            + (f"; {gates}" if gates else ""),
+        )
+    else:
+        row("retrain", "never run")
+    sc = s["schedule"]
+    if "error" in sc:
+        row("schedule", f"unreadable: {sc['error']}")
+    elif not sc["answering"]:
+        row("schedule", f"no Prefect server answering at {sc['server']} (start one: drspot schedule / drspot ui)")
+    else:
+        nxt = ", ".join(f"{r['deployment']} at {r['at']}" for r in sc["next_runs"][:4]) or "no runs scheduled"
+        row("schedule", f"{sc['server']}: {len(sc['deployments'])} deployment(s); next: {nxt}")
+    return "\n".join(lines)
