@@ -110,7 +110,7 @@ def _latest(folder: Path) -> tuple[str, dict[str, Any]] | None:
 
 def _when(stamp: str) -> dt.datetime:
     """A run folder's name (``20261130T063000Z`` or with microseconds) as a UTC time."""
-    for fmt in ("%Y%m%dT%H%M%S%fZ", "%Y%m%dT%H%M%SZ"):
+    for fmt in ("%Y%m%dT%H%M%SZ", "%Y%m%dT%H%M%S%fZ"):  # seconds first: %S%f would split "43" into 4 s + 0.3 s
         try:
             return dt.datetime.strptime(stamp, fmt).replace(tzinfo=dt.UTC)
         except ValueError:

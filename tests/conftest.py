@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DRSPOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def shell_env(**extra: str) -> dict[str, str]:
+    """The environment of a new user's shell: none of DrSpot's or the libraries' variables (this test process set
+    them for itself), the interpreter's venv first on PATH; ``extra`` on top (e.g. ``DRSPOT_HOME`` for isolation)."""
+    keep = {"PATH", "HOME", "LANG", "TMPDIR", "DRSPOT_SHARED_DATA", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    return {**env, **extra}
+
+
 def shared(sub: str) -> Path:
     """A folder of ../shared/data, or skip the test saying what is missing."""
     path = SHARED / sub

@@ -7,7 +7,6 @@ real ``drspot serve`` on a free loopback port, with its own prediction log and i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,21 +44,19 @@ def service_env(root: Path, **extra: str) -> dict[str, str]:
     """A project at ``root`` (its own params.yaml) and the environment of a shell that points DrSpot at it with
     ``DRSPOT_HOME`` alone: the libraries' homes, the prediction log and the params are derived from that, as for
     a user (none of this test process's own settings are passed on)."""
-    from components.env import settings
+    from tests.conftest import shell_env
 
     params = (ROOT / "params.yaml").read_text()
     params = params.replace("    store_images: false", "    store_images: true")
     params = params.replace("    detector_conf: null", "    detector_conf: 0.001")  # one-epoch detector
     (root / "params.yaml").write_text(params)
-    inherited = {k: v for k, v in os.environ.items() if k not in settings() and not k.startswith("DRSPOT_")}
-    return {
-        **inherited,
-        "DRSPOT_HOME": str(root),
-        "DRSPOT_PROFILE": "test",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "DRSPOT_FEEDBACK_API_KEY": API_KEY,
+    return shell_env(
+        DRSPOT_HOME=str(root),
+        DRSPOT_PROFILE="test",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        DRSPOT_FEEDBACK_API_KEY=API_KEY,
         **extra,
-    }
+    )
 
 
 def drspot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

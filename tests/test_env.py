@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from components.env import FIXED, homes
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shell_env
 
 
 def _clean_env() -> dict[str, str]:
     """The environment of a fresh shell: none of DrSpot's settings."""
-    keep = {"PATH", "HOME", "LANG", "TMPDIR", "DRSPOT_SHARED_DATA"}
-    return {k: v for k, v in os.environ.items() if k in keep}
+    return shell_env()
 
 
 def test_cli_applies_the_settings_for_itself(drspot_cli):

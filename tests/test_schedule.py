@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving.launch import free_port
+from tests.conftest import shell_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,15 +32,10 @@ async def _runs(url: str) -> list[tuple[str, str, dict, str]]:
 def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "DRSPOT_HOME": str(tmp_path),
-        "DRSPOT_PARAMS": str(ROOT / "params.yaml"),
-        "DRSPOT_PROFILE": "test",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    for k in ("PREFECT_API_URL", "DRSPOT_DATABASE_URL", "PREFECT_HOME"):
-        env.pop(k, None)
+    # a project home without a params.yaml of its own: the parameters come from the code's copy
+    env = shell_env(
+        DRSPOT_HOME=str(tmp_path), DRSPOT_PROFILE="test", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
     out = tmp_path / "schedule.log"
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "drspot"), "schedule", "--port", str(port)],

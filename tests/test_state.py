@@ -14,14 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a fresh shell: none of DrSpot's or the libraries' settings, only the venv on PATH."""
-    keep = {"PATH", "HOME", "LANG", "TMPDIR", "DRSPOT_SHARED_DATA", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-    return {**env, **extra}
+from tests.conftest import shell_env as clean_env
 
 
 def test_a_copy_of_the_code_outside_a_checkout_has_no_home_of_its_own(tmp_path):
@@ -138,6 +131,13 @@ def test_status_on_an_empty_project_creates_nothing(drspot_cli, tmp_path):
     }
     assert s["monitor"] == {"last": None} and s["retrain"] == {"last": None}
     assert not (tmp_path / ".drspot" / "predictions.db").exists() and not (tmp_path / "mlflow").exists()
+
+
+def test_run_folders_read_back_as_their_times():
+    from flows.status import _when
+
+    assert _when("20261130T065543Z").isoformat() == "2026-11-30T06:55:43+00:00"  # monitor reports
+    assert _when("20261130T065548456436Z").isoformat() == "2026-11-30T06:55:48.456436+00:00"  # retrain records
 
 
 @pytest.mark.slow

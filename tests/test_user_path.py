@@ -111,7 +111,8 @@ def check_the_loop(text: str) -> dict[str, str]:
 
 
 def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
-    first = check_the_loop(demo(clone, "demo-1"))
+    text = demo(clone, "demo-1")
+    first = check_the_loop(text)
     status = json.loads(
         _sh(str(clone / ".venv" / "bin" / "drspot"), "status", "--json", cwd=clone, env=user_env(clone))
     )
@@ -119,6 +120,8 @@ def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
     log = status["prediction_log"]
     assert log["location"] == str(clone / ".drspot" / "predictions.db")
     assert log["predictions"] >= 2 * 120 and log["confirmed_waiting"] == 0, log
+    # logged after the last monitor run: the copy of a test image, and the 20 checks when a model was promoted
+    assert log["since_last_monitor"] == 1 + (20 if "== [12] serve the promoted model" in text else 0), log
     assert status["monitor"]["last"]["status"] == "drift"
     assert status["retrain"]["last"]["status"] == "retrained"
     assert status["retrain"]["last"]["data_version"] == status["data"]["version"] == f"{first['data_after']}"
