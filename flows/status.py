@@ -126,6 +126,7 @@ def monitor_status(cfg: Config) -> dict[str, Any]:
     return {
         "last": {
             "at": _when(stamp).isoformat(),
+            "newest_seen": (s.get("window") or {}).get("newest"),  # the newest prediction that run looked at
             "status": s["status"],
             "rows": s.get("rows", {}).get("current"),
             "reasons": s.get("reasons", []),
@@ -148,6 +149,7 @@ def retrain_status(cfg: Config) -> dict[str, Any]:
 
 
 def log_status(cfg: Config, since: str | None) -> dict[str, Any]:
+    """The log's location and counts; ``since``: the newest prediction the last monitor run saw (ISO time)."""
     from components import feedback
     from serving.store import PredictionLog, database_url, describe
 
@@ -158,8 +160,8 @@ def log_status(cfg: Config, since: str | None) -> dict[str, Any]:
     log = PredictionLog.from_config(cfg)
     try:
         out["predictions"] = log.count()
-        if since:
-            out["since_last_monitor"] = log.count(dt.datetime.fromisoformat(since))
+        if since:  # logged after the newest prediction the last monitor run looked at: not monitored yet
+            out["since_last_monitor"] = log.count(dt.datetime.fromisoformat(since), after=True)
         cases, unusable = feedback.pending(log, cfg.resolve(cfg.paths.data))
         out["confirmed_waiting"] = len(cases)
         out["confirmed_unusable"] = len(unusable)
@@ -191,18 +193,18 @@ def schedule_status(cfg: Config) -> dict[str, Any]:
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
             ),
             sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            limit=10,
+            limit=200,
         )
     names = {i: f"{flows.get(d.flow_id, '?')}/{d.name}" for i, d in deployments.items()}
+    nxt: dict[str, str] = {}  # the next run of each deployment (hourly runs would crowd out the nightly one)
+    for r in runs:
+        if r.expected_start_time:
+            nxt.setdefault(names.get(r.deployment_id, "?"), r.expected_start_time.isoformat())
     return {
         "server": url,
         "answering": True,
         "deployments": sorted(names.values()),
-        "next_runs": [
-            {"deployment": names.get(r.deployment_id, "?"), "at": r.expected_start_time.isoformat()}
-            for r in runs
-            if r.expected_start_time
-        ],
+        "next_runs": [{"deployment": k, "at": v} for k, v in sorted(nxt.items(), key=lambda kv: kv[1])],
     }
 
 
@@ -213,8 +215,8 @@ def collect(cfg: Config) -> dict[str, Any]:
     out["models"] = _part(models_status, cfg)
     out["serving"] = _part(serving_status, cfg)
     out["monitor"] = _part(monitor_status, cfg)
-    last_monitor = (out["monitor"].get("last") or {}).get("at")
-    out["prediction_log"] = _part(log_status, cfg, last_monitor)
+    last = out["monitor"].get("last") or {}
+    out["prediction_log"] = _part(log_status, cfg, last.get("newest_seen") or last.get("at"))
     out["retrain"] = _part(retrain_status, cfg)
     out["schedule"] = _part(schedule_status, cfg)
     return out

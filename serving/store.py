@@ -192,13 +192,13 @@ class PredictionLog:
             )
             return int(res.inserted_primary_key[0])
 
-    def count(self, since: dt.datetime | None = None) -> int:
-        """How many predictions are logged (since ``since``, when given)."""
+    def count(self, since: dt.datetime | None = None, after: bool = False) -> int:
+        """How many predictions are logged (at or, with ``after``, strictly after ``since``, when given)."""
         from sqlalchemy import func
 
         q = select(func.count()).select_from(predictions)
         if since is not None:
-            q = q.where(predictions.c.created_at >= since)
+            q = q.where(predictions.c.created_at > since if after else predictions.c.created_at >= since)
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
 

@@ -4,6 +4,7 @@ drift event starting the retrain deployment."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,19 @@ def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(t
         nightly = [r for r in runs if r[0] == "nightly"]
         assert nightly and all(r[3].endswith("02:00:00+00:00") for r in nightly)
         assert nightly[0][2] == {"trigger": "nightly schedule", "min_new": 0, "profile": "test"}
+
+        # `drspot status` names the server, the deployments and the next runs
+        status = subprocess.run(
+            [str(Path(sys.executable).parent / "drspot"), "status", "--json"],
+            env={**env, "PREFECT_API_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0, status.stderr[-2000:]
+        sched = json.loads(status.stdout)["schedule"]
+        assert sched["answering"] and "retrain/nightly" in sched["deployments"]
+        assert {"monitor/hourly", "retrain/nightly"} <= {r["deployment"] for r in sched["next_runs"]}
 
         # the monitor's drift event, as the monitor flow emits it, starts retrain/on-drift
         report = str(tmp_path / "reports" / "drift_report.html")
