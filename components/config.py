@@ -206,6 +206,7 @@ class Detector(_Strict):
     batch: int = Field(ge=1)
     patience: int = Field(ge=1)
     mosaic: float = Field(ge=0, le=1)
+    fraction: float = Field(gt=0, le=1)
     single_class: bool
     conf: float = Field(gt=0, lt=1)
     iou: float = Field(gt=0, lt=1)
@@ -217,6 +218,7 @@ class Evaluate(_Strict):
     target_sensitivity: float = Field(gt=0, le=1)
     ece_bins: int = Field(ge=2)
     slice_min_rows: int = Field(ge=1)
+    malignant_prevalence: float = Field(gt=0, lt=1)
     gradcam_samples: int = Field(ge=0)
     latency_repeats: int = Field(ge=1)
     robustness: dict[Literal["blur", "noise", "brightness", "jpeg"], list[float]]
@@ -240,6 +242,8 @@ class Serving(_Strict):
     formats: list[str] = Field(min_length=1)
     min_side: int = Field(ge=1)
     quality_policy: Literal["warn", "reject"]
+    quality_limits: Literal["calibrated", "fixed"]
+    quality_percentile: float = Field(gt=0, lt=50)
     blur_min: float = Field(ge=0)
     brightness_min: float = Field(ge=0, le=1)
     brightness_max: float = Field(ge=0, le=1)

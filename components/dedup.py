@@ -11,7 +11,8 @@
   all-pairs loop. Candidates are then *verified* (``dedup.verify``): some centre crop of one
   image must correlate with some crop of the other at ``dedup.min_correlation`` or more, which
   removes look-alike lesions that merely share a layout.
-* Lesion links: images with the same lesion_id.
+* Lesion links: images with the same lesion_id; patient links: images with the same ``patient_id``, where the
+  source has one.
 * Feedback (``source == "feedback"``, clinician-confirmed serving images) never displaces curated
   rows: an exact copy keeps the curated row, and feedback whose confirmed label disagrees with the
   curated rows it duplicates is dropped (``label_conflict``, for review) while they stay, so a
@@ -242,7 +243,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
         (out_dir / name).unlink(missing_ok=True)
     table = read_step_input(validated, "phash", "validate", "de-duplicate")
     cols = ["image_id", "sha256", "label", "lesion_id", "phash", "path", "boxes"]
-    cols += [c for c in ("phash_crops", "source") if c in table.column_names]
+    cols += [c for c in ("phash_crops", "source", "patient_id") if c in table.column_names]
     rows = table.select(cols).to_pylist()
     ids = [r["image_id"] for r in rows]
     uf = UnionFind(ids)
@@ -297,6 +298,12 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
         for r in rows:
             if r["lesion_id"]:
                 uf.union(first_of.setdefault(r["lesion_id"], r["image_id"]), r["image_id"])
+    # one patient's images stay together too, where the source says whose they are (a patient in two splits
+    # leaks their skin, camera and other lesions into the test set)
+    first_of_patient: dict[str, str] = {}
+    for r in rows:
+        if r.get("patient_id"):
+            uf.union(first_of_patient.setdefault(r["patient_id"], r["image_id"]), r["image_id"])
 
     group_of = {x: uf.find(x) for x in ids}
     members: dict[str, list[dict]] = defaultdict(list)

@@ -54,9 +54,39 @@ def threshold_for_sensitivity(y_mal: np.ndarray, p_mal: np.ndarray, target: floa
     return float(pos[min(k, len(pos) - 1)])
 
 
+def partial_auc_above_tpr(y_mal: np.ndarray, p_mal: np.ndarray, min_tpr: float = 0.8) -> float:
+    """The area under the ROC curve where sensitivity is at least ``min_tpr`` (ISIC 2024's pAUC; 0 to 1 - min_tpr).
+
+    Computed as the partial AUC up to a false-positive rate of ``1 - min_tpr`` of the flipped problem (benign as
+    positive, scores negated), then rescaled from McClish's standardisation back to an area.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if not 0 < y_mal.sum() < len(y_mal):
+        return float("nan")
+    max_fpr = 1 - min_tpr
+    scaled = roc_auc_score(1 - y_mal, -p_mal, max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / 0.5 * (scaled - 0.5))
+
+
+def predictive_values(sens: float, spec: float, prevalence: float) -> tuple[float, float]:
+    """PPV and NPV of a test with this sensitivity and specificity where the condition has ``prevalence`` (Bayes)."""
+    tp, fp = sens * prevalence, (1 - spec) * (1 - prevalence)
+    tn, fn = spec * (1 - prevalence), (1 - sens) * prevalence
+    return (tp / (tp + fp) if tp + fp else float("nan")), (tn / (tn + fn) if tn + fn else float("nan"))
+
+
 def core_metrics(
-    y: np.ndarray, p: np.ndarray, classes: list[str], malignant: list[str], threshold: float
+    y: np.ndarray,
+    p: np.ndarray,
+    classes: list[str],
+    malignant: list[str],
+    threshold: float,
+    prevalence: float | None = None,
 ) -> dict[str, Any]:
+    """The headline figures: multiclass (ACC, BMCA, macro AUC, kappa) and the malignant view at ``threshold``
+    (AUC, pAUC above 80% sensitivity, sensitivity, specificity, PPV and NPV on this set and, given a deployment
+    ``prevalence``, where malignancy is that common)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, roc_auc_score
 
     from components.train_classifier import macro_auc
@@ -64,26 +94,37 @@ def core_metrics(
     pred = p.argmax(1)
     y_mal = np.isin(y, [classes.index(m) for m in malignant]).astype(int)
     p_mal = malignant_prob(p, classes, malignant)
-    tp = int(((p_mal >= threshold) & (y_mal == 1)).sum())
-    tn = int(((p_mal < threshold) & (y_mal == 0)).sum())
-    return {
+    flagged = p_mal >= threshold
+    tp, fp = int((flagged & (y_mal == 1)).sum()), int((flagged & (y_mal == 0)).sum())
+    tn, fn = int((~flagged & (y_mal == 0)).sum()), int((~flagged & (y_mal == 1)).sum())
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    out = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_auc": macro_auc(y, p),
         "kappa": float(cohen_kappa_score(y, pred)) if len(set(y)) > 1 else float("nan"),
         "malignant_auc": float(roc_auc_score(y_mal, p_mal)) if 0 < y_mal.sum() < len(y_mal) else float("nan"),
-        "malignant_sensitivity": tp / max(1, int(y_mal.sum())) if y_mal.sum() else float("nan"),
-        "malignant_specificity": tn / max(1, int((1 - y_mal).sum())) if (1 - y_mal).sum() else float("nan"),
+        "malignant_pauc80": partial_auc_above_tpr(y_mal, p_mal, 0.8),
+        "malignant_sensitivity": sens,
+        "malignant_specificity": spec,
+        "malignant_ppv": tp / (tp + fp) if tp + fp else float("nan"),
+        "malignant_npv": tn / (tn + fn) if tn + fn else float("nan"),
     }
+    if prevalence is not None:
+        out["malignant_ppv_at_prevalence"], out["malignant_npv_at_prevalence"] = predictive_values(
+            sens, spec, prevalence
+        )
+    return out
 
 
-def bootstrap(y, p, classes, malignant, threshold, n: int, seed: int) -> dict[str, list[float]]:
+def bootstrap(y, p, classes, malignant, threshold, n: int, seed: int, prevalence=None) -> dict[str, list[float]]:
     """95% percentile intervals of :func:`core_metrics` over ``n`` resamples of the test set."""
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        for k, v in core_metrics(y[idx], p[idx], classes, malignant, threshold).items():
+        for k, v in core_metrics(y[idx], p[idx], classes, malignant, threshold, prevalence).items():
             draws.setdefault(k, []).append(v)
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
 
@@ -259,7 +300,7 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
     threshold = threshold_for_sensitivity(
         y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.target_sensitivity
     )
-    metrics = core_metrics(yt, pt, classes, malignant, threshold)
+    metrics = core_metrics(yt, pt, classes, malignant, threshold, cfg.evaluate.malignant_prevalence)
     return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics)
 
 
@@ -290,16 +331,21 @@ def evaluate(
     classes, malignant = mc["classes"], mc["malignant"]
     yv, yt = arrays["val"].y, arrays["test"].y
     temperature, threshold, pt, metrics = sc.temperature, sc.threshold, sc.pt, sc.metrics
-    intervals = bootstrap(yt, pt, classes, malignant, threshold, e.n_bootstrap, cfg.seed)
+    intervals = bootstrap(yt, pt, classes, malignant, threshold, e.n_bootstrap, cfg.seed, e.malignant_prevalence)
     prec, rec, f1, support = precision_recall_fscore_support(
         yt, pt.argmax(1), labels=range(len(classes)), zero_division=0
     )
+    pred_t = pt.argmax(1)
+    npv = [  # one class against the rest: how often "not this class" is right
+        float(((pred_t != k) & (yt != k)).sum() / max(1, (pred_t != k).sum())) for k in range(len(classes))
+    ]
     per_class = [
         {
             "class": c,
-            "precision": float(prec[k]),
+            "precision": float(prec[k]),  # = PPV on the test split
             "recall": float(rec[k]),
             "f1": float(f1[k]),
+            "npv": npv[k],
             "support": int(support[k]),
         }
         for k, c in enumerate(classes)

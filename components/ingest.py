@@ -25,6 +25,7 @@ from typing import Any
 
 from components.config import Config
 from components.manifest import (
+    EXTRA_COLUMNS,
     MANIFEST,
     SPLITS,
     ManifestWriter,
@@ -157,6 +158,7 @@ def _ham_extra(row: dict[str, str]) -> dict[str, Any]:
         "sex": _str_or_none(row.get("sex")),
         "localization": _str_or_none(row.get("localization")),
         "dx_type": _str_or_none(row.get("dx_type")),
+        "patient_id": _str_or_none(row.get("patient_id")),  # HAM10000 has none; ISIC's later metadata has
     }
 
 
@@ -187,12 +189,59 @@ def adapt_synthetic(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidat
         )
 
 
+BOX_COLUMNS = ["image_id", "x_min", "y_min", "x_max", "y_max"]
+
+
+def read_boxes(path: Path) -> tuple[dict[str, list[list[float]]], list[Problem]]:
+    """A lesion-box file (``image_id,x_min,y_min,x_max,y_max``, normalised to [0, 1]; several rows for an image
+    with several lesions): image id -> boxes, and every row that could not be used, with why.
+
+    A bad row drops that box only: the image is still ingested (``kept``), without it.
+
+    Raises:
+        IngestError: the file is missing, unreadable or lacks a column (naming those it has).
+    """
+    boxes: dict[str, list[list[float]]] = {}
+    problems: list[Problem] = []
+    seen: set[tuple] = set()
+    for row in _read_csv(path, BOX_COLUMNS):
+        where = f"{path.name} line {row['__line__']}"
+        iid = (row["image_id"] or "").strip()
+        values = [_float_or_none(row[c]) for c in BOX_COLUMNS[1:]]
+        if not iid or None in values:
+            shown = {c: row[c] for c in BOX_COLUMNS}
+            problems.append(Problem(iid or where, "box_unreadable", f"{where}: {shown}", True))
+            continue
+        x0, y0, x1, y1 = values
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            problems.append(
+                Problem(iid, "box_outside_image", f"{where}: {values} is not inside [0,1] with min < max", True)
+            )
+            continue
+        if (iid, *values) in seen:
+            problems.append(Problem(iid, "box_duplicate", f"{where}: the same box is listed again", True))
+            continue
+        seen.add((iid, *values))
+        boxes.setdefault(iid, []).append([float(v) for v in values])
+    return boxes, problems
+
+
 def adapt_ham10000(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate | Problem]:
-    """``HAM10000_metadata.csv`` + one or more image folders (default: ``images/`` beside the CSV)."""
+    """``HAM10000_metadata.csv`` + one or more image folders (default: ``images/`` beside the CSV).
+
+    ``boxes``: a lesion-box file (:func:`read_boxes`) whose boxes go into the manifest; its rows that cannot be
+    used, and its image ids that the metadata does not list, are reported row by row.
+    """
     folders = [Path(p) for p in (opts.get("images") or [])] or [source.parent / "images"]
     index = _index_images(folders)
+    boxes: dict[str, list[list[float]]] = {}
+    if opts.get("boxes"):
+        boxes, problems = read_boxes(Path(opts["boxes"]))
+        yield from problems
+    listed: set[str] = set()
     for row in _read_csv(source, ["lesion_id", "image_id", "dx"]):
         image_id = row["image_id"].strip()
+        listed.add(image_id)
         path = index.get(image_id)
         if path is None:
             yield Problem(
@@ -205,7 +254,15 @@ def adapt_ham10000(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate
             lesion_id=_str_or_none(row["lesion_id"]),
             file=path,
             ext=path.suffix.lower(),
+            boxes=boxes.get(image_id, []),
             extra=_ham_extra(row),
+        )
+    for image_id in sorted(set(boxes) - listed):
+        yield Problem(
+            image_id,
+            "box_unknown_image",
+            f"{Path(opts['boxes']).name} has a box for an image the metadata does not list",
+            False,
         )
 
 
@@ -550,7 +607,7 @@ def ingest(
                     boxes=boxes,
                     source=kind,
                     split=c.split if c.split in SPLITS else None,
-                    **{k: c.extra.get(k) for k in ("age", "sex", "localization", "dx_type")},
+                    **{k: c.extra.get(k) for k in EXTRA_COLUMNS},
                 )
             )
             if progress:

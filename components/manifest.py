@@ -27,6 +27,7 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "sex": pa.string(),
     "localization": pa.string(),
     "dx_type": pa.string(),
+    "patient_id": pa.string(),  # where a source has one: the split keeps a patient's images together
 }
 
 SCHEMA = pa.schema(
@@ -81,6 +82,7 @@ class Row:
     sex: str | None = None
     localization: str | None = None
     dx_type: str | None = None
+    patient_id: str | None = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

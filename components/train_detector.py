@@ -140,7 +140,8 @@ def train_detector(
     dev = device()
     workdir = out_dir.resolve() / "ultralytics"  # ultralytics puts a relative project under its own runs dir
     shutil.rmtree(workdir, ignore_errors=True)
-    progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs on {dev}")
+    share = f" on {d.fraction:.0%} of the training images" if d.fraction < 1 else ""
+    progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs{share} on {dev}")
     common = _common(d.imgsz, d.batch, dev, d.workers, workdir)
 
     def epoch_done(trainer) -> None:
@@ -158,6 +159,7 @@ def train_detector(
         amp=False,
         patience=d.patience,
         mosaic=d.mosaic,
+        fraction=d.fraction,
         val=True,
         pretrained=False,
         **common,

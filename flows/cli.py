@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "ham_metadata": args.ham_metadata,
         "label_source": args.label_source,
         "lesion_csv": args.lesion_csv,
+        "boxes": args.boxes,
         "id_prefix": args.id_prefix,
     }
     if args.kind == "synthetic":
@@ -380,9 +382,13 @@ def cmd_import_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from flows.demo import real_source, run_demo, run_real_demo
 
-    return run_demo(args.cfg)
+    if args.real is None:
+        return run_demo(args.cfg)
+    # the real demo's recipe is the ham10000 profile unless another one was asked for
+    cfg = args.cfg if (args.profile or args.config or os.environ.get("DRSPOT_PROFILE")) else load_config("ham10000")
+    return run_real_demo(cfg, real_source(cfg, args.real or None), keep_serving=args.keep_serving)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--images", type=Path, action="append", help="image folder (ham10000, isic; repeatable)")
     i.add_argument("--class-map", type=_kv, help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)")
     i.add_argument("--ham-metadata", type=Path, help="HAM10000 metadata CSV to join by ISIC id (yolo)")
+    i.add_argument(
+        "--boxes", type=Path, help="lesion boxes CSV: image_id,x_min,y_min,x_max,y_max, normalised (ham10000)"
+    )
     i.add_argument("--label-source", choices=["yolo", "metadata"], help="which label wins when joined (yolo)")
     i.add_argument("--lesion-csv", type=Path, help="CSV with image,lesion_id columns (isic)")
     i.add_argument("--id-prefix", help="image id prefix (medmnist; default from the file name)")
@@ -526,6 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_schedule)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
+    d.add_argument(
+        "--real",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="real dermoscopy instead: the HAM10000 folder (default ../shared/data/ham10000_200x150), profile ham10000",
+    )
+    d.add_argument("--keep-serving", action="store_true", help="with --real: leave the service up at serving.port")
     d.set_defaults(func=cmd_demo)
     return p
 

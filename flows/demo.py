@@ -143,35 +143,16 @@ def _fresh_start(cfg: Config) -> str | None:
     return str(keep)
 
 
-def run_demo(cfg: Config) -> int:
-    import httpx
-
+def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str] | None:
+    """Steps 1-4 of both demos: ingest (``ingest_step(data)``, printing its own figures), version with DVC, the data
+    gate and the train flow. Returns (gate summary, train result, data version), or None when no model could be
+    promoted to serve."""
     from components import gate, versioning
-    from components.ingest import ingest
-    from flows.cli import _progress, report_rows
     from flows.prepare import prepare_flow
-    from flows.retrain import retrain_flow
     from flows.train import decision, train_flow
-    from serving.deploy import deploy
-    from serving.launch import Server
 
-    if os.environ.get("DRSPOT_DATABASE_URL"):
-        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
-    root = cfg.home
-    runtime = root / ".drspot"
-    profile = cfg.profile
-    raw = cfg.resolve(cfg.paths.raw)
-    data = cfg.resolve(cfg.paths.data)
-    steps = Steps()
-    print(f"DrSpot demo (profile {profile}) in {root}")
-    kept = _fresh_start(cfg)
-    if kept:
-        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
-
-    steps.start(f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
-    result = ingest("synthetic", raw / "synthetic", data, cfg, generate=True, progress=_progress("ingest"))
-    report_rows(result, 5)
-    steps.done(f"{result.rows} images of {result.summary['lesions']} lesions; faults in raw/synthetic/faults.json")
+    root, data = cfg.home, cfg.resolve(cfg.paths.data)
+    ingest_step(data)
 
     steps.start("version the dataset with DVC (dvc add + push to the default remote)")
     version = versioning.add(data.relative_to(root), cwd=root)
@@ -193,25 +174,73 @@ def run_demo(cfg: Config) -> int:
     m = trained["metrics"]
     steps.done(
         f"classifier v{clf['version']} {decision(clf)} (macro AUC {m.get('macro_auc', float('nan')):.3f}, "
-        f"malignant sensitivity {m.get('malignant_sensitivity', float('nan')):.3f}); detector v{det['version']} "
-        f"{decision(det)}; champions: classifier v{clf['champion']}, detector v{det['champion']}"
+        f"balanced accuracy {m.get('balanced_accuracy', float('nan')):.3f}, malignant AUC "
+        f"{m.get('malignant_auc', float('nan')):.3f}, malignant sensitivity "
+        f"{m.get('malignant_sensitivity', float('nan')):.3f}); detector v{det['version']} {decision(det)}; "
+        f"champions: classifier v{clf['champion']}, detector v{det['champion']}"
     )
     if clf["champion"] is None or det["champion"] is None:
         print("\nno champion to serve: the first model did not clear the gate's floors (see the reason above)")
-        return 1
+        return None
+    return gated, trained, version
+
+
+def _start_serving(
+    cfg: Config, steps: Steps, env: dict[str, str], serve_args: tuple[str, ...], port: int | None = None
+):
+    """Step 5: ``drspot deploy`` and ``drspot serve`` in a subprocess; returns the running server."""
+    import httpx
+
+    from serving.deploy import deploy
+    from serving.launch import Server
 
     steps.start("deploy the champions (BentoML model store + Bento) and serve them over HTTP")
     built = deploy(cfg)
     print(f"   built Bento {built['bento']} with {built['registry']}")
+    server = Server(env, cfg.home / ".drspot" / "demo-serve.log", *serve_args, port=port)
+    ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+    models = ready.get("models", {})
+    steps.done(f"{server.url} ready: {models.get('classifier')} + {models.get('detector')}")
+    return server
+
+
+def run_demo(cfg: Config) -> int:
+    import httpx
+
+    from components.ingest import ingest
+    from flows.cli import _progress, report_rows
+    from flows.retrain import retrain_flow
+    from flows.train import decision
+    from serving.launch import Server
+
+    if os.environ.get("DRSPOT_DATABASE_URL"):
+        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
+    root = cfg.home
+    runtime = root / ".drspot"
+    raw = cfg.resolve(cfg.paths.raw)
+    data = cfg.resolve(cfg.paths.data)
+    steps = Steps()
+    print(f"DrSpot demo (profile {cfg.profile}) in {root}")
+    kept = _fresh_start(cfg)
+    if kept:
+        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
+
+    def synthetic(data: Path) -> None:
+        steps.start(f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
+        result = ingest("synthetic", raw / "synthetic", data, cfg, generate=True, progress=_progress("ingest"))
+        report_rows(result, 5)
+        steps.done(f"{result.rows} images of {result.summary['lesions']} lesions; faults in raw/synthetic/faults.json")
+
+    started = _loop_start(cfg, steps, synthetic)
+    if started is None:
+        return 1
+    gated, _, version = started
     key = secrets.token_urlsafe(16)
     env = {**os.environ, cfg.serving.feedback_key_env: key}
     # the service gets this run's configuration, with consent to keep photos (the flywheel needs them)
     serving = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"store_images": True})})
     serve_args = ("--config", str(serving.write(runtime / "run" / "demo-serve.yaml")))
-    server = Server(env, runtime / "demo-serve.log", *serve_args)
-    ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
-    models = ready.get("models", {})
-    steps.done(f"{server.url} ready: {models.get('classifier')} + {models.get('detector')}")
+    server = _start_serving(cfg, steps, env, serve_args)
     try:
         traffic = runtime / "demo-traffic"
         steps.start(f"normal traffic: {TRAFFIC} photos of new lesions from the usual camera")
@@ -265,6 +294,95 @@ def run_demo(cfg: Config) -> int:
         server.stop()
 
     _summary(steps, cfg, data, version, fly, drift)
+    return 0
+
+
+SHARED_HAM = "ham10000_200x150"  # ../shared/data/<this>: the 10,015 HAM10000 photos with a real lesion box each
+
+
+def real_source(cfg: Config, folder: str | Path | None) -> Path:
+    """The HAM10000 folder ``drspot demo --real`` ingests (``HAM10000_metadata.csv``, ``lesion_boxes.csv``,
+    ``images/``): the one given, else ``../shared/data/ham10000_200x150`` beside the project."""
+    path = Path(folder) if folder else cfg.home.parent / "shared" / "data" / SHARED_HAM
+    missing = [n for n in ("HAM10000_metadata.csv", "lesion_boxes.csv", "images") if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} lacks {', '.join(missing)}: give the HAM10000 folder with `drspot demo --real DIR` "
+            "(HAM10000_metadata.csv, lesion_boxes.csv and images/)"
+        )
+    return path
+
+
+def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos: int = 200) -> int:
+    """``drspot demo --real``: the shared HAM10000 (real photos, real lesion boxes) through the loop's first half,
+    with the profile's pretrained backbone: ingest -> DVC version -> data gate (lesion-grouped split) -> detector
+    and classifier (DVC stages) -> evaluation -> registry and gate -> deploy -> serve, then ``photos`` photos of
+    the frozen test split over HTTP. With ``keep_serving`` the service stays up at ``serving.host:port``."""
+    import pyarrow.parquet as pq
+    from sklearn.metrics import balanced_accuracy_score
+
+    from components.ingest import ingest
+    from flows.cli import _progress, report_rows
+
+    if os.environ.get("DRSPOT_DATABASE_URL"):
+        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
+    steps = Steps()
+    print(
+        f"DrSpot demo on real dermoscopy (profile {cfg.profile}, classifier {cfg.classifier.backbone}"
+        f"{' pretrained' if cfg.classifier.pretrained else ''}) in {cfg.home}; data from {source}"
+    )
+    kept = _fresh_start(cfg)
+    if kept:
+        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
+
+    def real(data: Path) -> None:
+        steps.start(f"ingest the HAM10000 photos with their lesion boxes -> {data.relative_to(cfg.home)}")
+        result = ingest(
+            "ham10000",
+            source / "HAM10000_metadata.csv",
+            data,
+            cfg,
+            boxes=source / "lesion_boxes.csv",
+            progress=_progress("ingest"),
+        )
+        report_rows(result, 5)
+        s = result.summary
+        steps.done(f"{result.rows} images of {s['lesions']} lesions, {s['images_with_boxes']} with a lesion box")
+
+    started = _loop_start(cfg, steps, real)
+    if started is None:
+        return 1
+    gated, trained, version = started
+    serve_args = ("--config", str(cfg.write(cfg.home / ".drspot" / "run" / "demo-serve.yaml")))  # this run's config
+    server = _start_serving(cfg, steps, dict(os.environ), serve_args, port=cfg.serving.port if keep_serving else None)
+    try:
+        steps.start(f"{photos} photos of the frozen test split over HTTP (the detector finds the lesion)")
+        rows = [
+            r
+            for r in pq.read_table(Path(gated["prepared"]) / "split" / "split.parquet").to_pylist()
+            if r["split"] == "test"
+        ]
+        rows = sorted(rows, key=lambda r: r["image_id"])[:: max(1, len(rows) // photos)][:photos]
+        data = cfg.resolve(cfg.paths.data)
+        answers = _send(server.url, [(data / r["path"], r["label"]) for r in rows], "test photos")
+        labels = [a["lesions"][0]["label"] for a in answers]
+        truth = [a["truth"] for a in answers]
+        bacc = balanced_accuracy_score(truth, labels)
+        steps.done(f"{_traffic_summary(answers)}; balanced accuracy over HTTP {bacc:.3f}")
+    finally:
+        if not keep_serving:
+            server.stop()
+    m = trained["metrics"]
+    print("\n== summary")
+    for i, (title, took, outcome) in enumerate(steps.rows, 1):
+        print(f" {i:>2}. {title}  {took:.0f}s\n     {outcome}")
+    print(f"\n total {time.monotonic() - steps.t0:.0f}s")
+    print(
+        f" test split: BACC {m['balanced_accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, malignant AUC "
+        f"{m['malignant_auc']:.3f}, data version {version}"
+    )
+    if keep_serving:
+        print(f" serving at {server.url} (process {server.proc.pid}; stop it with: kill -- -{server.proc.pid})")
     return 0
 
 

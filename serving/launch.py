@@ -23,8 +23,8 @@ def free_port() -> int:
 class Server:
     """A ``drspot serve`` subprocess on a free loopback port; ``stop()`` ends it (and its workers)."""
 
-    def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "drspot"
         self.log = log

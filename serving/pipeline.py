@@ -126,6 +126,15 @@ class Pipeline:
             self.detector_error = "no detector deployed"
         s = cfg.serving
         self.conf = s.detector_conf if s.detector_conf is not None else float(self.dc.get("conf", 0.25))
+        # the quality-warning limits in force: calibrated on this classifier's training images when it has them
+        limits = self.mc.get("quality_limits") if s.quality_limits == "calibrated" else None
+        keys = ("blur_min", "brightness_min", "brightness_max")
+        self.serving = s.model_copy(update={k: limits[k] for k in keys}) if limits else s
+        self.quality_source = (
+            f"calibrated: percentile {limits['percentile']:g} of {limits['images']} training images"
+            if limits
+            else "fixed (serving.blur_min / brightness_min / brightness_max)"
+        )
 
     # stage 1
     def detect(self, images: list[Image.Image]) -> list[list[tuple[list[float], float]]]:

@@ -153,6 +153,10 @@ class DrSpot:
                 "detector_loaded": self.pipeline.detector is not None,
                 "detector_error": self.pipeline.detector_error,
                 "batching": S.batching,
+                "quality_limits": {
+                    "source": self.pipeline.quality_source,
+                    **{k: getattr(self.pipeline.serving, k) for k in ("blur_min", "brightness_min", "brightness_max")},
+                },
                 "profile": CFG.profile,
                 "config_digest": CFG.digest(),
                 "state_home": str(HOME),
@@ -190,7 +194,7 @@ class DrSpot:
 
     async def _predict(self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str):
         t0 = time.perf_counter()
-        up = await anyio.to_thread.run_sync(read_image, data, S)
+        up = await anyio.to_thread.run_sync(read_image, data, self.pipeline.serving)
         t_decode = time.perf_counter() - t0
         # compare: the original beside the corrected photo (colour constancy when none was asked for)
         corrected = preprocess if preprocess != "none" else "color_constancy"

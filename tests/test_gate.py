@@ -332,3 +332,27 @@ def test_cli_steps_write_their_outputs(drspot_cli, tmp_path, synthetic_source, c
     split_rows = pq.read_table(prep / "split" / "split.parquet").to_pylist()
     assert len(split_rows) == report["rows_assigned"] == sum(report["rows_per_split"].values())
     assert {r["split"] for r in split_rows} == {"train", "val", "test"}
+
+
+def test_a_patients_images_form_one_group_across_lesions(tmp_path):
+    """A source with a patient id: two lesions of one patient share a group, so no split can divide them."""
+    import csv
+
+    cfg = load_config("test")
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    rows = [("L1", "ISIC_0000001", "P1"), ("L2", "ISIC_0000002", "P1"), ("L3", "ISIC_0000003", "P2")]
+    with open(src / "HAM10000_metadata.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["lesion_id", "image_id", "dx", "patient_id"])
+        for i, (lesion, image, patient) in enumerate(rows):
+            w.writerow([lesion, image, "nv", patient])
+            rng = np.random.default_rng(i)  # unrelated images: no duplicate links
+            Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(src / "images" / f"{image}.jpg")
+    ingest("ham10000", src / "HAM10000_metadata.csv", tmp_path / "ds", cfg)
+    gate.run_validate(tmp_path / "ds", tmp_path / "prep", cfg)
+    gate.run_dedup(tmp_path / "ds", tmp_path / "prep", cfg)
+    out = pq.read_table(gate.step_dirs(tmp_path / "prep")["dedup"] / "deduplicated.parquet").to_pylist()
+    group = {r["image_id"]: r["group_id"] for r in out}
+    assert {r["image_id"]: r["patient_id"] for r in out}["ISIC_0000002"] == "P1"
+    assert group["ISIC_0000001"] == group["ISIC_0000002"] != group["ISIC_0000003"]

