@@ -30,6 +30,9 @@ def _retry_unless_data_error(task_, task_run, state) -> bool:
     return True
 
 
+STAGE_CONFIG = ".drspot/run/config.yaml"  # the file dvc.yaml names (relative to the project)
+
+
 RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_unless_data_error}
 
 
@@ -84,9 +87,6 @@ def stage_config(cfg: Config) -> Path:
     """Write ``cfg`` where ``dvc.yaml``'s stages read it (their ``--config`` and ``params`` file), so DVC runs them
     with exactly this configuration and its staleness check sees every value they use."""
     return cfg.write(cfg.resolve(STAGE_CONFIG))
-
-
-STAGE_CONFIG = ".drspot/run/config.yaml"  # the file dvc.yaml names (relative to the project)
 
 
 @flow(name="prepare", log_prints=True)
