@@ -386,9 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.real is None:
         return run_demo(args.cfg)
-    # the real demo's recipe is the ham10000 profile unless another one was asked for
-    cfg = args.cfg if (args.profile or args.config or os.environ.get("DRSPOT_PROFILE")) else load_config("ham10000")
-    return run_real_demo(cfg, real_source(cfg, args.real or None), keep_serving=args.keep_serving)
+    return run_real_demo(args.cfg, real_source(args.cfg, args.real or None), keep_serving=args.keep_serving)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,8 +552,13 @@ def resolve(args: argparse.Namespace):
         if args.profile or args.params:
             raise ConfigError("--config is a configuration resolved already: give it without --profile/--params")
         return load_resolved(args.config)
-    return load_config(args.profile, args.params)
+    profile = args.profile
+    if profile is None and getattr(args, "real", None) is not None and not os.environ.get("DRSPOT_PROFILE"):
+        profile = REAL_PROFILE  # `drspot demo --real`: the real-data recipe unless another profile was asked for
+    return load_config(profile, args.params)
 
+
+REAL_PROFILE = "ham10000"  # the profile `drspot demo --real` runs with by default
 
 # commands that keep no state of their own: they run without a writable state home
 STATELESS = {"config", "env"}

@@ -182,12 +182,17 @@ class DrSpot:
 
             b64 = base64.b64encode(data).decode()
             items = [json.dumps({"image": b64, "preprocess": v}) for v in variants]
-            try:
-                out = await self.to_async.infer(items)
-            except aiohttp.ServerDisconnectedError:
-                # the service's own client reused a keep-alive connection the server had just closed
-                # (idle timeout); inference is idempotent, so one retry on a fresh connection is safe
-                out = await self.to_async.infer(items)
+            for attempt in range(3):
+                try:
+                    out = await self.to_async.infer(items)
+                    break
+                except aiohttp.ClientConnectionError:
+                    # the service's own client reused a keep-alive connection the server was closing (idle
+                    # timeout): seen as ServerDisconnectedError, and under load as ClientOSError / "Cannot write to
+                    # closing transport" (a 500 in the demo's shifted traffic); inference is idempotent, so a retry
+                    # on a fresh connection is safe
+                    if attempt == 2:
+                        raise
             return [json.loads(o) for o in out]
         images = [correct(rgb, v) for v in variants]
         return await anyio.to_thread.run_sync(self.pipeline.analyse_many, images)
