@@ -168,6 +168,7 @@ class EarlyStopping(_Strict):
 class LPFT(_Strict):
     enabled: bool
     probe_epochs: int = Field(ge=0)
+    probe_lr: float = Field(gt=0)
 
 
 class Distillation(_Strict):
@@ -249,6 +250,8 @@ class Serving(_Strict):
     brightness_max: float = Field(ge=0, le=1)
     detector_conf: float | None = Field(gt=0, le=1)
     high_risk_probability: float = Field(gt=0, le=1)
+    ood_quantile: float = Field(gt=0, le=1)
+    uncertain_below: float = Field(ge=0, le=1)
     language: str
     store_images: bool
     database_url: str | None

@@ -59,9 +59,17 @@ def project(emb: np.ndarray, projection: dict[str, Any]) -> np.ndarray:
     return (np.asarray(emb, dtype=np.float64) - np.asarray(projection["mean"])) @ np.asarray(projection["components"]).T
 
 
-def features(items, model, mc: dict[str, Any], projection: dict[str, Any] | None = None, n_components: int = 8):
+def features(
+    items,
+    model,
+    mc: dict[str, Any],
+    projection: dict[str, Any] | None = None,
+    n_components: int = 8,
+    embeddings: list | None = None,
+):
     """(DataFrame of the monitor's columns, projection) for ``(rgb image, box or None)`` pairs, computed
-    as the service computes them; the projection is fitted on these embeddings when none is given."""
+    as the service computes them; the projection is fitted on these embeddings when none is given. The
+    full embeddings are appended to ``embeddings`` when a list is given."""
     import pandas as pd
     import torch
 
@@ -82,6 +90,8 @@ def features(items, model, mc: dict[str, Any], projection: dict[str, Any] | None
             embs.append(e.numpy())
             logits.append(lo.numpy())
     emb = np.concatenate(embs)
+    if embeddings is not None:
+        embeddings.append(emb)
     p = softmax(np.concatenate(logits))
     projection = projection or fit_projection(emb, n_components)
     pcs = project(emb, projection)
@@ -107,9 +117,11 @@ def build(
     dataset_dir: Path,
     n_components: int = 8,
     val_rows: list[dict[str, Any]] | None = None,
+    embeddings: dict[str, np.ndarray] | None = None,
 ):
     """(reference DataFrame, projection): ``rows`` (the training split, ``part`` "train"; the projection
-    is fitted on them) and ``val_rows`` (``part`` "val", the same projection)."""
+    is fitted on them) and ``val_rows`` (``part`` "val", the same projection). The full embeddings of each
+    part are put in ``embeddings`` (``train``, ``val``) when a dict is given."""
     import pandas as pd
 
     from components.images import decode
@@ -117,11 +129,17 @@ def build(
     def items(rs):
         return ((decode(Path(dataset_dir) / r["path"]).rgb, (r.get("boxes") or [None])[0]) for r in rs)
 
-    train, projection = features(items(rows), model, mc, n_components=n_components)
+    train_emb, val_emb = [], []
+    train, projection = features(items(rows), model, mc, n_components=n_components, embeddings=train_emb)
     train["part"] = "train"
+    if embeddings is not None:
+        embeddings["train"] = train_emb[0]
+        embeddings["val"] = np.zeros((0, train_emb[0].shape[1]), dtype=train_emb[0].dtype)
     if not val_rows:
         return train, projection
-    val = features(items(val_rows), model, mc, projection)[0]
+    val = features(items(val_rows), model, mc, projection, embeddings=val_emb)[0]
+    if embeddings is not None:
+        embeddings["val"] = val_emb[0]
     val["part"] = "val"
     return pd.concat([train, val], ignore_index=True), projection
 

@@ -248,6 +248,10 @@ def train_classifier(
 
         start = load_into(model, c.backbone, c.pretrained_path)
         mean, std = start["mean"], start["std"]
+        # the new head starts at zero: timm's default init for EfficientNet's head (uniform +-1/sqrt(classes))
+        # gave logits up to ~20 on ImageNet features, a first probe epoch spent undoing them (loss 4.7)
+        for q in model.get_classifier().parameters():
+            torch.nn.init.zeros_(q)
         progress(f"classifier: {c.backbone} starts from pretrained weights: {start['source']}")
     else:  # from scratch: the training crops' own statistics
         start = None
@@ -276,13 +280,22 @@ def train_classifier(
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     steps_per_epoch = max(1, math.ceil(len(train.y) / c.batch_size))
+    # Linear probe, then fine-tune (Kumar et al. 2022): the head alone learns on frozen features (batch-norm
+    # statistics included) with its own optimizer at a constant probe_lr, so that fine-tuning starts from a head
+    # that already fits instead of one that tears the pretrained features apart; the fine-tune schedule covers
+    # the epochs after the probe only (a probe inside the schedule's warm-up barely moved the head).
+    probe_epochs = min(c.lp_ft.probe_epochs, c.epochs - 1) if c.pretrained and c.lp_ft.enabled else 0
+    probe_opt = (
+        torch.optim.AdamW(model.get_classifier().parameters(), lr=c.lp_ft.probe_lr, weight_decay=0.0)
+        if probe_epochs
+        else None
+    )
+    tune_steps = (c.epochs - probe_epochs) * steps_per_epoch
     opt = make_opt(model.parameters())
     if c.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=c.lr, total_steps=c.epochs * steps_per_epoch, pct_start=0.25
-        )
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=tune_steps, pct_start=0.25)
     elif c.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tune_steps)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
@@ -303,6 +316,8 @@ def train_classifier(
         if ck.get("digest") == digest:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
+            if probe_opt is not None and ck.get("probe_optimizer"):
+                probe_opt.load_state_dict(ck["probe_optimizer"])
             sched.load_state_dict(ck["scheduler"])
             start_epoch, history, best, best_state, stale = (
                 ck["epoch"],
@@ -320,14 +335,15 @@ def train_classifier(
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     metric = c.early_stopping.metric
-    probe = c.pretrained and c.lp_ft.enabled
+    head = {id(q) for q in model.get_classifier().parameters()}
     for epoch in range(start_epoch, c.epochs):
         te = time.monotonic()
-        head_only = probe and epoch < c.lp_ft.probe_epochs
-        head = {id(q) for q in model.get_classifier().parameters()}
+        head_only = epoch < probe_epochs
         for p in model.parameters():
             p.requires_grad = (not head_only) or id(p) in head
-        model.train()
+        # during the probe the backbone is frozen as a whole: eval mode keeps its batch-norm statistics as trained
+        model.train(not head_only)
+        step_opt = probe_opt if head_only else opt
         if c.imbalance == "weighted_sampling":
             pw = torch.tensor(1 / freq[train.y], dtype=torch.float64)
             order = torch.multinomial(pw, len(train.y), replacement=True, generator=gen)
@@ -355,10 +371,11 @@ def train_classifier(
                     soft = torch.stack([F.softmax(tm(xb) / T, 1) for tm, _ in teachers]).mean(0)
                 kd = F.kl_div(F.log_softmax(logits / T, 1), soft, reduction="batchmean") * T * T
                 loss = c.distillation.alpha * kd + (1 - c.distillation.alpha) * loss
-            opt.zero_grad(set_to_none=True)
+            step_opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            step_opt.step()
+            if not head_only:
+                sched.step()
             losses.append(loss.item())
         model.eval()
         _, pv = predict(model, val.x, mean, std, tta=c.tta)
@@ -375,7 +392,8 @@ def train_classifier(
                 "epoch": epoch + 1,
                 "loss": float(np.mean(losses)) if losses else None,
                 **{f"val_{k_}": v for k_, v in m.items()},
-                "lr": sched.get_last_lr()[0],
+                "lr": c.lp_ft.probe_lr if head_only else sched.get_last_lr()[0],
+                "phase": "probe" if head_only else "train",
                 "seconds": round(time.monotonic() - te, 2),
                 "best": improved,
             }
@@ -385,6 +403,7 @@ def train_classifier(
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
+                "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
                 "scheduler": sched.state_dict(),
                 "best": best,
                 "best_state": best_state,
@@ -428,8 +447,16 @@ def train_classifier(
     from components import reference
 
     model.eval()
-    ref, projection = reference.build(model, model_config, train_rows, dataset_dir, val_rows=val_rows)
+    embeddings: dict = {}
+    ref, projection = reference.build(
+        model, model_config, train_rows, dataset_dir, val_rows=val_rows, embeddings=embeddings
+    )
     reference.write(out_dir, ref, projection)
+    # the out-of-distribution score's subspace, from the same embeddings (components/ood.py)
+    from components import ood
+
+    ood_model = ood.fit(embeddings["train"], embeddings["val"])
+    ood.write(out_dir, ood_model)
     trained_on = ref[ref["part"] == "train"] if "part" in ref.columns else ref
     pct = cfg.serving.quality_percentile
     model_config["quality_limits"] = {
@@ -441,7 +468,9 @@ def train_classifier(
     (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
     progress(
         f"classifier: monitoring reference of {len(train_rows)} training + {len(val_rows)} validation images, "
-        f"{len(projection['components'])} PCs; quality limits {model_config['quality_limits']}"
+        f"{len(projection['components'])} PCs; quality limits {model_config['quality_limits']}; OOD subspace of "
+        f"{len(ood_model['variance'])} components, threshold at the 0.99 quantile of validation "
+        f"{ood.threshold(ood_model, 0.99) if len(ood_model['val_scores']) else float('nan'):.2f}"
     )
     ckpt_path.unlink(missing_ok=True)
     progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")

@@ -135,6 +135,16 @@ class Pipeline:
             if limits
             else "fixed (serving.blur_min / brightness_min / brightness_max)"
         )
+        # out of distribution: the classifier's stored subspace, the threshold a quantile of its validation photos
+        from components import ood
+
+        self.ood = ood.load(classifier_dir)
+        self.ood_threshold = ood.threshold(self.ood, s.ood_quantile) if self.ood is not None else None
+        self.ood_source = (
+            f"quantile {s.ood_quantile:g} of {len(self.ood['val_scores'])} validation photos' scores"
+            if self.ood is not None
+            else "not available: this classifier was trained before OOD scores were stored (retrain to get them)"
+        )
 
     # stage 1
     def detect(self, images: list[Image.Image]) -> list[list[tuple[list[float], float]]]:
@@ -206,6 +216,12 @@ class Pipeline:
                 crops.append(to_uint8(img, box, self.mc["crop_margin"], self.mc["input_size"]))
                 owners.append(k)
         probs, emb = self.classify(np.stack(crops))
+        if self.ood is not None:
+            from components import ood
+
+            ood_scores = ood.score(emb, self.ood)
+        else:
+            ood_scores = [None] * len(emb)
         t2 = time.perf_counter()
         out, row = [], 0
         for plan, err in plans:
@@ -222,6 +238,7 @@ class Pipeline:
                         "probabilities": {c: round(float(v), 5) for c, v in zip(self.classes, p, strict=True)},
                         "malignant_probability": round(pm, 5),
                         "risk": self.risk(pm),
+                        "ood_score": None if ood_scores[row] is None else round(float(ood_scores[row]), 4),
                     }
                 )
                 row += 1
@@ -252,11 +269,37 @@ class Pipeline:
         order = {"high": 2, "medium": 1, "low": 0}
         worst = max(result["lesions"], key=lambda les: (order[les["risk"]], les["malignant_probability"]))
         return {
+            **self.abstention(result["lesions"], worst),
             "guidance": guidance(worst["label"], worst["risk"], lang, result["fallback"]),
             "disclaimer": DISCLAIMER,
             "thresholds": {
                 "malignant": self.threshold,
                 "high_risk": max(self.threshold, self.cfg.serving.high_risk_probability),
                 "detector_confidence": self.conf,
+                "ood": self.ood_threshold,
+                "uncertain_below": self.cfg.serving.uncertain_below,
             },
         }
+
+    def abstention(self, lesions: list[dict[str, Any]], reported: dict[str, Any]) -> dict[str, Any]:
+        """Whether to hold back the class of the reported lesion (the one the guidance and the log's label are
+        about): ``not_dermoscopic_lesion`` when its crop lies beyond the OOD threshold, ``uncertain`` when its top
+        calibrated probability is below ``serving.uncertain_below``, else None. The probabilities stay in the
+        answer either way, and every lesion keeps its own ``ood_score``."""
+        ood_score = reported.get("ood_score")
+        top = max(reported["probabilities"].values())
+        if ood_score is not None and ood_score > self.ood_threshold:
+            abstain = "not_dermoscopic_lesion"
+            why = (
+                f"the photo lies outside what the classifier was trained on (OOD score {ood_score:.2f} > "
+                f"{self.ood_threshold:.2f}); its classes are not a reliable reading of this photo"
+            )
+        elif top < self.cfg.serving.uncertain_below:
+            abstain = "uncertain"
+            why = (
+                f"the most likely class has probability {top:.2f}, below {self.cfg.serving.uncertain_below:g}: "
+                "no class is likely enough to report; have a clinician look"
+            )
+        else:
+            abstain, why = None, None
+        return {"ood_score": ood_score, "abstain": abstain, "abstain_reason": why}

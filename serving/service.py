@@ -56,6 +56,11 @@ LATENCY = bentoml.metrics.Histogram(
 FALLBACKS = bentoml.metrics.Counter(
     name="drspot_fallbacks_total", documentation="whole-image fallbacks by reason", labelnames=["reason"]
 )
+ABSTENTIONS = bentoml.metrics.Counter(
+    name="drspot_abstentions_total",
+    documentation="answers that held back the class, by kind (uncertain, not_dermoscopic_lesion)",
+    labelnames=["kind"],
+)
 REJECTIONS = bentoml.metrics.Counter(
     name="drspot_rejections_total", documentation="refused requests by reason", labelnames=["reason"]
 )
@@ -157,6 +162,7 @@ class DrSpot:
                     "source": self.pipeline.quality_source,
                     **{k: getattr(self.pipeline.serving, k) for k in ("blur_min", "brightness_min", "brightness_max")},
                 },
+                "ood": {"source": self.pipeline.ood_source, "threshold": self.pipeline.ood_threshold},
                 "profile": CFG.profile,
                 "config_digest": CFG.digest(),
                 "state_home": str(HOME),
@@ -211,6 +217,10 @@ class DrSpot:
         extra = self.pipeline.answer(main, language)
         response = {
             "request_id": request_id,
+            # read before any class: the answer may hold the class back (the probabilities stay below)
+            "abstain": extra.pop("abstain"),
+            "abstain_reason": extra.pop("abstain_reason"),
+            "ood_score": extra.pop("ood_score"),
             "image": {
                 "sha256": up.sha256,
                 "width": w,
@@ -265,6 +275,8 @@ class DrSpot:
             **main["timings_ms"],
             "total": round(total * 1000, 2),
         }
+        if response["abstain"]:
+            ABSTENTIONS.labels(kind=response["abstain"]).inc()
         if main["fallback"]:
             reason = "detector_error" if (main["fallback_reason"] or "").startswith("detector") else "no_lesion"
             FALLBACKS.labels(reason=reason).inc()

@@ -183,6 +183,43 @@ def test_checkpoint_resume_continues_after_an_interruption(prepared):
     assert [h["epoch"] for h in out["history"]] == [1, 2]
 
 
+def test_lp_ft_probe_trains_the_head_alone_then_fine_tunes_everything(prepared):
+    """The probe epoch leaves every backbone tensor (batch-norm statistics included) as the ImageNet weights
+    had it and moves the head at probe_lr; the fine-tune epoch after it moves the backbone."""
+    import torch
+
+    from components.train_classifier import build_model
+    from components.weights import load_into
+
+    cfg, ds, split, root = prepared
+    lp = _pretrained(
+        cfg,
+        backbone="tf_efficientnet_lite0",
+        epochs=2,
+        input_size=32,
+        lp_ft=cfg.classifier.lp_ft.model_copy(update={"enabled": True, "probe_epochs": 1, "probe_lr": 0.02}),
+    )
+    start = build_model("tf_efficientnet_lite0", len(cfg.classes.names))
+    load_into(start, "tf_efficientnet_lite0")
+    start = start.state_dict()
+    after = {}
+
+    def look(msg):  # the checkpoint on disk when each epoch's line is printed
+        if msg.startswith("classifier epoch"):
+            after[len(after) + 1] = torch.load(root / "lpft" / "checkpoint.pt", weights_only=False)["model"]
+
+    out = train_classifier(split, ds, root / "lpft", lp, progress=look)
+    probe, tuned = after[1], after[2]
+    backbone = [k for k in start if not k.startswith("classifier.")]
+    assert len(backbone) > 250 and "bn1.running_mean" in backbone  # batch-norm statistics included
+    assert [k for k in backbone if not torch.equal(probe[k], start[k])] == []
+    assert not torch.equal(probe["classifier.weight"], start["classifier.weight"])
+    assert not torch.equal(tuned["conv_stem.weight"], start["conv_stem.weight"])
+    assert not torch.equal(tuned["bn1.running_mean"], start["bn1.running_mean"])
+    assert [(h["phase"], h["lr"]) for h in out["history"]][0] == ("probe", 0.02)
+    assert out["history"][1]["phase"] == "train"
+
+
 def test_detector_trains_offline_and_reports_map(prepared):
     from components.train_detector import train_detector
 

@@ -44,7 +44,12 @@ def test_upload_shows_boxes_bars_risk_guidance_and_disclaimer(browser, server, d
     assert page.inner_text("#risk") in ("low", "medium", "high")
     label = page.inner_text("#label")
     bars = page.query_selector_all("#bars .bar")
-    assert len(bars) == 7 and bars[0].get_attribute("data-cls") == label  # sorted, top class first
+    assert len(bars) == 7  # sorted, top class first; named as the label unless the answer abstains
+    top = bars[0].get_attribute("data-cls")
+    if page.is_visible("#abstain"):
+        assert label.startswith(f"not reported ({top} at") and "No class reported (" in page.inner_text("#abstain")
+    else:
+        assert label == top
     assert page.inner_text("#guidance").strip() and "knowledge base" in page.inner_text("#guidance-source")
     assert "decision-support tool" in page.inner_text("#disclaimer")
     boxes = int(page.get_attribute("#canvas", "data-boxes"))
@@ -63,3 +68,19 @@ def test_a_refused_upload_is_explained(browser, server, tmp_path):
     page.set_input_files("#file", str(tmp_path / "notes.txt"))
     page.wait_for_selector("#error:not([hidden])", timeout=30000)
     assert "not an image" in page.inner_text("#error") and page.is_hidden("#result")
+
+
+def test_a_photo_that_is_no_lesion_is_shown_as_not_reported(browser, server, tmp_path):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (320, 240), "white")
+    for k in range(8):
+        ImageDraw.Draw(img).text((10, 10 + 28 * k), "Invoice 2026-11  total 41.90 EUR  thank you" * 2, fill="black")
+    img.save(tmp_path / "invoice.png")
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(tmp_path / "invoice.png"))
+    page.wait_for_selector("#result:not([hidden])", timeout=30000)
+    assert "No class reported (not_dermoscopic_lesion)" in page.inner_text("#abstain")
+    assert page.inner_text("#label").startswith("not reported (")
+    assert len(page.query_selector_all("#bars .bar")) == 7  # the probabilities stay visible
