@@ -225,6 +225,14 @@ class Evaluate(_Strict):
     robustness: dict[Literal["blur", "noise", "brightness", "jpeg"], list[float]]
 
 
+class ServingCheck(_Strict):
+    enabled: bool
+    canaries: int = Field(ge=1)
+    tolerance: float = Field(gt=0)
+    latency_ratio: float = Field(gt=0)
+    start_timeout_s: int = Field(ge=10)
+
+
 class Gate(_Strict):
     primary_metric: Literal["macro_auc", "balanced_accuracy", "accuracy", "malignant_auc"]
     tolerance: float = Field(ge=0)
@@ -233,6 +241,7 @@ class Gate(_Strict):
     detector_metric: Literal["map50", "map50_95"]
     detector_tolerance: float = Field(ge=0)
     detector_first_floor: float = Field(ge=0, le=1)
+    serving_check: ServingCheck
 
 
 class Serving(_Strict):
@@ -258,6 +267,8 @@ class Serving(_Strict):
     images_dir: str
     feedback_key_env: str
     batching: bool
+    follow_s: float = Field(gt=0)
+    drain_s: float = Field(ge=0)
     max_batch_size: int = Field(ge=1)
     max_latency_ms: int = Field(ge=1)
 

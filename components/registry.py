@@ -321,8 +321,10 @@ def gate_and_promote(
     cfg: Config,
     split_manifest: str | Path | None = None,
     dataset_dir: str | Path | None = None,
+    move: bool = True,
 ) -> Decision:
-    """Run the gate for ``version`` against the current champion; promote it when it passes.
+    """Run the gate for ``version`` against the current champion; promote it when it passes (and ``move``: the
+    train and promote flows pass False and move the alias only after the serving check, :func:`promote`).
 
     Both models must be judged on the same frozen test split. When the champion was judged on
     another split manifest (the data changed since), it is re-judged on the challenger's one
@@ -357,9 +359,20 @@ def gate_and_promote(
     decision = decide(kind, _tag_metrics(new_mv), champ_metrics, cfg)
     decision.reason = note + decision.reason
     _record(name, version, current, decision)
-    if decision.promote:
+    if decision.promote and move:
         set_champion(name, version)
     return decision
+
+
+def record_serving_check(kind: str, version: str, check: dict[str, Any]) -> None:
+    """The serving check's outcome on the model version; a failure turns the gate's decision into a rejection."""
+    name = model_name(kind)
+    c = client()
+    c.set_model_version_tag(name, version, "serving_check.result", "passed" if check["passed"] else "failed")
+    c.set_model_version_tag(name, version, "serving_check.reason", check["reason"][:5000])
+    if not check["passed"]:
+        c.set_model_version_tag(name, version, "gate.decision", "rejected")
+        c.set_model_version_tag(name, version, "gate.reason", f"serving check failed: {check['reason']}"[:5000])
 
 
 def _record(name: str, version: str, champion_version: str | None, d: Decision) -> None:

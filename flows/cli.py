@@ -297,6 +297,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = deployed_file(cfg)
     if args.source:
         target = "serving.service:DrSpot"
+    elif args.bento:
+        target = args.bento
     elif state.is_file() and "bento" in json.loads(state.read_text()):
         target = json.loads(state.read_text())["bento"]
     else:
@@ -305,11 +307,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from components.config import hand_over
     from serving.store import describe
 
-    env = {**os.environ, **hand_over(cfg, f"serve-{port}")}
-    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
+    handed = hand_over(cfg, f"serve-{port}")
+    env = {**os.environ, **handed}
+    follow = not (args.source or args.bento or args.no_follow)
     print(f"serving {target} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     print(f"  state home {cfg.home}; prediction log {describe(cfg)}; configuration {env['DRSPOT_CONFIG']}", flush=True)
-    return subprocess.call(cmd, cwd=SOURCE if args.source else cfg.home, env=env)
+    if args.source:  # the service straight from this checkout (development)
+        cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
+        return subprocess.call(cmd, cwd=SOURCE, env=env)
+    from serving.switch import serve
+
+    if follow:
+        print(f"  a newly deployed Bento ({state}) is switched to without downtime", flush=True)
+    return serve(cfg, target, host, port, handed, state, follow)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -516,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default: serving.host)")
     sv.add_argument("--port", type=int, help="port (default: serving.port)")
     sv.add_argument("--source", action="store_true", help="serve serving/service.py from this checkout")
+    sv.add_argument("--bento", help="serve this Bento tag instead of the deployed one (e.g. a candidate)")
+    sv.add_argument("--no-follow", action="store_true", help="keep this Bento: do not switch to newly deployed ones")
     sv.set_defaults(func=cmd_serve)
 
     mo = sub.add_parser("monitor", help="drift of logged predictions against the champion's training reference")

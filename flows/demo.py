@@ -185,6 +185,13 @@ def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str
     return gated, trained, version
 
 
+def _serves(ready: dict[str, Any], cfg: Config) -> bool:
+    """Whether the service answering /readyz serves the models the last ``drspot deploy`` deployed."""
+    from serving.deploy import deployed_file
+
+    return ready.get("models") == json.loads(deployed_file(cfg).read_text()).get("registry")
+
+
 def _start_serving(
     cfg: Config, steps: Steps, env: dict[str, str], serve_args: tuple[str, ...], port: int | None = None
 ):
@@ -211,7 +218,6 @@ def run_demo(cfg: Config) -> int:
     from flows.cli import _progress, report_rows
     from flows.retrain import retrain_flow
     from flows.train import decision
-    from serving.launch import Server
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
@@ -283,13 +289,22 @@ def run_demo(cfg: Config) -> int:
         )
 
         if fly.get("deployed"):
-            steps.start("serve the promoted model (restart `drspot serve` on the new Bento)")
-            server.stop()
-            server = Server(env, runtime / "demo-serve.log", *serve_args)
-            ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+            steps.start("the running `drspot serve` switches to the new Bento (no restart)")
+            t0 = time.monotonic()
+            while True:  # serving/switch.py: started beside the old one, traffic moved once ready, old one drained
+                ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+                if _serves(ready, cfg):
+                    break
+                if time.monotonic() - t0 > cfg.gate.serving_check.start_timeout_s + 30:
+                    raise RuntimeError(f"drspot serve did not switch to {fly['deployed']} (see {server.log})")
+                time.sleep(1)
             again = _photos(traffic / "shifted", cfg, cfg.seed + 2002, shifted=True)[:20]
             after = _send(server.url, again, "check")
-            steps.done(f"serving {ready.get('models', {}).get('classifier')}; {_traffic_summary(after)}")
+            steps.done(
+                f"serving {ready['models']['classifier']} + {ready['models']['detector']} "
+                f"{time.monotonic() - t0:.0f} s after the deploy; "
+                f"{_traffic_summary(after)}"
+            )
     finally:
         server.stop()
 

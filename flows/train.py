@@ -86,7 +86,7 @@ def _gate(kind: str, version: str, cfg, manifest: str | None, dataset: str | Non
     """Run the gate on ``version`` and say what happened (the train and promote flows alike)."""
     name = registry.model_name(kind)
     before = registry.champion(name)
-    d = registry.gate_and_promote(kind, version, cfg, manifest, dataset)
+    d = registry.gate_and_promote(kind, version, cfg, manifest, dataset, move=False)
     return {
         "kind": kind,
         "version": version,
@@ -98,6 +98,46 @@ def _gate(kind: str, version: str, cfg, manifest: str | None, dataset: str | Non
         "champion_before": before,
         "champion": registry.champion(name),
     }
+
+
+def promote_passing(
+    results: list[dict[str, Any]], cfg: Config, manifest: str | None, dataset: str | None
+) -> dict[str, Any] | None:
+    """Move ``champion`` to the versions the gate passed, once the pair they would serve in has passed the serving
+    check (:mod:`serving.canary`; ``gate.serving_check``). A failed check moves nothing: the champions, and so
+    the endpoint, stay as they were, and the reason goes on the versions and into the gate's artifact."""
+    passing = [r for r in results if r["promote"]]
+    if not passing:
+        return None
+    check = None
+    if cfg.gate.serving_check.enabled:
+        from serving import canary
+
+        champions = {k: registry.champion(registry.model_name(k)) for k in ("classifier", "detector")}
+        pair = {**champions, **{r["kind"]: r["version"] for r in passing}}
+        missing = [k for k, v in pair.items() if v is None]
+        if missing:
+            check = {
+                "passed": False,
+                "reason": f"no {' or '.join(missing)} has passed the gate to serve beside it: nothing to serve it with",
+            }
+        elif not (manifest and dataset and Path(manifest).is_file()):
+            check = {"passed": False, "reason": f"the serving check needs the frozen test split's photos ({manifest})"}
+        else:
+            print(f"serving check: building and starting {pair} on a free loopback port ...")
+            check = canary.check_pair(pair, champions, cfg, manifest, dataset)
+        print(f"serving check: {'PASSED' if check['passed'] else 'FAILED'}: {check['reason']}")
+        for r in passing:
+            registry.record_serving_check(r["kind"], r["version"], check)
+    for r in passing:
+        if check is None or check["passed"]:
+            registry.set_champion(registry.model_name(r["kind"]), r["version"])
+        else:
+            r["promote"] = False
+            r["reason"] = f"the gate passed it ({r['reason']}) but the serving check failed: {check['reason']}"
+        r["champion"] = registry.champion(registry.model_name(r["kind"]))
+        r["serving_check"] = check
+    return check
 
 
 def decision(r: dict[str, Any]) -> str:
@@ -114,6 +154,12 @@ def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions
     ]
     for r in results:
         lines.append(f"| {r['kind']} | v{r['version']} | {decision(r)} | {r['reason']} | v{r['champion']} |")
+    checks = {json.dumps(r["serving_check"], sort_keys=True) for r in results if r.get("serving_check")}
+    for c in checks:
+        c = json.loads(c)
+        lines += ["", f"**serving check**: {'passed' if c['passed'] else 'FAILED'}: {c['reason']}"]
+        if "latency_ms" in c:
+            lines += [f"latency (ms per photo, in process): `{json.dumps(c['latency_ms'], sort_keys=True)}`"]
     for r in results:
         if r.get("challenger"):
             lines += ["", f"**{r['kind']} challenger**: `{json.dumps(r['challenger'], sort_keys=True)}`"]
@@ -166,6 +212,7 @@ def train_flow(
             ),
             register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, cfg, manifest, dataset),
         ]
+        promote_passing(results, cfg, manifest, dataset)
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
     for r in results:
         print(f"{r['kind']}: v{r['version']} {r['reason']}; champion v{r['champion']}")
@@ -192,6 +239,7 @@ def promote_flow(
     name = registry.model_name(kind)
     version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
     result = _gate(kind, version, cfg, manifest, dataset)
+    promote_passing([result], cfg, manifest, dataset)
     create_markdown_artifact(
         markdown=_markdown([result], "Promote: gate decision"), key="promote-gate", description="gate decision"
     )

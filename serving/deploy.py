@@ -25,12 +25,12 @@ class DeployError(RuntimeError):
     """Nothing to deploy (no champion), or the Bento cannot be built."""
 
 
-def to_bento_store(kind: str) -> tuple[str, dict[str, Any]]:
-    """Copy ``kind``'s champion into the Bento model store; returns (bento tag, metadata)."""
+def to_bento_store(kind: str, version: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Copy ``kind``'s champion (or ``version``) into the Bento model store; returns (bento tag, metadata)."""
     import bentoml
 
     name = registry.model_name(kind)
-    version = registry.champion(name)
+    version = version or registry.champion(name)
     if version is None:
         raise DeployError(f"{name} has no champion in the registry ({registry.tracking_uri()}); run `drspot train`")
     mv = registry.client().get_model_version(name, version)
@@ -61,6 +61,19 @@ def to_bento_store(kind: str) -> tuple[str, dict[str, Any]]:
     return str(model.tag), metadata
 
 
+def build_bento(tags: dict[str, str], registry_refs: dict[str, str]) -> str:
+    """``bentoml build`` of the service pinned to the model-store ``tags`` (offline: no package locking)."""
+    import bentoml
+
+    bento = bentoml.bentos.build_bentofile(
+        str(BENTOFILE),
+        build_ctx=str(SOURCE),
+        labels={"classifier": registry_refs["classifier"], "detector": registry_refs["detector"]},
+        args={"classifier": tags["classifier"], "detector": tags["detector"]},
+    )
+    return str(bento.tag)
+
+
 def deployed_file(cfg: Config) -> Path:
     """What the last ``drspot deploy`` built (read by ``drspot serve``), in the state home."""
     return cfg.home / ".drspot" / "deployed.json"
@@ -84,14 +97,10 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
     if imported:
         result["imported_logs"] = imported
     if build:
-        bento = bentoml.bentos.build_bentofile(
-            str(BENTOFILE),
-            build_ctx=str(SOURCE),
-            labels={"classifier": meta["classifier"]["registry"], "detector": meta["detector"]["registry"]},
-            args={"classifier": tags["classifier"], "detector": tags["detector"]},
-        )
-        result["bento"] = str(bento.tag)
-        result["bento_path"] = str(bento.path)
+        import bentoml
+
+        result["bento"] = build_bento(tags, {k: m["registry"] for k, m in meta.items()})
+        result["bento_path"] = str(bentoml.bentos.get(result["bento"]).path)
     state = deployed_file(cfg)
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps(result, indent=2))

@@ -12,6 +12,16 @@ from pathlib import Path
 import httpx
 
 SOURCE = Path(__file__).resolve().parent.parent
+STARTUP_FAILED = "Application startup failed"  # uvicorn's line when the service's __init__ raised
+
+
+def last_error(text: str) -> str:
+    """The last exception line of a log (``IndexError: pop from empty list``), else its last line."""
+    import re
+
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    errors = [x for x in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Exit)\b.*:", x)]
+    return (errors or lines or ["(no output)"])[-1][:500]
 
 
 def free_port() -> int:
@@ -23,23 +33,36 @@ def free_port() -> int:
 class Server:
     """A ``drspot serve`` subprocess on a free loopback port; ``stop()`` ends it (and its workers)."""
 
-    def __init__(self, env: dict[str, str], log: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        *extra: str,
+        port: int | None = None,
+        config: Path | None = None,
+        timeout: float = 180,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "drspot"
         self.log = log
+        first = ["--config", str(config)] if config else []
         self.proc = subprocess.Popen(
-            [str(exe), "serve", "--port", str(self.port), *extra],
+            [str(exe), *first, "serve", "--port", str(self.port), *extra],
             env=env,
             cwd=SOURCE,
             stdout=open(log, "w"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"drspot serve exited {self.proc.returncode}:\n{log.read_text()[-4000:]}")
+            if STARTUP_FAILED in log.read_text(errors="replace"):
+                # BentoML restarts a worker whose startup raised, again and again: waiting would only time out
+                self.stop()
+                raise RuntimeError(f"the service failed to start:\n{log.read_text(errors='replace')[-4000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -47,7 +70,7 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"drspot serve not ready in 180 s:\n{log.read_text()[-4000:]}")
+        raise RuntimeError(f"drspot serve not ready in {timeout:g} s:\n{log.read_text()[-4000:]}")
 
     def stop(self) -> None:
         import signal

@@ -58,6 +58,9 @@ def clone(tmp_path_factory) -> Path:
     return here
 
 
+SWITCH_STEP = "the running `drspot serve` switches to the new Bento"
+
+
 def user_env(clone: Path) -> dict[str, str]:
     """A new user's shell: PATH with the clone's venv, HOME, LANG; no DRSPOT_* and no library settings."""
     keep = ("HOME", "LANG", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -102,8 +105,10 @@ def check_the_loop(text: str) -> dict[str, str]:
     assert versions and versions.group(1) != versions.group(2), retrain
     gate = re.search(r"^\s+classifier v(\d+): (PROMOTED|rejected|unchanged): (.+)$", retrain, re.M)
     assert gate and len(gate.group(3)) > 20, retrain  # the decision with its reason
+    # every promotion went through the serving check (a Bento of the pair started and queried before `champion` moved)
+    assert "serving check: PASSED: served and answered 6 canaries and 4 bad inputs" in text
     if gate.group(2) == "PROMOTED":
-        served = step(text + "\n== ", "serve the promoted model")
+        served = step(text + "\n== ", SWITCH_STEP)
         assert f"serving drspot-classifier/{gate.group(1)}" in served, served
     assert re.search(r"^ total \d+s$", text, re.M)
     assert "drspot ui" in text and "drspot status" in text  # where to look: the project's own consoles
@@ -121,7 +126,7 @@ def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
     assert log["location"] == str(clone / ".drspot" / "predictions.db")
     assert log["predictions"] >= 2 * 120 and log["confirmed_waiting"] == 0, log
     # logged after the last monitor run: the copy of a test image, and the 20 checks when a model was promoted
-    assert log["since_last_monitor"] == 1 + (20 if "== [12] serve the promoted model" in text else 0), log
+    assert log["since_last_monitor"] == 1 + (20 if f"] {SWITCH_STEP}" in text else 0), log
     assert status["monitor"]["last"]["status"] == "drift"
     assert status["retrain"]["last"]["status"] == "retrained"
     assert status["retrain"]["last"]["data_version"] == status["data"]["version"] == f"{first['data_after']}"
