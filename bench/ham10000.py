@@ -116,6 +116,11 @@ def main() -> None:
             t = lap("scratch baseline", t)
             base_figures = figures(ev_s)
 
+    out = ROOT / "bench" / "results" / "ham10000.json"
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    scratch_note = "this run"
+    if base_figures is None and earlier.get("scratch"):  # --no-scratch: the last measured baseline, said so
+        base_figures, scratch_note = earlier["scratch"], earlier.get("scratch_measured", "an earlier run")
     result = {
         **figures(ev),
         "map50": det_metrics.get("map50"),
@@ -126,6 +131,7 @@ def main() -> None:
         "malignant_threshold": ev["malignant_threshold"],
         "recipe": {"classifier": cfg.classifier.model_dump(), "detector": cfg.detector.model_dump()},
         "scratch": base_figures,
+        "scratch_measured": scratch_note if base_figures else None,
         "required": REQUIRED,
         "goal": GOAL,
         "anchors": ANCHORS,
@@ -134,7 +140,7 @@ def main() -> None:
     result["meets_required"] = (
         result["bacc"] >= REQUIRED["bacc"] and result["malignant_auc"] >= REQUIRED["malignant_auc"] and wall <= 1800
     )
-    (ROOT / "bench" / "results" / "ham10000.json").write_text(json.dumps(result, indent=2, default=float))
+    out.write_text(json.dumps(result, indent=2, default=float))
     cols = (
         "acc",
         "bacc",
@@ -153,7 +159,7 @@ def main() -> None:
         + f" | {result['map50'] or float('nan'):.3f} | {wall:.0f}"
     )
     if base_figures:
-        print("same, from scratch | " + " | ".join(f"{base_figures[k]:.3f}" for k in cols) + " | | ")
+        print(f"same, from scratch ({scratch_note}) | " + " | ".join(f"{base_figures[k]:.3f}" for k in cols) + " | | ")
     print(f"required BACC>=0.60, malignant AUC>=0.88 in <=1800 s: {'met' if result['meets_required'] else 'NOT met'}")
 
 

@@ -225,6 +225,17 @@ class Evaluate(_Strict):
     robustness: dict[Literal["blur", "noise", "brightness", "jpeg"], list[float]]
 
 
+SLICE_METRICS = ("malignant_sensitivity", "accuracy", "balanced_accuracy", "macro_auc", "primary")
+
+
+class GateSlices(_Strict):
+    columns: list[str]
+    min_cases: int = Field(ge=1)
+    min_malignant: int = Field(ge=1)
+    floors: dict[Literal[SLICE_METRICS], float]
+    max_drop: dict[Literal[SLICE_METRICS], float]
+
+
 class ServingCheck(_Strict):
     enabled: bool
     canaries: int = Field(ge=1)
@@ -242,6 +253,7 @@ class Gate(_Strict):
     detector_tolerance: float = Field(ge=0)
     detector_first_floor: float = Field(ge=0, le=1)
     serving_check: ServingCheck
+    slices: GateSlices
 
 
 class Serving(_Strict):

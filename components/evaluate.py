@@ -267,6 +267,62 @@ class Scored:
     pv: np.ndarray
     pt: np.ndarray
     metrics: dict[str, Any]
+    slices: list[dict[str, Any]]
+
+
+REPORT_SLICES = ("sex", "age_band", "localization", "source")
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion (hits of n); [nan, nan] for n = 0."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(centre - half), 4), round(float(centre + half), 4)]
+
+
+def slice_metrics(
+    rows: list[dict[str, Any]],
+    y: np.ndarray,
+    p: np.ndarray,
+    classes: list[str],
+    malignant: list[str],
+    threshold: float,
+    columns,
+    min_rows: int,
+) -> list[dict[str, Any]]:
+    """The headline metrics per value of each column (``age_band`` from ``age``) with at least ``min_rows`` test
+    crops: n, malignant n, accuracy, balanced accuracy, macro AUC, malignant sensitivity with its Wilson 95%
+    interval. A column with one value is skipped (it is the whole split), except ``source``."""
+    mal = np.isin(y, [classes.index(m) for m in malignant])
+    flagged = malignant_prob(p, classes, malignant) >= threshold
+    out = []
+    for col in columns:
+        values: dict[str, list[int]] = {}
+        for k, r in enumerate(rows):
+            v = _age_band(r.get("age")) if col == "age_band" else r.get(col)
+            if v is not None:
+                values.setdefault(str(v), []).append(k)
+        if len(values) < 2 and col != "source":
+            continue
+        for v, idx in sorted(values.items()):
+            if len(idx) < min_rows:
+                continue
+            m = core_metrics(y[idx], p[idx], classes, malignant, threshold)
+            n_mal = int(mal[idx].sum())
+            out.append(
+                {
+                    "column": col,
+                    "value": v,
+                    "n": len(idx),
+                    "n_malignant": n_mal,
+                    **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_auc", "malignant_sensitivity")},
+                    "malignant_sensitivity_ci95": wilson(int((flagged[idx] & mal[idx]).sum()), n_mal),
+                }
+            )
+    return out
 
 
 def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | Path, cfg: Config) -> Scored:
@@ -282,6 +338,9 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
     model, mc = load_model(model_dir)
     classes, malignant = mc["classes"], mc["malignant"]
     cols = ["image_id", "path", "label", "boxes", "split", "source", "sex", "age", "localization"]
+    # any other manifest column the gate slices by
+    named = set(pq.read_schema(split_manifest).names)
+    cols += [c for c in cfg.gate.slices.columns if c in named and c not in cols]
     rows = pq.read_table(split_manifest, columns=cols).to_pylist()
     by_split = {s: [r for r in rows if r["split"] == s] for s in ("val", "test")}
     if not by_split["test"]:
@@ -301,7 +360,11 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
         y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.target_sensitivity
     )
     metrics = core_metrics(yt, pt, classes, malignant, threshold, cfg.evaluate.malignant_prevalence)
-    return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics)
+    meta = {r["image_id"]: r for r in by_split["test"]}
+    test_rows = [meta[i] for i in arrays["test"].image_ids]
+    columns = list(dict.fromkeys([*REPORT_SLICES, *cfg.gate.slices.columns]))
+    slices = slice_metrics(test_rows, yt, pt, classes, malignant, threshold, columns, cfg.evaluate.slice_min_rows)
+    return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics, slices)
 
 
 def evaluate(
@@ -354,29 +417,7 @@ def evaluate(
     ece_after, reliability = ece(yt, pt, e.ece_bins)
     cm = confusion_matrix(yt, pt.argmax(1), labels=range(len(classes)))
 
-    # slices
-    meta = {r["image_id"]: r for r in by_split["test"]}
-    slices = []
-    for col in ("sex", "age_band", "localization", "source"):
-        values = {}
-        for k, image_id in enumerate(arrays["test"].image_ids):
-            r = meta[image_id]
-            v = _age_band(r["age"]) if col == "age_band" else r.get(col)
-            if v is not None:
-                values.setdefault(str(v), []).append(k)
-        if len(values) < 2 and col != "source":
-            continue
-        for v, idx in sorted(values.items()):
-            if len(idx) >= e.slice_min_rows:
-                m = core_metrics(yt[idx], pt[idx], classes, malignant, threshold)
-                slices.append(
-                    {
-                        "column": col,
-                        "value": v,
-                        "n": len(idx),
-                        **{k: m[k] for k in ("accuracy", "macro_auc", "malignant_sensitivity")},
-                    }
-                )
+    slices = sc.slices
 
     # robustness
     robustness = []

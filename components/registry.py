@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ CLASSIFIER = "drspot-classifier"
 DETECTOR = "drspot-detector"
 CODE = Path(__file__).parent / "mlflow_models"
 HISTORY_TAG = "champion_history"
+SLICE_TAG = "slice."  # + column.value: one test-split slice's metrics (JSON), for the gate's per-slice rules
 EXPERIMENT = "drspot"
 PIP = [
     "torch==2.14.1",
@@ -123,6 +125,27 @@ def lineage(cfg: Config, split_manifest: str | Path, data_version: str | None) -
     }
 
 
+def slice_tags(slices: list[dict[str, Any]], prefix: str = SLICE_TAG) -> dict[str, str]:
+    """One tag per slice: ``slice.<column>.<value>`` -> its metrics as compact JSON (NaN as null)."""
+
+    def num(v):
+        if isinstance(v, list):
+            return [num(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else round(v, 4) if isinstance(v, float) else v
+
+    out = {}
+    for s in slices:
+        value = re.sub(r"[^\w\-. /]", "_", str(s["value"]))  # what MLflow allows in a tag key
+        key = f"{prefix}{s['column']}.{value}"[:250]
+        out[key] = json.dumps({k: num(v) for k, v in s.items()}, separators=(",", ":"))[:5000]
+    return out
+
+
+def tagged_slices(tags: dict[str, str], prefix: str = SLICE_TAG) -> dict[str, dict[str, Any]]:
+    """``{"column.value": metrics}`` from a version's tags written by :func:`slice_tags`."""
+    return {k[len(prefix) :]: json.loads(v) for k, v in tags.items() if k.startswith(prefix)}
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
@@ -157,6 +180,9 @@ def register(
         cfg_file.write_text(json.dumps(merged, indent=2, sort_keys=True))
         shutil.copy(Path(report_dir) / "model_card.md", model_dir / "model_card.md")
     tags = {**tags, "model_hash": file_hash(model_dir / ("model.pt" if kind == "classifier" else "detector.pt"))}
+    evaluation = Path(report_dir) / "evaluation.json" if report_dir else None
+    if kind == "classifier" and evaluation and evaluation.is_file():  # per-slice metrics, for the gate's slice rules
+        tags.update(slice_tags(json.loads(evaluation.read_text()).get("slices", [])))
     active = mlflow.active_run()
     nesting = {"nested": True} if active is not None else {"parent_run_id": parent_run_id}
     with mlflow.start_run(run_name=f"register-{kind}", tags={**tags, "kind": kind}, **nesting):
@@ -213,8 +239,53 @@ class Decision:
     champion: dict[str, float] | None
 
 
-def decide(kind: str, challenger: dict[str, float], champion_: dict[str, float] | None, cfg: Config) -> Decision:
-    """The gate, as a pure function of both models' test metrics."""
+def slice_problem(
+    challenger: dict[str, dict[str, Any]], champion_: dict[str, dict[str, Any]] | None, cfg: Config
+) -> str | None:
+    """The first slice rule the challenger breaks (``gate.slices``), named with its slice, its size and, for
+    malignant sensitivity, its Wilson 95% interval; None when every judged slice passes. A slice is judged where
+    it holds ``min_cases`` test crops (malignant sensitivity: ``min_malignant`` malignant ones), in both models
+    for a drop."""
+    g = cfg.gate.slices
+
+    def value(s: dict[str, Any] | None, metric: str) -> float | None:
+        if s is None or s.get("n", 0) < g.min_cases:
+            return None
+        if metric == "malignant_sensitivity" and s.get("n_malignant", 0) < g.min_malignant:
+            return None
+        v = s.get(metric)
+        return float(v) if v is not None and math.isfinite(float(v)) else None
+
+    def named(key: str, s: dict[str, Any], metric: str, v: float) -> str:
+        col, val = s.get("column", key), s.get("value", "")
+        ci = s.get("malignant_sensitivity_ci95") if metric == "malignant_sensitivity" else None
+        interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci and None not in ci else ""
+        return f"slice {col}={val} ({s['n']} cases, {s.get('n_malignant', 0)} malignant): {metric} {v:.3f}{interval}"
+
+    for key, s in sorted(challenger.items()):
+        for rule, floor in g.floors.items():
+            metric = cfg.gate.primary_metric if rule == "primary" else rule
+            v = value(s, metric)
+            if v is not None and v < floor:
+                return f"{named(key, s, metric, v)} is below the slice floor {floor}"
+        for rule, drop in g.max_drop.items():
+            metric = cfg.gate.primary_metric if rule == "primary" else rule
+            v, old = value(s, metric), value((champion_ or {}).get(key), metric)
+            if v is not None and old is not None and old - v > drop:
+                down = f"down {old - v:.3f} > {drop}"
+                return f"{named(key, s, metric, v)} vs the champion's {old:.3f} on the same slice: {down}"
+    return None
+
+
+def decide(
+    kind: str,
+    challenger: dict[str, float],
+    champion_: dict[str, float] | None,
+    cfg: Config,
+    slices: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]] | None] | None = None,
+) -> Decision:
+    """The gate, as a pure function of both models' test metrics (and, for the classifier, of their per-slice
+    metrics on the same test split: ``slices`` = (challenger's, champion's or None))."""
     g = cfg.gate
     if kind == "detector":
         metric, tol, floors, sens_floor = (
@@ -239,6 +310,10 @@ def decide(kind: str, challenger: dict[str, float], champion_: dict[str, float] 
             return Decision(
                 False, f"malignant sensitivity {sens:.4f} is below the floor {sens_floor}", challenger, champion_
             )
+    if kind == "classifier" and slices is not None:
+        problem = slice_problem(slices[0], slices[1] if champion_ is not None else None, cfg)
+        if problem:
+            return Decision(False, problem, challenger, champion_)
     if champion_ is None:
         low = {
             k: (challenger.get(k, float("nan")), v)
@@ -289,13 +364,17 @@ def download(name: str, version: str, dst: str | Path | None = None) -> Path:
     return Path(local) / "artifacts" / "model_dir"
 
 
+def rejudge_key(split_manifest: str | Path) -> str:
+    return f"rejudged.{file_hash(split_manifest)[:16]}"
+
+
 def rejudge(kind: str, version: str, split_manifest: str | Path, dataset_dir: str | Path, cfg: Config) -> dict:
     """Score a registered version on ``split_manifest``'s frozen test split (tagged, so done once)."""
     import shutil
 
     name = model_name(kind)
     c = client()
-    key = f"rejudged.{file_hash(split_manifest)[:16]}"
+    key = rejudge_key(split_manifest)
     done = c.get_model_version(name, version).tags.get(key)
     if done:
         return json.loads(done)
@@ -304,7 +383,10 @@ def rejudge(kind: str, version: str, split_manifest: str | Path, dataset_dir: st
         if kind == "classifier":
             from components.evaluate import score
 
-            metrics = _finite(score(folder, split_manifest, dataset_dir, cfg).metrics)
+            scored = score(folder, split_manifest, dataset_dir, cfg)
+            metrics = _finite(scored.metrics)
+            for k, v in slice_tags(scored.slices, f"{key}.{SLICE_TAG}").items():
+                c.set_model_version_tag(name, version, k, v)
         else:
             from components.train_detector import score
 
@@ -336,14 +418,16 @@ def gate_and_promote(
     c = client()
     new_mv = c.get_model_version(name, version)
     current = champion(name)
-    champ_metrics, note = None, ""
+    champ_metrics, champ_slices, note = None, None, ""
     if current is not None and current != version:
         champ_mv = c.get_model_version(name, current)
         wanted = new_mv.tags.get("manifest_hash")
         if champ_mv.tags.get("manifest_hash") == wanted:
-            champ_metrics = _tag_metrics(champ_mv)
+            champ_metrics, champ_slices = _tag_metrics(champ_mv), tagged_slices(champ_mv.tags)
         elif split_manifest and dataset_dir and Path(split_manifest).is_file() and file_hash(split_manifest) == wanted:
             champ_metrics = rejudge(kind, current, split_manifest, dataset_dir, cfg)
+            rejudged = c.get_model_version(name, current).tags
+            champ_slices = tagged_slices(rejudged, f"{rejudge_key(split_manifest)}.{SLICE_TAG}")
             note = f"champion v{current} re-judged on the challenger's test split; "
         else:
             decision = Decision(
@@ -356,7 +440,7 @@ def gate_and_promote(
             )
             _record(name, version, current, decision)
             return decision
-    decision = decide(kind, _tag_metrics(new_mv), champ_metrics, cfg)
+    decision = decide(kind, _tag_metrics(new_mv), champ_metrics, cfg, (tagged_slices(new_mv.tags), champ_slices))
     decision.reason = note + decision.reason
     _record(name, version, current, decision)
     if decision.promote and move:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import os
+import socket
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,16 +40,40 @@ from flows.train import decision
 SUMMARY = "summary.json"  # each retrain's record under <paths.reports>/retrain/<time>/ (read by `drspot status`)
 
 
-@contextmanager
-def _one_at_a_time(root: Path):
+def lock_path(root: Path) -> Path:
     # a stable name per project (str hashes are salted per process, which would give every process its own lock)
-    lock = runtime_dir() / f"retrain-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.lock"
+    return runtime_dir() / f"retrain-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.lock"
+
+
+@contextmanager
+def one_at_a_time(root: Path, say=print):
+    """One retrain per project at a time: an exclusive ``flock`` on the project's lock file, which the kernel
+    releases when its holder dies however it dies (SIGKILL included), so no dead process can keep it. The file
+    names its holder while held and is emptied on release: a contender says whom it waits for, and a holder
+    that finds a name left behind says that the previous retrain did not finish."""
+    lock = lock_path(root)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(lock, "a+") as f:  # "a+": waiting must not erase the holder's name
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            say(f"retrain: waiting for the retrain already running ({f.read().strip() or 'holder unknown'}; {lock})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        left = f.read().strip()
+        if left:
+            say(f"retrain: the previous retrain ({left}) did not finish (killed?); the kernel released its lock")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now(dt.UTC).isoformat()}\n")
+        f.flush()
         try:
             yield
         finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -137,7 +163,7 @@ def retrain_flow(
     data = cfg.resolve(cfg.paths.data)
     started = dt.datetime.now(dt.UTC)
     logger = get_run_logger()
-    with _one_at_a_time(root_path):
+    with one_at_a_time(root_path, logger.info):
         cases, skipped = collect(cfg, str(data))
         for x in skipped:
             logger.warning("confirmed case %s not usable: %s", x["request_id"], x["reason"])

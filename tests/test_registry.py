@@ -49,6 +49,10 @@ def test_register_gate_promote_reject_and_rollback(store):
     for key in ("data_version", "manifest_hash", "git_commit", "prefect_flow_run_id", "params_hash", "model_hash"):
         assert mv.tags[key], key
     assert mv.tags["data_version"] == "v-test" and mv.tags["manifest_hash"] == registry.file_hash(split)
+    # the evaluation's per-slice metrics travel as tags, for the gate's slice rules
+    slices = registry.tagged_slices(mv.tags)
+    assert [s["column"] for s in slices.values()] == ["source"] and list(slices.values())[0]["n"] > 5
+    assert {"malignant_sensitivity", "malignant_sensitivity_ci95", "n_malignant"} <= set(list(slices.values())[0])
     assert str(registry.client().get_model_version_by_alias(name, "challenger").version) == v1
     assert registry.find_version(name, mv.tags["model_hash"]) == v1
     first = registry.gate_and_promote("classifier", v1, cfg)
