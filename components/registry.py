@@ -406,7 +406,8 @@ def gate_and_promote(
     move: bool = True,
 ) -> Decision:
     """Run the gate for ``version`` against the current champion; promote it when it passes (and ``move``: the
-    train and promote flows pass False and move the alias only after the serving check, :func:`promote`).
+    train and promote flows pass False and move the alias only after the serving check,
+    :func:`flows.train.promote_passing`).
 
     Both models must be judged on the same frozen test split. When the champion was judged on
     another split manifest (the data changed since), it is re-judged on the challenger's one

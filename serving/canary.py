@@ -23,7 +23,6 @@ and records the reason on the model versions and in the gate's artifact.
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import statistics
 import struct
@@ -69,7 +68,7 @@ def canary_photos(split_manifest: str | Path, dataset_dir: str | Path, n: int) -
     """The first ``n`` photos of the frozen test split (deterministic: the same canaries for every check)."""
     import pyarrow.parquet as pq
 
-    rows = [r for r in pq.read_table(split_manifest, columns=["image_id", "path", "split"]).to_pylist()]
+    rows = pq.read_table(split_manifest, columns=["image_id", "path", "split"]).to_pylist()
     test = sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["image_id"])[:n]
     if not test:
         raise ServingCheckError(f"{split_manifest} has no test rows to use as canaries")
@@ -233,7 +232,3 @@ def _env(cfg: Config) -> dict[str, str]:
     import os
 
     return {**os.environ, "DRSPOT_HOME": str(cfg.home)}
-
-
-def summary(result: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "canaries"}, sort_keys=True)[:5000]

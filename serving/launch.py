@@ -24,6 +24,16 @@ def last_error(text: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:500]
 
 
+def start_failure(proc: subprocess.Popen, log: Path) -> str | None:
+    """Why a starting service process will never answer /readyz (it exited, or its startup raised and BentoML
+    would only restart it again and again), or None while it may still come up."""
+    if proc.poll() is not None:
+        return f"exited {proc.returncode}"
+    if log.is_file() and STARTUP_FAILED in log.read_text(errors="replace"):
+        return "its startup failed"
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,12 +67,10 @@ class Server:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"drspot serve exited {self.proc.returncode}:\n{log.read_text()[-4000:]}")
-            if STARTUP_FAILED in log.read_text(errors="replace"):
-                # BentoML restarts a worker whose startup raised, again and again: waiting would only time out
+            failure = start_failure(self.proc, log)
+            if failure:
                 self.stop()
-                raise RuntimeError(f"the service failed to start:\n{log.read_text(errors='replace')[-4000:]}")
+                raise RuntimeError(f"drspot serve {failure}:\n{log.read_text(errors='replace')[-4000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return

@@ -50,14 +50,13 @@ class Backend:
         """The backend's /readyz once it answers; raises RuntimeError naming why it did not."""
         import aiohttp
 
-        from serving.launch import STARTUP_FAILED
+        from serving.launch import start_failure
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited {self.proc.returncode}: {_tail(self.log)}")
-            if STARTUP_FAILED in self.log.read_text(errors="replace"):
-                raise RuntimeError(f"its startup failed: {_tail(self.log)}")
+            failure = start_failure(self.proc, self.log)
+            if failure:
+                raise RuntimeError(f"{failure}: {_tail(self.log)}")
             try:
                 async with session.get(f"{self.url}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
