@@ -285,6 +285,13 @@ class Serving(_Strict):
     max_latency_ms: int = Field(ge=1)
 
 
+class MonitorQuality(_Strict):
+    last_cases: int = Field(ge=1)
+    min_malignant: int = Field(ge=1)
+    sensitivity_floor: float = Field(ge=0, le=1)
+    period: Literal["day", "week"]
+
+
 class Monitor(_Strict):
     min_rows: int = Field(ge=2)
     last: int = Field(ge=2)
@@ -297,6 +304,7 @@ class Monitor(_Strict):
     correction: Literal["bonferroni", "none"]
     reports: str
     cron: str
+    quality: MonitorQuality
 
 
 class Retrain(_Strict):

@@ -531,6 +531,10 @@ def evaluate(
     (out_dir / CALIBRATION).write_text(
         json.dumps({"temperature": temperature, "malignant_threshold": threshold}, indent=2)
     )
+    # what the monitor's label-free performance estimate (CBPE) calibrates on: served probabilities on validation
+    from components.quality import write_reference
+
+    write_reference(out_dir, sc.pv, yv, classes, malignant, threshold)
     (out_dir / "model_card.md").write_text(model_card(result))
     cfg.write(out_dir / "config.yaml")  # the resolved configuration, beside the figures it produced
     _html(out_dir, result)

@@ -218,6 +218,12 @@ def compare(reference, current, cfg: Config, report: bool = True) -> tuple[dict[
     return summary, snapshot
 
 
+def window_rows(cfg: Config, log, since: dt.datetime | None = None, last: int | None = None) -> list[dict[str, Any]]:
+    """The monitored window of the prediction log: everything since ``since``, else the newest ``last``
+    (default ``monitor.last``)."""
+    return log.window(since=since, last=None if since else (last or cfg.monitor.last))
+
+
 def monitor(
     cfg: Config,
     log,
@@ -233,7 +239,7 @@ def monitor(
         reference_for: ``classifier version -> (reference DataFrame, projection)``.
         out_dir: where ``drift_report.html`` / ``drift_report.json`` / ``summary.json`` go.
     """
-    rows = log.window(since=since, last=None if since else (last or cfg.monitor.last))
+    rows = window_rows(cfg, log, since, last)
     window = {
         "since": since.isoformat() if since else None,
         "last": None if since else (last or cfg.monitor.last),
@@ -242,7 +248,7 @@ def monitor(
     }
     versions = Counter(r["classifier_version"] for r in rows)
     if len(rows) < cfg.monitor.min_rows:
-        return _save(
+        return save_summary(
             out_dir,
             {
                 "status": "not enough data",
@@ -264,10 +270,10 @@ def monitor(
     summary.update({"window": window, "classifier_version": version, "report": str(out_dir / "drift_report.html")})
     if len(versions) > 1:
         summary["note"] = f"the window held several classifier versions {dict(versions)}; compared {version} only"
-    return _save(out_dir, summary)
+    return save_summary(out_dir, summary)
 
 
-def _save(out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def save_summary(out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -179,6 +179,10 @@ def register(
         merged = {**json.loads(cfg_file.read_text()), **json.loads(calibration.read_text())}
         cfg_file.write_text(json.dumps(merged, indent=2, sort_keys=True))
         shutil.copy(Path(report_dir) / "model_card.md", model_dir / "model_card.md")
+        from components.quality import PERFORMANCE_REFERENCE
+
+        if (Path(report_dir) / PERFORMANCE_REFERENCE).is_file():  # the monitor's CBPE calibrates on it
+            shutil.copy(Path(report_dir) / PERFORMANCE_REFERENCE, model_dir / PERFORMANCE_REFERENCE)
     tags = {**tags, "model_hash": file_hash(model_dir / ("model.pt" if kind == "classifier" else "detector.pt"))}
     evaluation = Path(report_dir) / "evaluation.json" if report_dir else None
     if kind == "classifier" and evaluation and evaluation.is_file():  # per-slice metrics, for the gate's slice rules

@@ -332,7 +332,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if "report" in s:
         print(f"  drifted: {', '.join(s['drifted']) or 'nothing'}")
         print(f"  report: {s['report']}")
+    print(quality_lines(s["quality"]))
     return 0
+
+
+def quality_lines(q: dict) -> str:
+    """The monitor's quality verdict as printed: the label rule, then the label-free estimate."""
+    from components.quality import ESTIMATED
+
+    r, est = q["rule"], q["estimate"]
+    figures = ", ".join(f"{k.replace('_', ' ')} {est[k]:.3f}" for k in ESTIMATED if k in est)
+    return (
+        f"model quality: {r['status'].upper()} ({q['confirmed_cases']} confirmed case(s) in the log)\n"
+        f"  - {r['reason']}\n"
+        f"  estimated without labels (CBPE, {est.get('rows', 0)} predictions of {est.get('version', '-')}): "
+        f"{figures or est.get('note', '')}\n"
+        f"  report: {q['report']}"
+    )
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -349,7 +365,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     for r in s["gate"]:
         print(f"  {r['kind']}: v{r['version']}: {r['reason']} (champion v{r['champion']})")
     if s.get("deployed"):
-        print(f"  deployed Bento {s['deployed']}: restart `drspot serve` to serve it")
+        print(f"  deployed Bento {s['deployed']}: a running `drspot serve` switches to it")
     return 0
 
 

@@ -115,6 +115,9 @@ def _monitor(cfg: Config, last: int) -> dict[str, Any]:
         print(f"     - {r}")
     if s.get("drifted"):
         print(f"     drifted: {', '.join(s['drifted'])}")
+    from flows.cli import quality_lines
+
+    print("\n".join(f"   {line}" for line in quality_lines(s["quality"]).splitlines()))
     return s
 
 
@@ -277,6 +280,10 @@ def run_demo(cfg: Config) -> int:
         if status != 201:
             raise RuntimeError(f"POST /feedback answered {status} for the test-image copy")
         steps.done(f"{confirmed} shifted cases confirmed, plus 1 copy of test image {test_row['image_id']}")
+
+        steps.start("model quality of the served classifier on the confirmed cases (and estimated without labels)")
+        judged = _monitor(cfg, len(shifted))["quality"]
+        steps.done(f"{judged['rule']['status']}: {judged['rule']['reason']}")
 
         steps.start("retrain (the flywheel): feedback -> data gate -> new DVC version -> train -> gate -> deploy")
         fly = retrain_flow(trigger="demo: drift + confirmed cases", min_new=1, cfg=cfg)

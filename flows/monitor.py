@@ -16,16 +16,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from components import reference, registry
+from components import quality, reference, registry
 from components.config import Config, load_config
-from components.monitor import monitor
+from components.monitor import monitor, save_summary, window_rows
 
 DRIFT_EVENT = "drspot.drift.detected"
 
 
 @lru_cache(maxsize=8)
-def _reference(version: str):
-    """The training reference saved with a registered classifier version ("drspot-classifier/N")."""
+def _model_files(version: str) -> dict[str, Any]:
+    """What the monitor reads from a registered classifier version ("drspot-classifier/N"), downloaded once:
+    its training reference (drift) and its performance reference (the label-free estimate; None if absent)."""
     import shutil
 
     name, _, number = version.rpartition("/")
@@ -33,13 +34,41 @@ def _reference(version: str):
         raise ValueError(f"logged classifier version {version!r} is not a registry version (drspot-classifier/N)")
     folder = registry.download(name, number)
     try:
-        if not (folder / reference.REFERENCE).is_file():
-            raise FileNotFoundError(
-                f"{version} has no monitoring reference (trained before references were saved); retrain it"
-            )
-        return reference.load(folder)
+        return {
+            "reference": reference.load(folder) if (folder / reference.REFERENCE).is_file() else None,
+            "performance": quality.load_reference(folder),
+        }
     finally:
         shutil.rmtree(folder.parent.parent, ignore_errors=True)
+
+
+def _reference(version: str):
+    """The training reference saved with a registered classifier version."""
+    ref = _model_files(version)["reference"]
+    if ref is None:
+        raise FileNotFoundError(
+            f"{version} has no monitoring reference (trained before references were saved); retrain it"
+        )
+    return ref
+
+
+def _performance(version: str) -> dict[str, Any] | None:
+    return _model_files(version)["performance"]
+
+
+def emit_quality(q: dict[str, Any]) -> None:
+    """``drspot.quality.degraded``: the label rule fired (it triggers the ``retrain/on-drift`` deployment too)."""
+    r = q["rule"]
+    emit_event(
+        event=quality.QUALITY_EVENT,
+        resource={"prefect.resource.id": "drspot.monitor", "prefect.resource.name": "drspot monitor"},
+        payload={
+            "report": q["report"],
+            "classifier_version": r["version"],
+            "reasons": [r["reason"]],
+            **{k: r[k] for k in ("malignant_sensitivity", "malignant_sensitivity_95", "malignant_cases", "cases")},
+        },
+    )
 
 
 def emit_drift(summary: dict[str, Any]) -> None:
@@ -55,6 +84,15 @@ def emit_drift(summary: dict[str, Any]) -> None:
 
 def _markdown(s: dict[str, Any]) -> str:
     lines = [f"# Drift: {s['status']}", "", *[f"- {r}" for r in s.get("reasons", [])], ""]
+    if "quality" in s:
+        q, est = s["quality"], s["quality"]["estimate"]
+        lines += [f"# Quality: {q['rule']['status']}", "", f"- {q['rule']['reason']}"]
+        lines += [
+            "- estimated without labels (CBPE): "
+            + (", ".join(f"{k} {est[k]:.3f}" for k in quality.ESTIMATED if k in est) or est.get("note", "")),
+            f"- report: `{q['report']}`",
+            "",
+        ]
     if "scores" in s:
         lines += [
             f"Window: {s['rows']['current']} predictions of {s['classifier_version']} vs the reference's "
@@ -88,6 +126,10 @@ def monitor_flow(
     out = cfg.resolve(cfg.monitor.reports) / when.strftime("%Y%m%dT%H%M%SZ")
     start = dt.datetime.fromisoformat(since) if since else None
     summary = monitor(cfg, log, _reference, out, since=start, last=last)
+    q = quality.assess(cfg, log, _performance, out, window_rows(cfg, log, start, last))
+    summary["quality"] = {k: q[k] for k in ("rule", "report", "confirmed_cases", "served_version")}
+    summary["quality"]["estimate"] = q.get("estimate") or {"note": q.get("estimate_note")}
+    save_summary(out, summary)
     cfg.write(out / "config.yaml")
     logger = get_run_logger()
     registry.use_experiment("monitoring")
@@ -96,6 +138,7 @@ def monitor_flow(
         mlflow.log_dict(cfg.as_dict(), "config/resolved.yaml")
         mlflow.log_metrics(
             {
+                **quality.metrics(q),
                 "rows": summary["rows"]["current"],
                 "drift": float(summary["drift"]),
                 **{
@@ -105,9 +148,11 @@ def monitor_flow(
                 },
             }
         )
-        if "report" in summary:
-            mlflow.log_artifacts(str(out), artifact_path="drift")
+        mlflow.log_artifacts(str(out), artifact_path="drift")
     create_markdown_artifact(markdown=_markdown(summary), key="drift-report", description="drift monitoring")
+    if q["rule"]["fired"]:
+        emit_quality(q)
+        logger.warning("QUALITY DROP: %s (event %s emitted)", q["rule"]["reason"], quality.QUALITY_EVENT)
     if summary["drift"]:
         emit_drift(summary)
         logger.warning("DRIFT: %s (event %s emitted)", "; ".join(summary["reasons"]), DRIFT_EVENT)

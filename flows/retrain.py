@@ -11,7 +11,7 @@
    everything already there, and the split keeps the frozen test set (a case duplicating a test
    image is dropped or held out, never trained on; no case enters test). The gate decides.
 4. If a model was promoted (and ``retrain.deploy``), ``drspot deploy`` builds the new Bento; a
-   running ``drspot serve`` keeps the models it started with until it is restarted.
+   running ``drspot serve`` switches to it without downtime (serving/switch.py).
 
 Runs are serialised by a file lock, so the nightly run, the threshold run and a drift-triggered run
 never retrain the same data twice at once.

@@ -8,8 +8,9 @@ Deployments (Prefect ``serve``; the runs execute in this process's subprocesses)
   code make it a no-op ("nothing trained");
 * ``retrain/feedback-threshold`` - the retrain flow on the monitor's cron with
   ``min_new=retrain.min_new_cases``: it retrains once that many confirmed cases are waiting;
-* ``retrain/on-drift`` - no schedule: a deployment trigger on the ``drspot.drift.detected`` event
-  the monitor emits (report location passed in ``trigger``); it retrains when at least one new
+* ``retrain/on-drift`` - no schedule: a deployment trigger on the ``drspot.drift.detected`` and
+  ``drspot.quality.degraded`` events the monitor emits (the event and its report passed in ``trigger``);
+  it retrains when at least one new
   confirmed case is waiting, and otherwise says that drift alone gives it nothing new to learn from.
 
 Schedules need a Prefect server running its scheduler service (the temporary server Prefect starts
@@ -32,7 +33,9 @@ import httpx
 from components.config import Config
 from components.env import runtime_dir
 
-DRIFT_TRIGGER = "drift: {{ event.payload.report }}"
+# the retrain run's `trigger` parameter: which event (drift or the quality rule) and its report
+EVENT_TRIGGER = "{{ event.event }}: {{ event.payload.report }}"
+ON_EVENTS = "on drspot.drift.detected / drspot.quality.degraded"
 
 
 def deployments(cfg: Config, profile: str | None) -> list[Any]:
@@ -40,6 +43,7 @@ def deployments(cfg: Config, profile: str | None) -> list[Any]:
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
+    from components.quality import QUALITY_EVENT
     from flows.monitor import DRIFT_EVENT, monitor_flow
     from flows.retrain import retrain_flow
 
@@ -67,9 +71,9 @@ def deployments(cfg: Config, profile: str | None) -> list[Any]:
             "on-drift",
             triggers=[
                 DeploymentEventTrigger(
-                    name="drift -> retrain",
-                    expect={DRIFT_EVENT},
-                    parameters={"trigger": DRIFT_TRIGGER, "min_new": 1, "profile": profile},
+                    name="drift or quality drop -> retrain",
+                    expect={DRIFT_EVENT, QUALITY_EVENT},
+                    parameters={"trigger": EVENT_TRIGGER, "min_new": 1, "profile": profile},
                 )
             ],
             parameters={"trigger": "drift", "min_new": 1, "profile": profile},
@@ -135,7 +139,7 @@ def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
         with temporary_settings({PREFECT_API_URL: url}):
             deps = deployments(cfg, profile)
             for d in deps:
-                when = ", ".join(str(s.schedule.cron) for s in d.schedules or []) or "on drspot.drift.detected"
+                when = ", ".join(str(s.schedule.cron) for s in d.schedules or []) or ON_EVENTS
                 print(f"  {d.flow_name}/{d.name}: {when}  ({d.parameters})", flush=True)
             serve(*deps, print_starting_message=False)  # returns on SIGINT/SIGTERM, deployments paused
     except KeyboardInterrupt:

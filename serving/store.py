@@ -68,7 +68,12 @@ feedback = Table(
     Column("confirmed_label", String(32), nullable=False),
     Column("reviewer", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # the lesion box as the reviewer drew or confirmed it (normalised [x1, y1, x2, y2]); null = label only
+    Column("box", JSON, nullable=True),
 )
+
+# columns added after a log could have been created: (table, column, SQL type), added by _migrate when missing
+ADDED = [("feedback", "box", "JSON")]
 
 
 DB_ENV = "DRSPOT_DATABASE_URL"
@@ -152,6 +157,7 @@ class PredictionLog:
                 cur.close()
 
         metadata.create_all(self.engine)
+        _migrate(self.engine)
         self.images_dir = images_dir
 
     @classmethod
@@ -180,7 +186,7 @@ class PredictionLog:
             r = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).mappings().first()
         return dict(r) if r else None
 
-    def add_feedback(self, request_id: str, label: str, reviewer: str) -> int:
+    def add_feedback(self, request_id: str, label: str, reviewer: str, box: list[float] | None = None) -> int:
         with self.engine.begin() as conn:
             res = conn.execute(
                 insert(feedback).values(
@@ -188,6 +194,7 @@ class PredictionLog:
                     confirmed_label=label,
                     reviewer=reviewer,
                     created_at=dt.datetime.now(dt.UTC),
+                    box=box,
                 )
             )
             return int(res.inserted_primary_key[0])
@@ -222,9 +229,14 @@ class PredictionLog:
             feedback.c.confirmed_label,
             feedback.c.reviewer,
             feedback.c.created_at,
+            feedback.c.box,
             predictions.c.image_sha256,
             predictions.c.image_path,
             predictions.c.lesions,
+            predictions.c.label,
+            predictions.c.risk,
+            predictions.c.classifier_version,
+            predictions.c.created_at.label("predicted_at"),
         ).join(predictions, predictions.c.request_id == feedback.c.request_id)
         if since is not None:
             q = q.where(feedback.c.created_at >= since)
@@ -232,6 +244,18 @@ class PredictionLog:
             rows = [dict(r) for r in conn.execute(q.order_by(feedback.c.id)).mappings()]
         latest = {r["request_id"]: r for r in rows}
         return list(latest.values())
+
+
+def _migrate(engine) -> None:
+    """Add the nullable columns of :data:`ADDED` to a log created before them (rows keep null there)."""
+    from sqlalchemy import inspect, text
+
+    have = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in {t for t, _, _ in ADDED}}
+    missing = [(t, c, kind) for t, c, kind in ADDED if c not in have[t]]
+    if missing:
+        with engine.begin() as conn:
+            for t, c, kind in missing:
+                conn.execute(text(f"ALTER TABLE {t} ADD COLUMN {c} {kind}"))
 
 
 IMPORTED = ".imported"  # suffix of the marker written beside a stranded log once it was imported

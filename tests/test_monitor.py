@@ -127,3 +127,10 @@ def test_the_monitor_flow_reads_the_service_log_and_emits_drift(server, deployed
         [registry.client().get_experiment_by_name("monitoring").experiment_id], max_results=1
     )
     assert runs and runs[0].data.metrics["drift"] == 1.0 and runs[0].data.tags["status"] == "drift"
+    # the served model's quality: no confirmations yet (the rule waits), estimated from its probabilities (CBPE)
+    q = s["quality"]
+    assert q["rule"]["status"] == "not enough confirmed cases" and not q["rule"]["fired"]
+    assert q["estimate"]["version"] == s["classifier_version"] and q["estimate"]["rows"] == 40
+    assert 0 < q["estimate"]["accuracy"] < 1
+    assert runs[0].data.metrics["estimated.accuracy"] == q["estimate"]["accuracy"]
+    assert list(report.glob("*/quality.html"))

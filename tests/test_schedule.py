@@ -98,10 +98,29 @@ def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(t
         assert drift_runs, "the drift event started no retrain run"
         (name, state, params, _), *rest = drift_runs
         assert not rest and state == "COMPLETED"
-        assert params == {"trigger": f"drift: {report}", "min_new": 1, "profile": "test"}
+        assert params == {"trigger": f"drspot.drift.detected: {report}", "min_new": 1, "profile": "test"}
         log = out.read_text()
         # no confirmed feedback in this empty project: the triggered retrain says so and trains nothing
-        assert f"retrain (drift: {report}): skipped: 0 new confirmed case(s) with a stored image" in log
+        assert f"retrain (drspot.drift.detected: {report}): skipped: 0 new confirmed case(s) with a stored image" in log
+
+        # the quality rule's event starts the same deployment
+        emit = (
+            "from flows.monitor import emit_quality; "
+            f"emit_quality({{'report': {report!r}, 'rule': {{'version': 'drspot-classifier/1', 'reason': 'test', "
+            "'malignant_sensitivity': 0.2, 'malignant_sensitivity_95': [0.1, 0.4], 'malignant_cases': 20, "
+            "'cases': 100}})"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", emit], env={**env, "PREFECT_API_URL": url}, cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        while time.monotonic() < deadline:
+            drift_runs = [r for r in asyncio.run(_runs(url)) if r[0] == "on-drift"]
+            if len(drift_runs) == 2 and all(r[1] in ("COMPLETED", "FAILED", "CRASHED") for r in drift_runs):
+                break
+            time.sleep(2)
+        triggers = sorted(r[2]["trigger"] for r in drift_runs)
+        assert triggers == [f"drspot.drift.detected: {report}", f"drspot.quality.degraded: {report}"], drift_runs
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -98,6 +98,13 @@ def check_the_loop(text: str) -> dict[str, str]:
     assert "drift monitor: NO DRIFT" in normal, normal
     shifted = step(text, "monitor the shifted traffic")
     assert "drift monitor: DRIFT" in shifted and re.search(r"^\s+- \d+ of \d+ .* drifted \(", shifted, re.M), shifted
+    judged = step(text, "model quality of the served classifier")
+    assert re.search(r"model quality: (OK|QUALITY DROP|NOT ENOUGH CONFIRMED CASES) \(\d+ confirmed case", judged), (
+        judged
+    )
+    assert re.search(
+        r"estimated without labels \(CBPE, \d+ predictions of drspot-classifier/1\): accuracy 0\.\d+", judged
+    )
     retrain = step(text, "retrain (the flywheel)")
     added = re.search(r"(\d+) confirmed case\(s\) added to", retrain)
     assert added and int(added.group(1)) >= 100, retrain
@@ -125,8 +132,8 @@ def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
     log = status["prediction_log"]
     assert log["location"] == str(clone / ".drspot" / "predictions.db")
     assert log["predictions"] >= 2 * 120 and log["confirmed_waiting"] == 0, log
-    # logged after the last monitor run: the copy of a test image, and the 20 checks when a model was promoted
-    assert log["since_last_monitor"] == 1 + (20 if f"] {SWITCH_STEP}" in text else 0), log
+    # logged after the last monitor run (the quality step, after the confirmations): the 20 checks of a promotion
+    assert log["since_last_monitor"] == (20 if f"] {SWITCH_STEP}" in text else 0), log
     assert status["monitor"]["last"]["status"] == "drift"
     assert status["retrain"]["last"]["status"] == "retrained"
     assert status["retrain"]["last"]["data_version"] == status["data"]["version"] == f"{first['data_after']}"
