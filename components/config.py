@@ -244,6 +244,11 @@ class ServingCheck(_Strict):
     start_timeout_s: int = Field(ge=10)
 
 
+class Approval(_Strict):
+    required: bool
+    timeout_h: float = Field(gt=0)
+
+
 class Gate(_Strict):
     primary_metric: Literal["macro_auc", "balanced_accuracy", "accuracy", "malignant_auc"]
     tolerance: float = Field(ge=0)
@@ -254,6 +259,7 @@ class Gate(_Strict):
     detector_first_floor: float = Field(ge=0, le=1)
     serving_check: ServingCheck
     slices: GateSlices
+    approval: Approval
 
 
 class Serving(_Strict):
@@ -315,6 +321,15 @@ class Retrain(_Strict):
     timezone: str
 
 
+class Alerts(_Strict):
+    file: str
+    webhook_url: str | None
+    prefect_blocks: list[str]
+    kinds: list[Literal["drift", "quality", "gate", "flow_failed", "nightly_missed"]]
+    timeout_s: float = Field(gt=0)
+    nightly_grace_h: float = Field(gt=0)
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -332,6 +347,7 @@ class Config(_Strict):
     serving: Serving
     monitor: Monitor
     retrain: Retrain
+    alerts: Alerts
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -27,7 +27,17 @@ from components.manifest import MANIFEST
 
 PREFIX = "fb_"
 CSV = "feedback.csv"
-FIELDS = ["image_id", "label", "file", "request_id", "reviewer", "confirmed_at", "predicted_label", "image_sha256"]
+FIELDS = [
+    "image_id",
+    "label",
+    "file",
+    "request_id",
+    "reviewer",
+    "confirmed_at",
+    "predicted_label",
+    "image_sha256",
+    "box",  # the reviewer's lesion box, "x_min y_min x_max y_max" normalised; empty = label only
+]
 
 
 def image_id(sha256: str) -> str:
@@ -44,6 +54,7 @@ class Case:
     confirmed_at: str
     predicted_label: str | None
     image_sha256: str
+    box: list[float] | None = None
 
 
 def in_dataset(data_dir: str | Path) -> set[str]:
@@ -97,6 +108,7 @@ def pending(log: Any, data_dir: str | Path) -> tuple[list[Case], list[dict[str, 
                 confirmed_at=r["created_at"].isoformat() if r["created_at"] else "",
                 predicted_label=r.get("label"),
                 image_sha256=r["image_sha256"],
+                box=r.get("box"),
             )
         )
     return cases, skipped
@@ -112,7 +124,8 @@ def export(cases: list[Case], out_dir: str | Path) -> Path:
         for c in cases:
             dest = out / "images" / f"{c.image_id}{Path(c.file).suffix}"
             shutil.copyfile(c.file, dest)
-            w.writerow({**asdict(c), "file": f"images/{dest.name}"})
+            box = " ".join(f"{v:g}" for v in c.box) if c.box else ""
+            w.writerow({**asdict(c), "file": f"images/{dest.name}", "box": box})
     return out
 
 

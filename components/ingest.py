@@ -463,15 +463,24 @@ def adapt_imagefolder(source: Path, cfg: Config, **opts: Any) -> Iterator[Candid
 
 def adapt_feedback(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate | Problem]:
     """Clinician-confirmed cases exported from the prediction log (``feedback.csv`` + ``images/``,
-    written by :func:`components.feedback.export`). They carry no boxes: a confirmation names the
-    lesion, it does not outline it, so they train the classifier (on the whole image) and not the
-    detector."""
+    written by :func:`components.feedback.export`). A case whose reviewer drew or confirmed the lesion's
+    box (the review page) carries it (column ``box``: ``x_min y_min x_max y_max``, normalised) and trains
+    the detector too; one without a box names the lesion without outlining it, so it trains the classifier
+    (on the whole image) and is left out of the detector's export."""
     for row in _read_csv(source / "feedback.csv", ["image_id", "label", "file"]):
+        boxes: list[list[float]] = []
+        text = (row.get("box") or "").strip()
+        if text:
+            try:
+                boxes = [[float(v) for v in text.split()]]
+            except ValueError:  # the label is still good: the row is kept, without the box
+                yield Problem(row["image_id"], "box_unreadable", f"feedback.csv: box {text!r} is not 4 numbers", True)
         yield Candidate(
             image_id=row["image_id"],
             label=row["label"],
             file=source / row["file"],
             ext=Path(row["file"]).suffix.lower(),
+            boxes=boxes,
         )
 
 

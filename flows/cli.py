@@ -256,6 +256,58 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0 if r["promote"] else 3
 
 
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from components import approval, registry
+
+    for w in approval.expire(args.cfg):
+        print(f"{registry.model_name(w['kind'])} v{w['version']}: approval timed out at {w['deadline']}: rejected")
+    queue = approval.waiting("classifier") + approval.waiting("detector")
+    if not queue:
+        print("no challenger waits for approval")
+    for w in queue:
+        print(
+            f"{registry.model_name(w['kind'])} v{w['version']} waits since {w['requested_at']} (deadline "
+            f"{w['deadline']}; champion v{w['champion_at_request']}): "
+            f"drspot approve {w['kind']} {w['version']} --by NAME"
+        )
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from components import approval, registry
+
+    cfg = args.cfg
+    r = approval.approve(cfg, args.kind, args.version, args.by)
+    print(f"{registry.model_name(args.kind)} v{r['version']}: approved by {args.by}: PROMOTED to champion")
+    if cfg.retrain.deploy and not args.no_deploy:
+        from serving.deploy import deploy
+
+        built = deploy(cfg)
+        print(f"deployed Bento {built.get('bento')}: a running `drspot serve` switches to it")
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    from components import approval, registry
+
+    r = approval.reject(args.cfg, args.kind, args.version, args.by, args.reason or "")
+    print(f"{registry.model_name(args.kind)} v{r['version']}: rejected by {args.by}; the champion is unchanged")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from components import alerts
+
+    shown = alerts.recent(args.cfg, args.last)
+    if not shown:
+        print(f"no alerts in {alerts.alert_file(args.cfg)}")
+    for a in shown:
+        failed = [f"{k} {v}" for k, v in a.get("delivery", {}).items() if str(v).startswith("failed")]
+        note = f"  [{'; '.join(failed)}]" if failed else ""
+        print(f"{a['at']}  {a['kind']:<14} {a['severity']:<8} {a['title']}{note}")
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from components import registry
 
@@ -531,6 +583,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dataset", help="dataset whose split re-judges a champion from older data (default: paths.data)")
     pr.add_argument("--prepared", type=Path, help="data-gate folder")
     pr.set_defaults(func=cmd_promote)
+    ap_ = sub.add_parser("approvals", help="the challengers waiting for a person's approval (gate.approval)")
+    ap_.set_defaults(func=cmd_approvals)
+    for verb, text in (("approve", "promote the challenger waiting for approval"), ("reject", "reject it")):
+        a = sub.add_parser(verb, help=text)
+        a.add_argument("kind", choices=["classifier", "detector"])
+        a.add_argument("version", nargs="?", help="the waiting version (checked: another is refused)")
+        a.add_argument("--by", required=True, help="who decides (recorded on the model version)")
+        if verb == "approve":
+            a.add_argument("--no-deploy", action="store_true", help="do not build the Bento (retrain.deploy)")
+            a.set_defaults(func=cmd_approve)
+        else:
+            a.add_argument("--reason", help="why (recorded on the model version)")
+            a.set_defaults(func=cmd_reject)
+    al = sub.add_parser("alerts", help="the newest alerts (alerts.file), with any sink that failed")
+    al.add_argument("--last", type=int, default=20)
+    al.set_defaults(func=cmd_alerts)
     rb = sub.add_parser("rollback", help="move champion back to the previous champion")
     rb.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
     rb.set_defaults(func=cmd_rollback)

@@ -418,11 +418,14 @@ def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, dri
     print("\n where to look")
     print("   status        .venv/bin/drspot status   (data, champions, service, prediction log, last runs)")
     print("   consoles      .venv/bin/drspot ui   (the Prefect UI and the MLflow UI on this project's stores)")
+    print("   alerts        .venv/bin/drspot alerts   (drift, quality, gate decisions, failed flows)")
     print('   by hand       eval "$(.venv/bin/drspot env --export)"   (prefect, mlflow, bentoml, dvc see this project)')
     print(f"   data gate     {cfg.resolve(cfg.paths.prepared) / data.name}/{{validate,dedup,split}}/*.html")
     print(f"   evaluation    {cfg.resolve(cfg.paths.reports) / 'evaluation' / 'report.html'}")
     if drift.get("report"):
         print(f"   drift report  {drift['report']}")
+    if drift.get("quality"):
+        print(f"   quality       {drift['quality']['report']}")
     if fly.get("feedback_batch"):
         print(f"   feedback in   {fly['feedback_batch']}")
     print(f"   data versions {version} -> {fly.get('data_version')} (data.dvc; `dvc push` went to the default remote)")

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from components import quality, reference, registry
+from components import alerts, quality, reference, registry
 from components.config import Config, load_config
 from components.monitor import monitor, save_summary, window_rows
 
@@ -109,7 +109,7 @@ def _markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="monitor", log_prints=True)
+@flow(name="monitor", log_prints=True, **alerts.HOOKS)
 def monitor_flow(
     since: str | None = None, last: int | None = None, profile: str | None = None, cfg: Config | None = None
 ) -> dict[str, Any]:
@@ -152,9 +152,17 @@ def monitor_flow(
     create_markdown_artifact(markdown=_markdown(summary), key="drift-report", description="drift monitoring")
     if q["rule"]["fired"]:
         emit_quality(q)
+        alerts.send(cfg, "quality", q["rule"]["reason"], {"report": q["report"], **q["rule"]}, severity="error")
         logger.warning("QUALITY DROP: %s (event %s emitted)", q["rule"]["reason"], quality.QUALITY_EVENT)
     if summary["drift"]:
         emit_drift(summary)
+        alerts.send(
+            cfg,
+            "drift",
+            f"drift in the newest {summary['rows']['current']} predictions of {summary['classifier_version']}: "
+            + "; ".join(summary["reasons"]),
+            {k: summary.get(k) for k in ("report", "classifier_version", "drifted", "window")},
+        )
         logger.warning("DRIFT: %s (event %s emitted)", "; ".join(summary["reasons"]), DRIFT_EVENT)
     else:
         logger.info("%s: %s", summary["status"], "; ".join(summary.get("reasons", [])) or "within the reference")

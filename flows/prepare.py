@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import gate
+from components import alerts, gate
 from components.config import Config, load_config
 from components.manifest import DataError
 
@@ -89,7 +89,7 @@ def stage_config(cfg: Config) -> Path:
     return cfg.write(cfg.resolve(STAGE_CONFIG))
 
 
-@flow(name="prepare", log_prints=True)
+@flow(name="prepare", log_prints=True, **alerts.HOOKS)
 def prepare_flow(
     dataset: str,
     prepared: str | None = None,

@@ -32,7 +32,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import feedback
+from components import alerts, feedback
 from components.config import Config, load_config
 from components.env import runtime_dir
 from flows.train import decision
@@ -139,7 +139,7 @@ def _record(cfg: Config, started: dt.datetime, summary: dict[str, Any]) -> None:
     tmp.replace(out / SUMMARY)
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, **alerts.HOOKS)
 def retrain_flow(
     trigger: str = "by hand",
     min_new: int = 1,

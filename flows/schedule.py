@@ -116,6 +116,31 @@ def start_local_server(port: int, timeout: float = 180, log: Path | None = None)
     raise RuntimeError(f"the Prefect server did not answer on {url} within {timeout:.0f} s (log: {log})")
 
 
+def watchdog(cfg: Config, since, stop, every_s: float = 300) -> None:
+    """The schedule's own checks, every ``every_s`` until ``stop`` is set: a ``nightly_missed`` alert once per
+    nightly cron time that passed (plus ``alerts.nightly_grace_h``) without a nightly retrain starting, and
+    challengers whose approval deadline passed are rejected (components/approval.py)."""
+    from components import alerts, approval
+
+    told: set = set()
+    while not stop.wait(every_s):
+        try:
+            due = alerts.nightly_missed(cfg, since)
+            if due is not None and due not in told:
+                told.add(due)
+                alerts.send(
+                    cfg,
+                    "nightly_missed",
+                    f"the nightly retrain due at {due.isoformat()} has not run "
+                    f"({cfg.alerts.nightly_grace_h:g} h after its cron time {cfg.retrain.cron!r})",
+                    {"due": due.isoformat(), "cron": cfg.retrain.cron, "last_nightly": str(alerts.last_nightly(cfg))},
+                    severity="error",
+                )
+            approval.expire(cfg)
+        except Exception as e:  # noqa: BLE001 - the watchdog reports and keeps watching
+            print(f"drspot schedule: watchdog: {type(e).__name__}: {e}", flush=True)
+
+
 def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
     """Serve the deployments until interrupted (Ctrl-C / SIGTERM)."""
     import signal
@@ -135,6 +160,13 @@ def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    import datetime as dt
+    import threading
+
+    stop = threading.Event()
+    threading.Thread(
+        target=watchdog, args=(cfg, dt.datetime.now(dt.UTC), stop), name="drspot-watchdog", daemon=True
+    ).start()
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             deps = deployments(cfg, profile)
@@ -145,6 +177,7 @@ def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        stop.set()
         print("drspot schedule: stopped (deployments paused)", flush=True)
         if server is not None:
             server.terminate()

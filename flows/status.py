@@ -131,8 +131,33 @@ def monitor_status(cfg: Config) -> dict[str, Any]:
             "rows": s.get("rows", {}).get("current"),
             "reasons": s.get("reasons", []),
             "report": s.get("report"),
+            "quality": (s.get("quality") or {}).get("rule", {}).get("status"),
         }
     }
+
+
+def alerts_status(cfg: Config) -> dict[str, Any]:
+    """The alert file's newest alerts: how many in the last 24 h, and the newest one."""
+    import datetime as dt
+
+    from components import alerts
+
+    recent = alerts.recent(cfg, 500)
+    day = dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)
+    return {
+        "file": str(alerts.alert_file(cfg)),
+        "last_24h": sum(dt.datetime.fromisoformat(a["at"]) >= day for a in recent),
+        "newest": recent[-1] if recent else None,
+    }
+
+
+def approvals_status(cfg: Config) -> dict[str, Any]:
+    from components import approval
+
+    if not cfg.gate.approval.required:
+        return {"required": False, "waiting": []}
+    approval.expire(cfg)
+    return {"required": True, "waiting": approval.waiting("classifier") + approval.waiting("detector")}
 
 
 def retrain_status(cfg: Config) -> dict[str, Any]:
@@ -219,6 +244,8 @@ def collect(cfg: Config) -> dict[str, Any]:
     out["prediction_log"] = _part(log_status, cfg, last.get("newest_seen") or last.get("at"))
     out["retrain"] = _part(retrain_status, cfg)
     out["schedule"] = _part(schedule_status, cfg)
+    out["alerts"] = _part(alerts_status, cfg)
+    out["approvals"] = _part(approvals_status, cfg)
     return out
 
 
@@ -290,6 +317,8 @@ def render(s: dict[str, Any]) -> str:
     elif last:
         why = f": {last['reasons'][0]}" if last.get("reasons") else ""
         row("monitor", f"last run {last['at']}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
+        if last.get("quality"):
+            row("quality", f"model quality at that run: {last['quality'].upper()}")
     else:
         row("monitor", "never run")
     rt = s["retrain"]
@@ -297,10 +326,9 @@ def render(s: dict[str, Any]) -> str:
     if "error" in rt:
         row("retrain", f"unreadable: {rt['error']}")
     elif last:
-        gates = "; ".join(
-            f"{g['kind']} v{g['version']} {({True: 'promoted', False: 'rejected', None: 'unchanged'})[g['promote']]}"
-            for g in last["gate"]
-        )
+        from flows.train import decision
+
+        gates = "; ".join(f"{g['kind']} v{g['version']} {decision(g).lower()}" for g in last["gate"])
         versions = f"data {last['data_version_before']} -> {last['data_version']}"
         row(
             "retrain",
@@ -317,4 +345,22 @@ def render(s: dict[str, Any]) -> str:
     else:
         nxt = ", ".join(f"{r['deployment']} at {r['at']}" for r in sc["next_runs"][:4]) or "no runs scheduled"
         row("schedule", f"{sc['server']}: {len(sc['deployments'])} deployment(s); next: {nxt}")
+    ap = s["approvals"]
+    if "error" in ap:
+        row("approval", f"unreadable: {ap['error']}")
+    elif ap["waiting"]:
+        for w in ap["waiting"]:
+            row(
+                "approval",
+                f"{w['kind']} v{w['version']} waits until {w['deadline']}: "
+                f"drspot approve {w['kind']} {w['version']} --by NAME",
+            )
+    al = s["alerts"]
+    if "error" in al:
+        row("alerts", f"unreadable: {al['error']}")
+    elif al["newest"]:
+        n = al["newest"]
+        row("alerts", f"{al['last_24h']} in the last 24 h; newest {n['at']} {n['kind']}: {n['title']}"[:240])
+    else:
+        row("alerts", f"none ({al['file']})")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import registry
+from components import alerts, registry
 from components.config import Config, load_config
 from components.versioning import data_version
 from flows.prepare import RETRY, dvc_stage, prepare_flow, stage_config, uses_dvc
@@ -130,7 +130,17 @@ def promote_passing(
         for r in passing:
             registry.record_serving_check(r["kind"], r["version"], check)
     for r in passing:
-        if check is None or check["passed"]:
+        if (check is None or check["passed"]) and cfg.gate.approval.required:
+            # a person decides (drspot approve / reject); the champion stays until then
+            from components import approval
+
+            r["approval"] = approval.request(cfg, r["kind"], r["version"], r["reason"])
+            r["promote"] = False
+            r["reason"] = (
+                f"the gate passed it ({r['reason']}); waiting for approval until {r['approval']['deadline']} "
+                f"(drspot approve {r['kind']} {r['version']} --by NAME)"
+            )
+        elif check is None or check["passed"]:
             registry.set_champion(registry.model_name(r["kind"]), r["version"])
         else:
             r["promote"] = False
@@ -141,8 +151,23 @@ def promote_passing(
 
 
 def decision(r: dict[str, Any]) -> str:
-    """One word for a gate result: PROMOTED, rejected, or unchanged (the champion's own weights)."""
+    """A word for a gate result: PROMOTED, rejected, WAITING FOR APPROVAL, or unchanged (the champion's weights)."""
+    if r.get("approval"):
+        return "WAITING FOR APPROVAL"
     return {True: "PROMOTED", False: "rejected", None: "unchanged"}[r["promote"]]
+
+
+def alert_decisions(results: list[dict[str, Any]], cfg: Config) -> None:
+    """A ``gate`` alert per decision on a newly registered version (a waiting one was alerted when it was asked)."""
+    for r in results:
+        if r.get("registered") and r["promote"] is not None and not r.get("approval"):
+            alerts.send(
+                cfg,
+                "gate",
+                f"{registry.model_name(r['kind'])} v{r['version']} {decision(r)}: {r['reason']}",
+                {k: r.get(k) for k in ("kind", "version", "promote", "reason", "champion", "champion_before")},
+                severity="info" if r["promote"] else "warning",
+            )
 
 
 def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions") -> str:
@@ -167,7 +192,7 @@ def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions
     return "\n".join(lines)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, **alerts.HOOKS)
 def train_flow(
     dataset: str | None = None, profile: str | None = None, root: str | None = None, cfg: Config | None = None
 ) -> dict[str, Any]:
@@ -213,6 +238,7 @@ def train_flow(
             register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, cfg, manifest, dataset),
         ]
         promote_passing(results, cfg, manifest, dataset)
+    alert_decisions(results, cfg)
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")
     for r in results:
         print(f"{r['kind']}: v{r['version']} {r['reason']}; champion v{r['champion']}")
@@ -225,7 +251,7 @@ def train_flow(
     }
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote", log_prints=True, **alerts.HOOKS)
 def promote_flow(
     kind: str = "classifier",
     version: str | None = None,
@@ -240,6 +266,7 @@ def promote_flow(
     version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
     result = _gate(kind, version, cfg, manifest, dataset)
     promote_passing([result], cfg, manifest, dataset)
+    alert_decisions([result], cfg)
     create_markdown_artifact(
         markdown=_markdown([result], "Promote: gate decision"), key="promote-gate", description="gate decision"
     )

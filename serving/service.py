@@ -43,6 +43,7 @@ CLASSIFIER_TAG = getattr(_ARGS, "classifier", None) or os.environ.get(
 )
 DETECTOR_TAG = getattr(_ARGS, "detector", None) or os.environ.get("DRSPOT_DETECTOR_TAG", "drspot-detector:latest")
 PAGE = Path(__file__).parent / "static" / "index.html"
+REVIEW_PAGE = Path(__file__).parent / "static" / "review.html"
 
 REQUESTS = bentoml.metrics.Counter(
     name="drspot_requests_total", documentation="requests by endpoint and status", labelnames=["endpoint", "status"]
@@ -97,6 +98,36 @@ async def _read_body(request: Request) -> bytes:
     body = b"".join(chunks)
     request._body = body  # Starlette's form parser reads the cached body
     return body
+
+
+def _reviewer(request: Request, what: str) -> None:
+    """A reviewer's key in ``X-API-Key`` (or ``Authorization: Bearer``), or a 401 / 503 that says what is missing."""
+    import hmac
+
+    key = os.environ.get(S.feedback_key_env)
+    if not key:
+        raise InputError(503, f"{what} disabled", f"no reviewer key is configured: set {S.feedback_key_env}", "no_key")
+    given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    if not given or not hmac.compare_digest(given, key):
+        raise InputError(401, "unauthorised", "a valid reviewer key in the X-API-Key header is required", "auth")
+
+
+def _box(value: Any) -> list[float] | None:
+    """A reviewer's lesion box: [x_min, y_min, x_max, y_max] normalised to the photo, inside it, min < max."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == 4 and all(isinstance(v, int | float) for v in value)
+    if not ok:
+        raise InputError(422, "invalid box", f"box={value!r}; send [x_min, y_min, x_max, y_max] in 0..1", "box")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise InputError(
+            422,
+            "box outside the image",
+            f"box={value!r}: coordinates are fractions of the photo (0..1) with x_min < x_max and y_min < y_max",
+            "box",
+        )
+    return [round(v, 6) for v in (x0, y0, x1, y1)]
 
 
 def _options(preprocess: str, compare: Any, language: str | None) -> tuple[str, bool, str]:
@@ -266,6 +297,12 @@ class DrSpot:
             "classifier_version": self.versions["classifier"],
             "detector_version": self.versions["detector"],
             "image_path": image_path,
+            "variants": {
+                v: max(r["lesions"], key=lambda les: les["malignant_probability"])["label"]
+                for v, r in zip(variants, results, strict=True)
+            }
+            if compare
+            else None,
         }
         await anyio.to_thread.run_sync(self.log.record, row)
         response["image"]["stored"] = image_path is not None
@@ -342,17 +379,8 @@ class DrSpot:
     @app.post("/feedback")
     async def feedback(self, request: Request):
         """A clinician-confirmed label for a logged prediction. Needs the API key (X-API-Key)."""
-        key = os.environ.get(S.feedback_key_env)
         try:
-            if not key:
-                raise InputError(
-                    503, "feedback disabled", f"no API key is configured: set {S.feedback_key_env}", "no_key"
-                )
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-            import hmac
-
-            if not given or not hmac.compare_digest(given, key):
-                raise InputError(401, "unauthorised", "a valid X-API-Key header is required", "auth")
+            _reviewer(request, "feedback")
             body = await _read_body(request)
             try:
                 spec = json.loads(body)
@@ -371,13 +399,14 @@ class DrSpot:
                     f"{label!r} is not one of {', '.join(CFG.classes.names)}",
                     "label",
                 )
+            box = _box(spec.get("box"))
             prediction = await anyio.to_thread.run_sync(self.log.get, str(spec["request_id"]))
             if prediction is None:
                 raise InputError(
                     404, "unknown request_id", f"no prediction {spec['request_id']!r} is logged", "unknown"
                 )
             fid = await anyio.to_thread.run_sync(
-                self.log.add_feedback, prediction["request_id"], label, str(spec["reviewer"]).strip()[:200]
+                self.log.add_feedback, prediction["request_id"], label, str(spec["reviewer"]).strip()[:200], box
             )
             REQUESTS.labels(endpoint="/feedback", status="201").inc()
             stored = prediction["image_path"] is not None
@@ -387,6 +416,7 @@ class DrSpot:
                     "request_id": prediction["request_id"],
                     "confirmed_label": label,
                     "predicted_label": prediction["label"],
+                    "box": box,
                     "image_stored": stored,
                     "usable_for_retraining": stored,
                     **({} if stored else {"note": "the image was not stored (serving.store_images is off)"}),
@@ -395,6 +425,51 @@ class DrSpot:
             )
         except InputError as e:
             return _error(e, "/feedback")
+
+    @app.get("/review")
+    async def review(self, request: Request, limit: int = 20):
+        """The review queue: unconfirmed predictions with a stored photo, ranked by what a confirmation would teach
+        the model (components/review.py). Needs a reviewer key (X-API-Key)."""
+        from components.review import rank
+
+        try:
+            _reviewer(request, "review")
+            if not 1 <= limit <= 200:
+                raise InputError(422, "invalid limit", f"limit={limit}; use 1 to 200", "options")
+            rows, blind = await anyio.to_thread.run_sync(self.log.unconfirmed, max(limit * 10, 500))
+            p = self.pipeline
+            items = rank(rows, p.threshold, p.ood_threshold, limit)
+            REQUESTS.labels(endpoint="/review", status="200").inc()
+            return JSONResponse(
+                {"items": items, "classes": list(CFG.classes.names), "considered": len(rows), "unreviewable": blind}
+            )
+        except InputError as e:
+            return _error(e, "/review")
+
+    @app.get("/review/{request_id}/image")
+    async def review_image(self, request: Request, request_id: str):
+        """The stored photo of a logged prediction, for the reviewer (X-API-Key)."""
+        from fastapi.responses import FileResponse
+
+        try:
+            _reviewer(request, "review")
+            row = await anyio.to_thread.run_sync(self.log.get, request_id)
+            if row is None:
+                raise InputError(404, "unknown request_id", f"no prediction {request_id!r} is logged", "unknown")
+            if not row["image_path"] or not Path(row["image_path"]).is_file():
+                raise InputError(
+                    404,
+                    "no stored photo",
+                    f"the photo of {request_id} was not stored (serving.store_images)",
+                    "unknown",
+                )
+            return FileResponse(row["image_path"], headers={"Cache-Control": "no-store"})
+        except InputError as e:
+            return _error(e, "/review/image")
+
+    @app.get("/reviewer", response_class=HTMLResponse)
+    def reviewer_page(self):
+        return HTMLResponse(REVIEW_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/", response_class=HTMLResponse)
     def page(self):

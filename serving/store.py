@@ -58,6 +58,8 @@ predictions = Table(
     Column("classifier_version", String(128)),
     Column("detector_version", String(128)),
     Column("image_path", String(500)),
+    # with `compare`: the class each preprocessing variant's answer named ({"none": "nv", "color_constancy": "mel"})
+    Column("variants", JSON, nullable=True),
 )
 
 feedback = Table(
@@ -73,7 +75,7 @@ feedback = Table(
 )
 
 # columns added after a log could have been created: (table, column, SQL type), added by _migrate when missing
-ADDED = [("feedback", "box", "JSON")]
+ADDED = [("feedback", "box", "JSON"), ("predictions", "variants", "JSON")]
 
 
 DB_ENV = "DRSPOT_DATABASE_URL"
@@ -198,6 +200,26 @@ class PredictionLog:
                 )
             )
             return int(res.inserted_primary_key[0])
+
+    def unconfirmed(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The newest ``limit`` predictions nobody confirmed yet whose photo was stored (what a reviewer can see and
+        the flywheel can use), and how many unconfirmed ones have no stored photo."""
+        from sqlalchemy import func
+
+        confirmed = select(feedback.c.request_id)
+        open_ = predictions.c.request_id.not_in(confirmed)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(predictions)
+                .where(open_, predictions.c.image_path.is_not(None))
+                .order_by(predictions.c.created_at.desc())
+                .limit(limit)
+            ).mappings()
+            rows = [dict(r) for r in rows]
+            blind = conn.execute(
+                select(func.count()).select_from(predictions).where(open_, predictions.c.image_path.is_(None))
+            ).scalar_one()
+        return rows, int(blind)
 
     def count(self, since: dt.datetime | None = None, after: bool = False) -> int:
         """How many predictions are logged (at or, with ``after``, strictly after ``since``, when given)."""

@@ -137,6 +137,10 @@ def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
     assert status["monitor"]["last"]["status"] == "drift"
     assert status["retrain"]["last"]["status"] == "retrained"
     assert status["retrain"]["last"]["data_version"] == status["data"]["version"] == f"{first['data_after']}"
+    # the default alert sink works for a new user: the drift and the gate decisions are there
+    alerts = [json.loads(line) for line in (clone / ".drspot" / "alerts.jsonl").read_text().splitlines()]
+    assert {"drift", "gate"} <= {a["kind"] for a in alerts}, alerts
+    assert status["alerts"]["newest"] is not None
     # nothing logged inside a Bento's own folder
     assert not list((clone / ".drspot" / "bentoml" / "bentos").glob("*/*/src/.drspot"))
 
