@@ -321,6 +321,20 @@ class Retrain(_Strict):
     timezone: str
 
 
+class FlowTimeouts(_Strict):
+    data: float = Field(gt=0)
+    train: float = Field(gt=0)
+    evaluate: float = Field(gt=0)
+    registration: float = Field(gt=0)
+    deploy: float = Field(gt=0)
+
+
+class Flows(_Strict):
+    timeout_s: FlowTimeouts
+    retries: int = Field(ge=0)
+    retry_delay_s: float = Field(ge=0)
+
+
 class Alerts(_Strict):
     file: str
     webhook_url: str | None
@@ -347,6 +361,7 @@ class Config(_Strict):
     serving: Serving
     monitor: Monitor
     retrain: Retrain
+    flows: Flows
     alerts: Alerts
 
     @model_validator(mode="after")

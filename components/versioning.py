@@ -38,14 +38,44 @@ def dvc(*args: str, cwd: str | Path, echo: Callable[[str], None] | None = None, 
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     else:
         lines: list[str] = []
-        with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
             for line in p.stdout:  # type: ignore[union-attr]
                 lines.append(line)
                 echo(line.rstrip())
+            p.wait()
+        except BaseException:  # the task's timeout, Ctrl-C: stop dvc and the stage command it runs, not just dvc
+            _stop_tree(p)
+            raise
+        finally:
+            p.stdout.close()  # type: ignore[union-attr]
         out, err, rc = "".join(lines), "".join(lines[-40:]), p.returncode
     if rc != 0:
         raise DvcError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{err.strip() or out.strip()}")
     return out
+
+
+def _stop_tree(p: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM ``p`` and every process under it (dvc and the stage command it runs), SIGKILL what is left after
+    ``grace_s``."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def data_version(dvc_file: str | Path) -> str | None:

@@ -18,22 +18,20 @@ from prefect.artifacts import create_markdown_artifact
 from components import alerts, gate
 from components.config import Config, load_config
 from components.manifest import DataError
-
-
-def _retry_unless_data_error(task_, task_run, state) -> bool:
-    try:
-        state.result()
-    except DataError:
-        return False
-    except Exception:
-        return True
-    return True
-
+from flows.policy import DECLARED, bound
 
 STAGE_CONFIG = ".drspot/run/config.yaml"  # the file dvc.yaml names (relative to the project)
 
 
-RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_unless_data_error}
+# each dvc.yaml stage's kind of timeout (flows.timeout_s)
+STAGE_KIND = {
+    "validate": "data",
+    "dedup": "data",
+    "split": "data",
+    "train_classifier": "train",
+    "train_detector": "train",
+    "evaluate": "evaluate",
+}
 
 
 def _echo(line: str) -> None:
@@ -44,7 +42,7 @@ def _echo(line: str) -> None:
         print(f"   | {line}", flush=True)
 
 
-@task(name="dvc-stage", **RETRY)
+@task(name="dvc-stage", **DECLARED)
 def dvc_stage(stage: str, cfg: Config) -> str:
     """Run one DVC stage of the project ``cfg.home`` with ``cfg`` (written first by :func:`stage_config`);
     returns 'ran', 'restored' (from DVC's run cache) or 'cached' (unchanged)."""
@@ -63,19 +61,24 @@ def dvc_stage(stage: str, cfg: Config) -> str:
     return status
 
 
-@task(name="validate", **RETRY)
+@task(name="validate", **DECLARED)
 def validate_task(dataset: str, prepared: str, cfg: Config) -> int:
     return gate.run_validate(dataset, Path(prepared), cfg).rows_valid
 
 
-@task(name="dedup", **RETRY)
+@task(name="dedup", **DECLARED)
 def dedup_task(dataset: str, prepared: str, cfg: Config) -> int:
     return gate.run_dedup(dataset, Path(prepared), cfg).rows_out
 
 
-@task(name="split", **RETRY)
+@task(name="split", **DECLARED)
 def split_task(dataset: str, prepared: str, cfg: Config) -> dict[str, int]:
     return gate.run_split(dataset, Path(prepared), cfg).report["rows_per_split"]
+
+
+def run_stage(stage: str, cfg: Config) -> str:
+    """:func:`dvc_stage` under the run's timeout and retry policy for that stage's kind (flows/policy.py)."""
+    return bound(dvc_stage, cfg, STAGE_KIND[stage])(stage, cfg)
 
 
 def uses_dvc(dataset: str | Path, cfg: Config) -> bool:
@@ -111,12 +114,11 @@ def prepare_flow(
         out = cfg.resolve(cfg.paths.prepared) / Path(cfg.paths.data).name
         stage_config(cfg)
         for stage in ("validate", "dedup", "split"):
-            steps[stage] = dvc_stage(stage, cfg)
+            steps[stage] = run_stage(stage, cfg)
     else:
         out = gate.prepared_dir(dataset, cfg, prepared)
-        validate_task(dataset, str(out), cfg)
-        dedup_task(dataset, str(out), cfg)
-        split_task(dataset, str(out), cfg)
+        for step in (validate_task, dedup_task, split_task):
+            bound(step, cfg, "data")(dataset, str(out), cfg)
         steps = dict.fromkeys(("validate", "dedup", "split"), "ran")
     md = gate.markdown(out, dataset)
     create_markdown_artifact(markdown=md, key="prepare-summary", description=f"data gate for {dataset}")

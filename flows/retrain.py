@@ -14,7 +14,9 @@
    running ``drspot serve`` switches to it without downtime (serving/switch.py).
 
 Runs are serialised by a file lock, so the nightly run, the threshold run and a drift-triggered run
-never retrain the same data twice at once.
+never retrain the same data twice at once. Each run keeps a journal of its steps beside the lock (:class:`Journal`):
+a run that was killed or failed is resumed by the next one from the step it stopped in. Every task has a timeout
+and retries only what a retry can fix (flows/policy.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import json
 import os
 import socket
 from collections import Counter
@@ -35,8 +38,12 @@ from prefect.artifacts import create_markdown_artifact
 from components import alerts, feedback
 from components.config import Config, load_config
 from components.env import runtime_dir
+from flows.policy import DECLARED, bound, checkpoint
 from flows.train import decision
 
+# the steps of a retrain, in order (journal entries and the resume test's kill points; register and promote are
+# inside `train`)
+STEPS = ("collect", "ingest", "version", "train", "register", "promote", "deploy")
 SUMMARY = "summary.json"  # each retrain's record under <paths.reports>/retrain/<time>/ (read by `drspot status`)
 
 
@@ -77,14 +84,59 @@ def one_at_a_time(root: Path, say=print):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@task(name="collect-feedback")
+def journal_path(root: Path) -> Path:
+    """The running retrain's journal (beside its lock): which steps are done, so a killed or failed retrain resumes."""
+    return lock_path(root).with_suffix(".journal.json")
+
+
+class Journal:
+    """The steps of one retrain, written (atomically) as each starts and ends. A retrain that finds one left by a
+    run that did not finish resumes it: steps marked done are not run again, and the others are idempotent
+    (ingest skips cases already in the dataset, ``dvc add`` of unchanged data is a no-op, DVC restores finished
+    stages, registration finds weights already registered, deploy builds only when the Bento does not serve the
+    champions)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = journal_path(root)
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.resuming = bool(self.data)  # a run that did not finish left it
+
+    def begin(self, trigger: str, min_new: int) -> None:
+        if not self.data:
+            self.data = {"trigger": trigger, "min_new": min_new, "started": dt.datetime.now(dt.UTC).isoformat()}
+            self.data["done"] = {}
+            self._write()
+
+    def done(self, step: str) -> Any:
+        return self.data["done"].get(step)
+
+    def start(self, step: str) -> None:
+        self.data["running"] = step
+        self._write()
+        checkpoint(step)
+
+    def finish(self, step: str, value: Any = True) -> None:
+        self.data["done"][step] = value
+        self.data.pop("running", None)
+        self._write()
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+@task(name="collect-feedback", **DECLARED)
 def collect(cfg: Config, data: str) -> tuple[list[feedback.Case], list[dict[str, str]]]:
     from serving.store import PredictionLog
 
     return feedback.pending(PredictionLog.from_config(cfg), data)
 
 
-@task(name="ingest-feedback")
+@task(name="ingest-feedback", **DECLARED)
 def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Config) -> dict[str, Any]:
     from components.ingest import ingest
 
@@ -93,7 +145,7 @@ def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Conf
     return {"rows": result.rows, "problems": result.problem_counts()}
 
 
-@task(name="version-data")
+@task(name="version-data", **DECLARED)
 def version_data(root: str, data: str) -> dict[str, Any]:
     from components import versioning
 
@@ -104,7 +156,7 @@ def version_data(root: str, data: str) -> dict[str, Any]:
     return {"data_version": version, "pushed_to": remote}
 
 
-@task(name="deploy")
+@task(name="deploy", **DECLARED)
 def deploy_task(cfg: Config) -> dict[str, Any]:
     from serving.deploy import deploy
 
@@ -164,32 +216,59 @@ def retrain_flow(
     started = dt.datetime.now(dt.UTC)
     logger = get_run_logger()
     with one_at_a_time(root_path, logger.info):
-        cases, skipped = collect(cfg, str(data))
-        for x in skipped:
-            logger.warning("confirmed case %s not usable: %s", x["request_id"], x["reason"])
-        summary: dict[str, Any] = {
-            "trigger": trigger,
-            "new_cases": len(cases),
-            "skipped_cases": skipped,
-            "data_version_before": data_version(root_path / "data.dvc"),
-        }
-        if len(cases) < min_new:
+        journal = Journal(root_path)
+        if journal.resuming:
+            d = journal.data
+            logger.warning(
+                "retrain: resuming the retrain (%s) started at %s, stopped during %s; done: %s",
+                d.get("trigger"),
+                d.get("started"),
+                d.get("running") or "-",
+                ", ".join(d.get("done", {})) or "nothing",
+            )
+            trigger = f"{trigger}; resumes the run ({d.get('trigger')}) of {d.get('started')}"
+        journal.begin(trigger, min_new)
+        summary: dict[str, Any] = {"trigger": trigger, "skipped_cases": []}
+        summary["data_version_before"] = journal.data.setdefault(
+            "data_version_before", data_version(root_path / "data.dvc")
+        )
+        ingested = journal.done("ingest")
+        if ingested is None:
+            journal.start("collect")
+            cases, skipped = bound(collect, cfg, "data")(cfg, str(data))
+            journal.finish("collect", len(cases))
+            for x in skipped:
+                logger.warning("confirmed case %s not usable: %s", x["request_id"], x["reason"])
+            case_ids = [c.image_id for c in cases]
+            summary["skipped_cases"] = skipped
+        else:  # a resumed run: the cases are in the dataset already
+            cases, case_ids = [], ingested["cases"]
+            summary |= {"ingest": ingested["ingest"], "feedback_batch": ingested["batch"]}
+        summary["new_cases"] = len(case_ids)
+        if ingested is None and len(cases) < min_new:
             summary |= {
                 "status": "skipped",
                 "reason": f"{len(cases)} new confirmed case(s) with a stored image; at least {min_new} needed",
             }
         else:
             if cases:
+                journal.start("ingest")
                 batch = cfg.resolve(cfg.retrain.feedback_dir) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-                summary["ingest"] = ingest_feedback(cases, str(batch), str(data), cfg)
+                summary["ingest"] = bound(ingest_feedback, cfg, "data")(cases, str(batch), str(data), cfg)
                 summary["feedback_batch"] = str(batch)
-                if (root_path / "data.dvc").is_file():
-                    summary |= version_data(str(root_path), str(data))
+                journal.finish("ingest", {"cases": case_ids, "batch": str(batch), "ingest": summary["ingest"]})
                 problems = summary["ingest"]["problems"] or "no problems"
                 print(f"{len(cases)} confirmed case(s) added to {data} ({problems})")
+            if (root_path / "data.dvc").is_file():
+                if journal.done("version") is None:
+                    journal.start("version")
+                    journal.finish("version", bound(version_data, cfg, "data")(str(root_path), str(data)))
+                summary |= journal.done("version")
+            journal.start("train")  # register and promote are checkpoints inside it
             trained = train_flow(dataset=str(data), cfg=cfg)
+            journal.finish("train", [{k: r.get(k) for k in ("kind", "version", "promote")} for r in trained["results"]])
             prepared = trained.get("prepared_dir")
-            fates = feedback.fate(prepared, [c.image_id for c in cases]) if prepared else {}
+            fates = feedback.fate(prepared, case_ids) if prepared else {}
             promoted = [r for r in trained["results"] if r.get("promote")]
             summary |= {
                 "status": "retrained",
@@ -204,9 +283,16 @@ def retrain_flow(
             for iid, f in fates.items():
                 if f["where"] not in ("train", "val"):
                     print(f"  {iid}: {f['where']}: {f['why']}")
-            if promoted and (cfg.retrain.deploy if deploy is None else deploy):
-                summary["deployed"] = deploy_task(cfg).get("bento")
+            if cfg.retrain.deploy if deploy is None else deploy:
+                from serving.deploy import serves_champions
+
+                # a promotion, or one an earlier run made without getting to deploy it (killed, failed)
+                if promoted or (journal.resuming and not serves_champions(cfg)):
+                    journal.start("deploy")
+                    summary["deployed"] = bound(deploy_task, cfg, "deploy")(cfg).get("bento")
+                    journal.finish("deploy", summary["deployed"])
         summary["data_version"] = data_version(root_path / "data.dvc")
+        journal.close()
     summary |= {"at": started.isoformat(), "config_digest": cfg.digest(), "profile": cfg.profile}
     _record(cfg, started, summary)
     create_markdown_artifact(markdown=_markdown(summary), key="retrain-summary", description="the flywheel")

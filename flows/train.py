@@ -23,10 +23,11 @@ from prefect.artifacts import create_markdown_artifact
 from components import alerts, registry
 from components.config import Config, load_config
 from components.versioning import data_version
-from flows.prepare import RETRY, dvc_stage, prepare_flow, stage_config, uses_dvc
+from flows.policy import DECLARED, bound, checkpoint
+from flows.prepare import prepare_flow, run_stage, stage_config, uses_dvc
 
 
-@task(name="train-classifier", **RETRY)
+@task(name="train-classifier", **DECLARED)
 def train_classifier_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
     from components.train_classifier import train_classifier
 
@@ -34,7 +35,7 @@ def train_classifier_task(manifest: str, dataset: str, out: str, cfg: Config) ->
     return out
 
 
-@task(name="train-detector", **RETRY)
+@task(name="train-detector", **DECLARED)
 def train_detector_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
     from components.train_detector import train_detector
 
@@ -42,14 +43,14 @@ def train_detector_task(manifest: str, dataset: str, out: str, cfg: Config) -> s
     return out
 
 
-@task(name="evaluate", **RETRY)
+@task(name="evaluate", **DECLARED)
 def evaluate_task(model: str, manifest: str, dataset: str, out: str, detector: str, cfg: Config, version: str | None):
     from components.evaluate import evaluate
 
     return evaluate(model, manifest, dataset, out, cfg, detector_dir=detector, data_version=version)["metrics"]
 
 
-@task(name="register-and-gate", retries=1, retry_delay_seconds=2)
+@task(name="register-and-gate", **DECLARED)
 def register_and_gate(
     kind: str,
     model_dir: str,
@@ -215,13 +216,14 @@ def train_flow(
     logger = get_run_logger()
     if uses_dvc(dataset, cfg):
         stage_config(cfg)
-        steps = {s: dvc_stage(s, cfg) for s in ("train_classifier", "train_detector", "evaluate")}
+        steps = {s: run_stage(s, cfg) for s in ("train_classifier", "train_detector", "evaluate")}
         metrics = json.loads((reports / "evaluation.json").read_text())["metrics"]
     else:
-        a = train_classifier_task.submit(manifest, dataset, clf, cfg)
-        b = train_detector_task.submit(manifest, dataset, det, cfg)
+        # submitted tasks run in threads, where a timeout takes effect only once the task returns (Prefect)
+        a = bound(train_classifier_task, cfg, "train").submit(manifest, dataset, clf, cfg)
+        b = bound(train_detector_task, cfg, "train").submit(manifest, dataset, det, cfg)
         a.result(), b.result()
-        metrics = evaluate_task(clf, manifest, dataset, str(reports), det, cfg, version)
+        metrics = bound(evaluate_task, cfg, "evaluate")(clf, manifest, dataset, str(reports), det, cfg, version)
         steps = dict.fromkeys(("train_classifier", "train_detector", "evaluate"), "ran")
     if all(v in ("cached", "restored") for v in steps.values()):
         logger.info("data, params and code unchanged since a run DVC remembers: nothing trained")
@@ -231,12 +233,13 @@ def train_flow(
         mlflow.log_dict(cfg.as_dict(), "config/resolved.yaml")  # the configuration this run used, as resolved
         mlflow.log_metrics({f"gate_input.{k}": float(v) for k, v in metrics.items() if v == v})
         det_metrics = json.loads((Path(det) / "detector_config.json").read_text())["metrics"]
+        checkpoint("register")
+        register = bound(register_and_gate, cfg, "registration")
         results = [
-            register_and_gate(
-                "classifier", clf, metrics, tags, str(reports), parent.info.run_id, cfg, manifest, dataset
-            ),
-            register_and_gate("detector", det, det_metrics, tags, None, parent.info.run_id, cfg, manifest, dataset),
+            register("classifier", clf, metrics, tags, str(reports), parent.info.run_id, cfg, manifest, dataset),
+            register("detector", det, det_metrics, tags, None, parent.info.run_id, cfg, manifest, dataset),
         ]
+        checkpoint("promote")
         promote_passing(results, cfg, manifest, dataset)
     alert_decisions(results, cfg)
     create_markdown_artifact(markdown=_markdown(results), key="train-gate", description="champion/challenger decisions")

@@ -103,5 +103,22 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
         result["bento_path"] = str(bentoml.bentos.get(result["bento"]).path)
     state = deployed_file(cfg)
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps(result, indent=2))
+    tmp = state.with_name(f".{state.name}.tmp")  # `drspot serve` follows this file: it never sees half of it
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(state)
     return result
+
+
+def serves_champions(cfg: Config) -> bool:
+    """Whether the last built Bento (``deployed.json``) holds the registry's current champions."""
+    state = deployed_file(cfg)
+    if not state.is_file():
+        return False
+    built = json.loads(state.read_text())
+    if "bento" not in built:
+        return False
+    for kind in ("classifier", "detector"):
+        name = registry.model_name(kind)
+        if built.get("registry", {}).get(kind) != f"{name}/{registry.champion(name)}":
+            return False
+    return True
