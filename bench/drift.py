@@ -59,6 +59,14 @@ SHIFTS = {
 RULES = {"image": "image features", "embedding": "embedding components", "prediction": "predicted class"}
 
 
+def bench_config(epochs: int):
+    """The demo profile with the classifier this benchmark trains (resnet18 at 32 px, whole images: DermaMNIST has
+    no boxes); bench/quality_estimate.py trains the same one."""
+    base = load_config("demo")
+    update = {"input_size": 32, "epochs": epochs, "batch_size": 128, "crop_margin": 0.0}
+    return base.model_copy(update={"classifier": base.classifier.model_copy(update=update)})
+
+
 def shift(img, kind: str, s):
     from PIL import Image, ImageFilter
 
@@ -159,14 +167,7 @@ def main() -> None:
         sys.exit(f"{NPZ} or {HAM} not found: this benchmark needs ../shared/data")
     from components.monitor import compare
 
-    base = load_config("demo")
-    cfg = base.model_copy(
-        update={
-            "classifier": base.classifier.model_copy(
-                update={"input_size": 32, "epochs": args.epochs, "batch_size": 128, "crop_margin": 0.0}
-            )
-        }
-    )
+    cfg = bench_config(args.epochs)
     t0 = time.monotonic()
     cached = args.cache and (args.cache / "reference.parquet").is_file()
     frames = load_cache(args.cache) if cached else build_pools(cfg)

@@ -35,10 +35,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import components  # noqa: E402,F401
-from components.config import load_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from drift import NPZ, SHIFTS, shift  # noqa: E402
+from drift import NPZ, SHIFTS, bench_config, shift  # noqa: E402
 
 
 def conditions(cfg, epochs: int):
@@ -142,14 +141,7 @@ def main() -> None:
         sys.exit(f"{NPZ} not found: this benchmark needs ../shared/data")
     from components import quality
 
-    base = load_config("demo")
-    cfg = base.model_copy(
-        update={
-            "classifier": base.classifier.model_copy(
-                update={"input_size": 32, "epochs": args.epochs, "batch_size": 128, "crop_margin": 0.0}
-            )
-        }
-    )
+    cfg = bench_config(args.epochs)
     q = cfg.monitor.quality
     t0 = time.monotonic()
     ref, y, pools, flag_of, mal = conditions(cfg, args.epochs)

@@ -315,7 +315,7 @@ def run_demo(cfg: Config) -> int:
     finally:
         server.stop()
 
-    _summary(steps, cfg, data, version, fly, drift)
+    _summary(steps, cfg, data, version, fly, drift, judged)
     return 0
 
 
@@ -408,7 +408,7 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     return 0
 
 
-def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, drift: dict) -> None:
+def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, drift: dict, judged: dict) -> None:
     print("\n== summary")
     width = max(len(t) for t, _, _ in steps.rows)
     for i, (title, took, outcome) in enumerate(steps.rows, 1):
@@ -424,8 +424,7 @@ def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, dri
     print(f"   evaluation    {cfg.resolve(cfg.paths.reports) / 'evaluation' / 'report.html'}")
     if drift.get("report"):
         print(f"   drift report  {drift['report']}")
-    if drift.get("quality"):
-        print(f"   quality       {drift['quality']['report']}")
+    print(f"   quality       {judged['report']}   (on the confirmed cases)")
     if fly.get("feedback_batch"):
         print(f"   feedback in   {fly['feedback_batch']}")
     print(f"   data versions {version} -> {fly.get('data_version')} (data.dvc; `dvc push` went to the default remote)")

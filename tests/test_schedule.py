@@ -30,6 +30,21 @@ async def _runs(url: str) -> list[tuple[str, str, dict, str]]:
         return [(deps.get(r.deployment_id), r.state_type.value, r.parameters, str(r.expected_start_time)) for r in runs]
 
 
+def _emit_and_wait(code: str, env: dict, url: str, deadline: float, runs: int) -> list:
+    """Run ``code`` (emitting an event as the monitor does) and wait until ``runs`` on-drift runs have ended."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "PREFECT_API_URL": url}, cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found: list = []
+    while time.monotonic() < deadline:
+        found = [r for r in asyncio.run(_runs(url)) if r[0] == "on-drift"]
+        if len(found) >= runs and all(r[1] in ("COMPLETED", "FAILED", "CRASHED") for r in found):
+            break
+        time.sleep(2)
+    return found
+
+
 def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -86,15 +101,7 @@ def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(t
             "'reasons': ['test'], 'drifted': ['brightness'], 'share_image_features_drifted': 0.9, "
             "'share_embedding_components_drifted': 0.8})"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", emit], env={**env, "PREFECT_API_URL": url}, cwd=ROOT, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        while time.monotonic() < deadline:
-            drift_runs = [r for r in asyncio.run(_runs(url)) if r[0] == "on-drift"]
-            if drift_runs and drift_runs[0][1] in ("COMPLETED", "FAILED", "CRASHED"):
-                break
-            time.sleep(2)
+        drift_runs = _emit_and_wait(emit, env, url, deadline, runs=1)
         assert drift_runs, "the drift event started no retrain run"
         (name, state, params, _), *rest = drift_runs
         assert not rest and state == "COMPLETED"
@@ -110,15 +117,7 @@ def test_schedule_serves_cron_deployments_and_the_drift_event_starts_a_retrain(t
             "'malignant_sensitivity': 0.2, 'malignant_sensitivity_95': [0.1, 0.4], 'malignant_cases': 20, "
             "'cases': 100}})"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", emit], env={**env, "PREFECT_API_URL": url}, cwd=ROOT, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        while time.monotonic() < deadline:
-            drift_runs = [r for r in asyncio.run(_runs(url)) if r[0] == "on-drift"]
-            if len(drift_runs) == 2 and all(r[1] in ("COMPLETED", "FAILED", "CRASHED") for r in drift_runs):
-                break
-            time.sleep(2)
+        drift_runs = _emit_and_wait(emit, env, url, deadline, runs=2)
         triggers = sorted(r[2]["trigger"] for r in drift_runs)
         assert triggers == [f"drspot.drift.detected: {report}", f"drspot.quality.degraded: {report}"], drift_runs
     finally:
