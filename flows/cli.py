@@ -308,6 +308,31 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from components import stack
+
+    home = args.cfg.home
+    if args.action == "up":
+        rec = stack.up(home)
+        for name, svc in rec["services"].items():
+            where = svc.get("url") or svc.get("endpoint") or f"work pool {svc.get('pool')}"
+            print(f"{name:<13} {where:<40} pid {svc['pid']}  log {svc['log']}")
+        print(f"\npoint DrSpot at it:  source {stack.stack_dir(home) / 'stack.env'}")
+        print("  " + "\n  ".join(f"{k}={v}" for k, v in rec["env"].items() if "SECRET" not in k))
+        print("stop it:  drspot stack down")
+    elif args.action == "down":
+        stopped = stack.down(home)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "no stack was running here")
+    else:
+        st = stack.status(home)
+        if not st["services"]:
+            print(st["note"])
+        for name, s in st["services"].items():
+            print(f"{name:<13} pid {s['pid']}: {'answering' if s['answering'] else 'NOT answering'}")
+        return 0 if all(s["answering"] for s in st["services"].values()) else 1
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from components import registry
 
@@ -422,9 +447,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from flows.schedule import run_schedule
+    from flows.schedule import deploy_to_pool, run_schedule
 
     cfg = args.cfg
+    if args.pool:
+        for name in deploy_to_pool(cfg, cfg.profile, args.pool):
+            print(f"deployed {name} to work pool {args.pool} on {os.environ['PREFECT_API_URL']}")
+        print(f"run them with a worker: prefect worker start --pool {args.pool}")
+        return 0
     return run_schedule(cfg, cfg.profile, port=args.port)
 
 
@@ -596,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             a.add_argument("--reason", help="why (recorded on the model version)")
             a.set_defaults(func=cmd_reject)
+    sk = sub.add_parser(
+        "stack", help="the production topology on this machine: PostgreSQL, S3, MLflow and Prefect servers"
+    )
+    sk.add_argument("action", choices=["up", "down", "status"])
+    sk.set_defaults(func=cmd_stack)
     al = sub.add_parser("alerts", help="the newest alerts (alerts.file), with any sink that failed")
     al.add_argument("--last", type=int, default=20)
     al.set_defaults(func=cmd_alerts)
@@ -626,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(func=cmd_retrain)
     sc = sub.add_parser("schedule", help="serve the flows: monitor, nightly retrain, drift/feedback triggers")
     sc.add_argument("--port", type=int, default=4200, help="local Prefect server port when PREFECT_API_URL is unset")
+    sc.add_argument(
+        "--pool",
+        help="instead of serving: register the deployments on PREFECT_API_URL's server for the workers of this "
+        "process work pool (created if missing), and exit",
+    )
     sc.set_defaults(func=cmd_schedule)
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")

