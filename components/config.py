@@ -285,6 +285,7 @@ class Serving(_Strict):
     images_dir: str
     feedback_key_env: str
     batching: bool
+    workers: int = Field(ge=1)
     follow_s: float = Field(gt=0)
     drain_s: float = Field(ge=0)
     max_batch_size: int = Field(ge=1)

@@ -163,7 +163,9 @@ class _ReadyzWithVersions:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="drspot", traffic={"timeout": 120}, workers=1)
+# serving.workers API processes (they share one socket); overridable without code by
+# BENTOML_CONFIG_OPTIONS="services.drspot.workers=2"
+@bentoml.service(name="drspot", traffic={"timeout": 120}, workers=S.workers)
 @bentoml.asgi_app(app, path="/")
 class DrSpot:
     classifier_model = bentoml.models.BentoModel(CLASSIFIER_TAG)

@@ -442,3 +442,24 @@ def test_after_a_promotion_deploy_and_restart_serve_the_new_champion(deployed, m
         assert _post(s, _jpeg()).json()["models"]["classifier"] == f"drspot-classifier/{new}"
     finally:
         s.stop()
+
+
+def test_the_bentos_dockerfile_keeps_the_state_outside_the_image(deployed):
+    """The container path: the Dockerfile `bentoml build` wrote for the deployed Bento (no container engine here to
+    build it): its base image, entrypoint and the settings the service needs, as environment variables."""
+    built = json.loads((deployed["root"] / ".drspot" / "deployed.json").read_text())
+    docker = Path(built["bento_path"]) / "env" / "docker"
+    text = (docker / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text
+    assert (
+        'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in text and (docker / "entrypoint.sh").is_file()
+    )
+    for name, value in (
+        ("DRSPOT_HOME", "/home/bentoml/state"),
+        ("YOLO_OFFLINE", "true"),
+        ("BENTOML_DO_NOT_TRACK", "true"),
+    ):
+        assert f"ARG {name}={value}" in text.replace("'", "").replace('"', ""), name
+        assert f"ENV {name}=${name}" in text, name
+    requirements = (Path(built["bento_path"]) / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.14.1" in requirements and "bentoml==1.4.39" in requirements
