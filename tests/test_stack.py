@@ -20,6 +20,13 @@ pytestmark = pytest.mark.slow
 DRSPOT = str(Path(sys.executable).parent / "drspot")
 
 
+def _python(code: str, env: dict, timeout: float) -> str:
+    """Run ``code`` in a fresh interpreter with only ``env`` (a client of the stack); its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def stack_home(tmp_path_factory):
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
@@ -84,9 +91,7 @@ def test_mlflow_runs_through_the_server_with_artifacts_in_the_object_store(stack
         "    mlflow.log_dict({'a': 1}, 'evaluation/a.json')\n"
         "print(r.info.run_id, r.info.artifact_uri)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_id, uri = done.stdout.split()[-2:]
+    run_id, uri = _python(code, env, 120).split()[-2:]
     assert uri.startswith("mlflow-artifacts:/")
     s3 = s3_client(rec["services"]["object_store"]["endpoint"], rec["s3_key"], rec["s3_secret"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
@@ -152,9 +157,7 @@ def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
         "    out['retrain'] = [r.state_type.value, r.work_pool_name, r.parameters['trigger']] if r else None\n"
         "print(json.dumps(out))\n"
     )
-    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=500)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    out = json.loads(ran.stdout.strip().splitlines()[-1])
+    out = json.loads(_python(code, env, 500).strip().splitlines()[-1])
     state, pool, pid = out["monitor"]
     assert state == "COMPLETED" and pool == "drspot" and pid and int(pid) != os.getpid()
     assert out["retrain"] == ["COMPLETED", "drspot", "drspot.drift.detected: r.html"], out
