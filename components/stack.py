@@ -106,10 +106,18 @@ def _pg_folder(home: Path) -> Path:
     )
 
 
+def _runuser() -> str:
+    """util-linux's ``runuser`` (in /usr/sbin, which a user's PATH may lack)."""
+    for path in (shutil.which("runuser"), "/usr/sbin/runuser", "/sbin/runuser"):
+        if path and Path(path).is_file():
+            return path
+    raise StackError("as root PostgreSQL must run as the postgres user, and `runuser` (util-linux) was not found")
+
+
 def start_postgres(folder: Path, port: int) -> dict[str, Any]:
     """A PostgreSQL cluster in ``folder`` on 127.0.0.1:``port`` with the stack's databases (trust auth, loopback)."""
     bindir = _pg_bindir()
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    as_user = [_runuser(), "-u", "postgres", "--"] if os.geteuid() == 0 else []
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)
     if as_user:  # as root the server runs as `postgres`, which must own its folder

@@ -165,3 +165,13 @@ def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
     assert "not enough data: 0 predictions in the window" in worker_log
     assert "retrain (drspot.drift.detected: r.html): skipped: 0 new confirmed case(s)" in worker_log
     assert rec["env"]["MLFLOW_TRACKING_URI"] in worker_log  # the monitor's run went to the stack's MLflow server
+
+
+def test_runuser_is_found_without_sbin_on_the_path(monkeypatch):
+    """A user's PATH often lacks /usr/sbin, where runuser lives (`drspot stack up` as root failed with ENOENT)."""
+    from components.stack import _runuser
+
+    if not Path("/usr/sbin/runuser").is_file() and not Path("/sbin/runuser").is_file():
+        pytest.skip("util-linux's runuser is not installed")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert Path(_runuser()).name == "runuser" and Path(_runuser()).is_file()
