@@ -41,7 +41,7 @@ MIN_CLASS_MASS = 1.0  # a class's expected recall is estimated when its calibrat
 # ---------------------------------------------------------------- measured on confirmed cases
 
 
-def _reported(row: dict[str, Any]) -> dict[str, Any]:
+def reported(row: dict[str, Any]) -> dict[str, Any]:
     """The lesion an answer reports (the riskiest: highest malignant probability), as the service logs it."""
     lesions = row.get("lesions") or []
     return max(lesions, key=lambda les: les["malignant_probability"]) if lesions else {}
@@ -246,7 +246,7 @@ def window_probabilities(rows: list[dict[str, Any]], classes: list[str]) -> tupl
     """The reported lesion's probabilities (columns in ``classes`` order) and malignant flags of logged rows."""
     p, flags = [], []
     for r in rows:
-        les = _reported(r)
+        les = reported(r)
         probs = les.get("probabilities") or {}
         if not probs:
             continue

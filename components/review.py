@@ -18,17 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from components.quality import reported
+
 NEAR = 0.2  # malignant probability this far from the threshold or further: no "near the threshold" weight
 REASON_AT = 0.5
 
 
-def _reported(row: dict[str, Any]) -> dict[str, Any]:
-    lesions = row.get("lesions") or []
-    return max(lesions, key=lambda les: les["malignant_probability"]) if lesions else {}
-
-
 def parts(row: dict[str, Any], threshold: float, ood_threshold: float | None) -> dict[str, float]:
-    les = _reported(row)
+    les = reported(row)
     probs = les.get("probabilities") or {}
     k = max(2, len(probs))
     top = max(probs.values()) if probs else float(row.get("confidence") or 1.0)
@@ -44,7 +41,7 @@ def parts(row: dict[str, Any], threshold: float, ood_threshold: float | None) ->
 
 
 def why(p: dict[str, float], row: dict[str, Any], threshold: float) -> list[str]:
-    les = _reported(row)
+    les = reported(row)
     text = {
         "uncertainty": lambda: f"uncertain: top probability {max((les.get('probabilities') or {'': 1}).values()):.2f}",
         "near_threshold": lambda: (
@@ -65,7 +62,7 @@ def rank(rows: list[dict[str, Any]], threshold: float, ood_threshold: float | No
     items = []
     for r in rows:
         p = parts(r, threshold, ood_threshold)
-        les = _reported(r)
+        les = reported(r)
         items.append(
             {
                 "request_id": r["request_id"],

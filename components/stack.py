@@ -256,6 +256,19 @@ def start_prefect(folder: Path, pg_url: str) -> dict[str, Any]:
 POOL = "drspot"
 
 
+def create_pool(pool: str, env: dict[str, str] | None = None) -> None:
+    """A ``process`` work pool on the Prefect server of ``PREFECT_API_URL`` (in ``env``, else this process's);
+    one that already exists is kept."""
+    made = subprocess.run(
+        [_bin("prefect"), "work-pool", "create", pool, "--type", "process"],
+        env=env if env is not None else os.environ.copy(),
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0 and "already exists" not in made.stdout + made.stderr:
+        raise StackError(f"cannot create the work pool {pool!r}: {(made.stderr or made.stdout).strip()[-500:]}")
+
+
 def start_worker(folder: Path, home: Path, env_for_flows: dict[str, str], pool: str = POOL) -> dict[str, Any]:
     """A ``process`` work pool on the stack's Prefect server and a ``prefect worker`` polling it; the flow runs it
     starts inherit ``env_for_flows`` (the stack's MLflow, database, S3 and the project's state home)."""
@@ -266,11 +279,7 @@ def start_worker(folder: Path, home: Path, env_for_flows: dict[str, str], pool: 
         "DRSPOT_HOME": str(home),
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # a run starts within ~5 s instead of 10-15 s
     }
-    made = subprocess.run(
-        [_bin("prefect"), "work-pool", "create", pool, "--type", "process"], env=env, capture_output=True, text=True
-    )
-    if made.returncode != 0 and "already exists" not in made.stdout + made.stderr:
-        raise StackError(f"cannot create the work pool {pool!r}: {(made.stderr or made.stdout).strip()[-500:]}")
+    create_pool(pool, env)
     proc = _spawn([_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process"], log, env)
     _wait("the Prefect worker", lambda: "started!" in log.read_text(), proc, log, 90)
     return {"pid": proc.pid, "pool": pool, "log": str(log)}

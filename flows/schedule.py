@@ -108,16 +108,12 @@ def deploy_to_pool(cfg: Config, profile: str | None, pool: str) -> list[str]:
     """Register the four deployments on the Prefect server of ``PREFECT_API_URL`` for the workers of ``pool``
     (a ``process`` pool, created if missing); their code is this checkout (``from_source``: each worker host needs
     the project at the same path, with its venv). Returns "flow/deployment" names."""
-    import subprocess
-
     from components.env import CODE
+    from components.stack import create_pool
 
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError("set PREFECT_API_URL to the Prefect server the workers poll (drspot stack up prints it)")
-    prefect = str(Path(sys.executable).parent / "prefect")
-    made = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], capture_output=True, text=True)
-    if made.returncode != 0 and "already exists" not in (made.stdout + made.stderr):
-        raise RuntimeError(f"cannot create work pool {pool!r}: {(made.stderr or made.stdout).strip()[-500:]}")
+    create_pool(pool)
     names = []
     for f, entry, name, kw in specs(cfg, profile):
         remote = f.from_source(source=str(CODE), entrypoint=entry)

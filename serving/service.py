@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 import components  # noqa: F401  (offline settings first)
 from components.config import load_config
 from components.env import check_home
+from components.quality import reported
 from serving.inputs import InputError, body_limit, check_length, from_base64, read_image
 from serving.pipeline import PREPROCESS, Pipeline, correct
 
@@ -279,7 +280,7 @@ class DrSpot:
                 for v, r in zip(variants, results, strict=True)
             }
         image_path = await anyio.to_thread.run_sync(self._store, up) if S.store_images else None
-        top = max(main["lesions"], key=lambda les: les["malignant_probability"])
+        top = reported(main)
         row = {
             "request_id": request_id,
             "image_sha256": up.sha256,
@@ -299,12 +300,7 @@ class DrSpot:
             "classifier_version": self.versions["classifier"],
             "detector_version": self.versions["detector"],
             "image_path": image_path,
-            "variants": {
-                v: max(r["lesions"], key=lambda les: les["malignant_probability"])["label"]
-                for v, r in zip(variants, results, strict=True)
-            }
-            if compare
-            else None,
+            "variants": {v: reported(r)["label"] for v, r in zip(variants, results, strict=True)} if compare else None,
         }
         await anyio.to_thread.run_sync(self.log.record, row)
         response["image"]["stored"] = image_path is not None
