@@ -345,6 +345,13 @@ class Alerts(_Strict):
     nightly_grace_h: float = Field(gt=0)
 
 
+class Compute(_Strict):
+    dask_address: str | None
+    chunk_size: int = Field(ge=1)
+    connect_timeout_s: float = Field(gt=0)
+    local_workers: int = Field(ge=0)
+
+
 class Config(_Strict):
     profile: str
     seed: int
@@ -364,6 +371,7 @@ class Config(_Strict):
     retrain: Retrain
     flows: Flows
     alerts: Alerts
+    compute: Compute
 
     @model_validator(mode="after")
     def _check(self) -> Config:

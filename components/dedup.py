@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import combinations
 from math import comb
 from pathlib import Path
@@ -170,20 +171,38 @@ def near_pairs_with_crops(full: np.ndarray, crops: np.ndarray, max_distance: int
 # --- verification ---------------------------------------------------------------------------------
 
 
-def verify(
-    pairs: list[tuple[str, str]], paths: dict[str, Path], min_correlation: float
-) -> dict[tuple[str, str], float]:
-    """Crop-aware correlation of each candidate pair (max over centre crops of both images)."""
+@lru_cache(maxsize=4096)
+def _thumbs_of(path: str, mtime_ns: int, size: int) -> np.ndarray:
     from components.images import decode, thumbnails
 
-    cache: dict[str, np.ndarray] = {}
+    return thumbnails(decode(path).rgb)
 
-    def thumbs(image_id: str) -> np.ndarray:
-        if image_id not in cache:
-            cache[image_id] = thumbnails(decode(paths[image_id]).rgb)
-        return cache[image_id]
 
-    return {(a, b): float((thumbs(a) @ thumbs(b).T).max()) for a, b in pairs}
+def _thumbs(path: str) -> np.ndarray:
+    """An image's crop thumbnails, kept per process (keyed by the file's mtime and size, so a rewritten file is
+    read again): a verification chunk meets the same image in several pairs."""
+    st = Path(path).stat()
+    return _thumbs_of(path, st.st_mtime_ns, st.st_size)
+
+
+def pair_correlation(pair: tuple[str, str]) -> float:
+    """Crop-aware correlation of two images' files: the max over centre crops of both."""
+    return float((_thumbs(pair[0]) @ _thumbs(pair[1]).T).max())
+
+
+def verify(
+    pairs: list[tuple[str, str]], paths: dict[str, Path], min_correlation: float, cfg: Config | None = None
+) -> dict[tuple[str, str], float]:
+    """Crop-aware correlation of each candidate pair (:func:`pair_correlation`), on the run's compute target
+    (local processes or a Dask cluster, ``components/compute.py``) when ``cfg`` is given, else in this process."""
+    jobs = [(str(paths[a]), str(paths[b])) for a, b in pairs]
+    if cfg is None:
+        corr = [pair_correlation(j) for j in jobs]
+    else:
+        from components.compute import map_chunks
+
+        corr = map_chunks(pair_correlation, jobs, cfg, min_jobs=256)
+    return dict(zip(pairs, corr, strict=True))
 
 
 # --- union-find -----------------------------------------------------------------------------------
@@ -283,7 +302,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
     candidates = [(min(a, b), max(a, b), dist) for a, b, dist in candidates]
     root = dataset_dir.resolve()
     paths = {r["image_id"]: root / r["path"] for r in distinct}
-    corr = verify([(a, b) for a, b, _ in candidates], paths, cfg.dedup.min_correlation) if cfg.dedup.verify else {}
+    corr = verify([(a, b) for a, b, _ in candidates], paths, cfg.dedup.min_correlation, cfg) if cfg.dedup.verify else {}
     rejected = 0
     for a, b, dist in sorted(candidates):
         c = corr.get((a, b))

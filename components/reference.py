@@ -59,6 +59,25 @@ def project(emb: np.ndarray, projection: dict[str, Any]) -> np.ndarray:
     return (np.asarray(emb, dtype=np.float64) - np.asarray(projection["mean"])) @ np.asarray(projection["components"]).T
 
 
+def image_features(rgb, box, crop_margin: float, input_size: int) -> tuple[dict[str, float], np.ndarray]:
+    """One image's photo-quality columns and its model-input crop (uint8): the per-image half of :func:`features`."""
+    from components.images import quality
+    from components.preprocess import to_uint8
+
+    q = quality(rgb)
+    feats = {**{k: q[k] for k in FEATURES}, "width": rgb.size[0], "height": rgb.size[1]}
+    return feats, to_uint8(rgb, box, crop_margin, input_size)
+
+
+def file_features(job: tuple[str, list | None, float, int]) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`image_features` of an image file ``(path, box, crop_margin, input_size)``: what a process or a Dask
+    worker computes for the reference (components/compute.py)."""
+    from components.images import decode
+
+    path, box, margin, size = job
+    return image_features(decode(path).rgb, box, margin, size)
+
+
 def features(
     items,
     model,
@@ -69,19 +88,24 @@ def features(
 ):
     """(DataFrame of the monitor's columns, projection) for ``(rgb image, box or None)`` pairs, computed
     as the service computes them; the projection is fitted on these embeddings when none is given. The
-    full embeddings are appended to ``embeddings`` when a list is given."""
+    full embeddings are appended to ``embeddings`` when a list is given. ``items`` may instead hold what
+    :func:`image_features` returned for each image (``(features dict, uint8 crop)`` pairs)."""
+    per_image = [
+        item if isinstance(item[0], dict) else image_features(item[0], item[1], mc["crop_margin"], mc["input_size"])
+        for item in items  # one image at a time: only the small crops are kept
+    ]
+    feats, crops = [f for f, _ in per_image], [c for _, c in per_image]
+    return from_crops(feats, crops, model, mc, projection, n_components, embeddings)
+
+
+def from_crops(feats, crops, model, mc, projection=None, n_components: int = 8, embeddings: list | None = None):
+    """:func:`features` from the per-image columns and crops: the model's half, batched in this process."""
     import pandas as pd
     import torch
 
     from components.evaluate import softmax
-    from components.images import quality
-    from components.preprocess import normalise, to_uint8
+    from components.preprocess import normalise
 
-    feats, crops = [], []
-    for rgb, box in items:  # one image at a time: only the small crops are kept
-        q = quality(rgb)
-        feats.append({**{k: q[k] for k in FEATURES}, "width": rgb.size[0], "height": rgb.size[1]})
-        crops.append(to_uint8(rgb, box, mc["crop_margin"], mc["input_size"]))
     embs, logits = [], []
     with torch.no_grad():
         for i in range(0, len(crops), 256):
@@ -118,16 +142,23 @@ def build(
     n_components: int = 8,
     val_rows: list[dict[str, Any]] | None = None,
     embeddings: dict[str, np.ndarray] | None = None,
+    cfg=None,
 ):
     """(reference DataFrame, projection): ``rows`` (the training split, ``part`` "train"; the projection
     is fitted on them) and ``val_rows`` (``part`` "val", the same projection). The full embeddings of each
-    part are put in ``embeddings`` (``train``, ``val``) when a dict is given."""
+    part are put in ``embeddings`` (``train``, ``val``) when a dict is given. With the run's ``cfg``, the per-image
+    work (decode, quality columns, crop) runs on its compute target (local processes or Dask, components/compute.py);
+    the model runs here."""
     import pandas as pd
 
-    from components.images import decode
-
     def items(rs):
-        return ((decode(Path(dataset_dir) / r["path"]).rgb, (r.get("boxes") or [None])[0]) for r in rs)
+        margin, size = mc["crop_margin"], mc["input_size"]
+        jobs = [(str(Path(dataset_dir) / r["path"]), (r.get("boxes") or [None])[0], margin, size) for r in rs]
+        if cfg is None:
+            return (file_features(j) for j in jobs)
+        from components.compute import map_chunks
+
+        return map_chunks(file_features, jobs, cfg)
 
     train_emb, val_emb = [], []
     train, projection = features(items(rows), model, mc, n_components=n_components, embeddings=train_emb)

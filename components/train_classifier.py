@@ -449,7 +449,7 @@ def train_classifier(
     model.eval()
     embeddings: dict = {}
     ref, projection = reference.build(
-        model, model_config, train_rows, dataset_dir, val_rows=val_rows, embeddings=embeddings
+        model, model_config, train_rows, dataset_dir, val_rows=val_rows, embeddings=embeddings, cfg=cfg
     )
     reference.write(out_dir, ref, projection)
     # the out-of-distribution score's subspace, from the same embeddings (components/ood.py)

@@ -5,10 +5,10 @@ Two layers, because Great Expectations validates tables only:
 * a GX 1.x suite (ephemeral context: nothing written to disk) over the manifest, one row per
   image: columns, unique and safe ids, sha256 format, label in the configured classes, lesion_id
   present, boxes inside [0, 1] with min < max, width/height bounds, split values;
-* the project's own image checks, in parallel processes: the file is there and unchanged (sha256),
-  fully decodes (a truncated JPEG is caught), converts to RGB, is not blank. Quality features
-  (brightness, contrast, saturation, blur, JPEG blockiness, mean colour) and the 64-bit pHash are recorded as
-  manifest columns for de-duplication and drift monitoring.
+* the project's own image checks, in parallel processes or on a Dask cluster (``components/compute.py``):
+  the file is there and unchanged (sha256), fully decodes (a truncated JPEG is caught), converts to RGB, is not
+  blank. Quality features (brightness, contrast, saturation, blur, JPEG blockiness, mean colour) and the 64-bit
+  pHash are recorded as manifest columns for de-duplication and drift monitoring.
 
 Each check has a severity from ``params.yaml`` (``validate.severity``): *error* stops the gate
 with a message naming the check and up to N offending rows; *warn* quarantines the rows (kept,
@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.compute import ComputeError, map_chunks
 from components.config import Config
 from components.images import QUALITY_FEATURES
 from components.manifest import MANIFEST, SCHEMA, SPLITS, DataError, read_manifest
@@ -156,14 +154,6 @@ def check_image(args: tuple[int, str, str, int, float]) -> tuple[int, dict[str, 
     return row, feats, failures
 
 
-def _map_images(jobs: list, workers: int) -> list:
-    if workers <= 1 or len(jobs) < 64:
-        return [check_image(j) for j in jobs]
-    # spawn, not fork: the caller may be a threaded Prefect worker
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(check_image, jobs, chunksize=max(8, len(jobs) // (workers * 8))))
-
-
 # --- the step -------------------------------------------------------------------------------------
 
 
@@ -240,9 +230,13 @@ def validate(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, workers:
             reasons[r].append(("file_present", f"path {rel!r} escapes the dataset folder", sev["file_present"]))
             continue
         jobs.append((r, str(full), sha, cfg.validate_.max_pixels, cfg.validate_.blank_std))
-    workers = workers if workers is not None else (cfg.validate_.workers or os.cpu_count() or 1)
     features: dict[int, dict[str, Any]] = {}
-    for r, feats, failures in _map_images(jobs, workers):
+    try:
+        checked = map_chunks(check_image, jobs, cfg, workers)
+    except ComputeError as e:  # the cluster, not the data: say so in the summary, write no manifest, retryable
+        _fail(out_dir, summary, str(e))
+        raise
+    for r, feats, failures in checked:
         if feats is not None:
             features[r] = feats
         for check, reason in failures:

@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_log(args.cfg)
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError, ConnectionError) as e:
         print(f"drspot {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,0 +1,180 @@
+"""Where the data steps' per-image work runs: local processes (the default) or a Dask cluster.
+
+The per-image work of the data gate (decode checks, quality features, perceptual hashes), of the
+near-duplicate verification and of the monitoring reference goes through :func:`map_chunks`, which
+decides once where it runs:
+
+* ``DRSPOT_DASK_ADDRESS`` (or ``compute.dask_address`` in params) names a running Dask scheduler
+  (``tcp://host:8786``): the work is submitted as Prefect tasks through prefect-dask's
+  ``DaskTaskRunner``, one task per chunk of ``compute.chunk_size`` images, so the scheduler holds
+  ``n / chunk_size`` tasks, never one per image. ``local`` starts a ``LocalCluster`` for the run.
+* otherwise a pool of local processes (``validate.workers``), as before.
+
+Results come back in the order of the jobs, so the outputs are byte-identical wherever they were
+computed. A scheduler that does not answer within ``compute.connect_timeout_s`` is a
+:class:`ComputeError` naming the setting it came from, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any
+from urllib.parse import urlparse
+
+from components.config import Config
+
+ADDRESS_ENV = "DRSPOT_DASK_ADDRESS"
+LOCAL_CLUSTER = "local"
+
+
+class ComputeError(ConnectionError):
+    """The configured cluster cannot be used (not answering, refused, lost): a connection problem, so the flows'
+    retry policy (flows/policy.py) tries the step again."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where :func:`map_chunks` runs: ``kind`` is ``processes``, ``dask`` or ``local_cluster``; ``setting`` names
+    where an address came from (for error messages)."""
+
+    kind: str
+    address: str | None = None
+    setting: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "dask":
+            return f"the Dask cluster at {self.address} ({self.setting})"
+        if self.kind == "local_cluster":
+            return f"a Dask LocalCluster ({self.setting})"
+        return "local processes"
+
+
+def target(cfg: Config) -> Target:
+    """The run's compute target: ``DRSPOT_DASK_ADDRESS``, else ``compute.dask_address``, else local processes."""
+    env = os.environ.get(ADDRESS_ENV, "").strip()
+    if env:
+        address, setting = env, f"{ADDRESS_ENV}={env}"
+    elif cfg.compute.dask_address:
+        address, setting = cfg.compute.dask_address, f"compute.dask_address={cfg.compute.dask_address} in params"
+    else:
+        return Target("processes")
+    if address == LOCAL_CLUSTER:
+        return Target("local_cluster", None, setting)
+    if "://" not in address:
+        address = f"tcp://{address}"
+    return Target("dask", address, setting)
+
+
+def check_reachable(t: Target, timeout_s: float) -> None:
+    """Fail fast, naming the setting, when a scheduler's port does not accept a connection within ``timeout_s``."""
+    if t.kind != "dask":
+        return
+    parsed = urlparse(t.address)
+    if not parsed.hostname or not parsed.port:
+        raise ComputeError(f"{t.setting}: not a Dask scheduler address (expected tcp://HOST:PORT)")
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=left):
+                return
+        except OSError as e:  # refused (nothing listens) or no route: retry until the deadline
+            last = e
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    raise ComputeError(
+        f"the Dask scheduler of {t.setting} did not answer within {timeout_s:g} s ({last}); "
+        f"start it (dask scheduler), correct the address, or unset {ADDRESS_ENV} to use local processes"
+    )
+
+
+def chunks(jobs: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+
+
+def run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    """One chunk's work, in whichever process or Dask worker runs it."""
+    return [fn(job) for job in chunk]
+
+
+def _processes(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, min_jobs: int) -> list[Any]:
+    if workers <= 1 or len(jobs) < min_jobs:
+        return [fn(j) for j in jobs]
+    # spawn, not fork: the caller may be a threaded Prefect worker
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs, chunksize=max(8, len(jobs) // (workers * 8))))
+
+
+@contextmanager
+def _prefect_api():
+    """A Prefect API for the tasks on the Dask workers. Without one in force (no ``PREFECT_API_URL``), every worker
+    process would start its own temporary server on a SQLite file (STACK.md: 4x slower, 'database is locked'); the
+    settings of the submitting process travel with each task, so pointing them at this process's temporary server
+    makes the workers report there."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same temporary server this process's flows use (one per process)
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def _on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Config, workers: int) -> list[Any]:
+    from prefect import flow, task
+    from prefect_dask import DaskTaskRunner
+
+    timeout = cfg.compute.connect_timeout_s
+    client_kwargs = {"timeout": f"{timeout}s"}
+    if t.kind == "dask":
+        runner = DaskTaskRunner(address=t.address, client_kwargs=client_kwargs)
+    else:
+        n = cfg.compute.local_workers or workers or os.cpu_count() or 1
+        runner = DaskTaskRunner(
+            cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "dashboard_address": ":0", "processes": True},
+            client_kwargs=client_kwargs,
+        )
+    chunk_task = task(run_chunk, name=f"{fn.__name__}-chunk", retries=0)
+
+    @flow(name="data-steps-on-dask", task_runner=runner, log_prints=False, validate_parameters=False)
+    def mapped(parts: list[list[Any]]) -> list[list[Any]]:
+        futures = [chunk_task.submit(fn, part) for part in parts]
+        return [f.result() for f in futures]
+
+    try:
+        with _prefect_api():
+            results = mapped(parts)
+    except ComputeError:
+        raise
+    except OSError as e:  # the scheduler went away or refused the connection
+        raise ComputeError(f"{t.describe()} failed: {e}") from e
+    return [r for part in results for r in part]
+
+
+def map_chunks(
+    fn: Callable[[Any], Any], jobs: Sequence[Any], cfg: Config, workers: int | None = None, min_jobs: int = 64
+) -> list[Any]:
+    """``[fn(job) for job in jobs]``, in order, on the run's compute target (:func:`target`).
+
+    ``fn`` must be a module-level function (it is pickled to other processes). ``workers`` sizes the local process
+    pool (``validate.workers``, 0 = one per core); fewer than ``min_jobs`` jobs run in this process.
+    """
+    if not jobs:
+        return []
+    workers = workers if workers is not None else (cfg.validate_.workers or os.cpu_count() or 1)
+    t = target(cfg)
+    if t.kind == "processes":
+        return _processes(fn, jobs, workers, min_jobs)
+    check_reachable(t, cfg.compute.connect_timeout_s)
+    return _on_dask(fn, chunks(jobs, cfg.compute.chunk_size), t, cfg, workers)

@@ -1,0 +1,177 @@
+"""The data steps' per-image work on a Dask cluster (components/compute.py): an external `dask scheduler` and
+`dask worker` processes, started and stopped here by process id; the outputs byte-identical to local processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from components import compute, gate
+from components.ingest import ingest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _with_compute(cfg, **values):
+    return cfg.model_copy(update={"compute": cfg.compute.model_copy(update=values)})
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """`dask scheduler` + `dask worker --nworkers 2`, each its own process group; yields the scheduler address."""
+    from distributed import Client
+
+    logs = tmp_path_factory.mktemp("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = []
+    common = {"start_new_session": True, "cwd": logs, "stderr": subprocess.STDOUT}
+    sched = ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"]
+    procs.append(subprocess.Popen([BIN / "dask", *sched], stdout=open(logs / "scheduler.log", "w"), **common))
+    try:
+        compute.check_reachable(compute.Target("dask", address, "test"), 30)
+        workers = ["worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"]
+        workers += ["--dashboard-address", ":0"]
+        procs.append(subprocess.Popen([BIN / "dask", *workers], stdout=open(logs / "workers.log", "w"), **common))
+        with Client(address, timeout="20s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for p in reversed(procs):  # by process id: the worker's nanny and its children are one group
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _tasks_seen(address: str) -> dict[str, int]:
+    """Tasks finished per key prefix on the scheduler (what ran on the cluster)."""
+    from distributed import Client
+
+    def count(dask_scheduler):
+        # state_counts counts every entry into a state: "memory" once per task that finished with its result
+        return {name: p.state_counts.get("memory", 0) for name, p in dask_scheduler.task_prefixes.items()}
+
+    with Client(address, timeout="20s") as client:
+        return client.run_on_scheduler(count)
+
+
+def test_the_data_gate_on_dask_writes_the_same_bytes_in_chunks(
+    tmp_path, cfg, synthetic_source, dask_cluster, monkeypatch
+):
+    ds = tmp_path / "ds"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    monkeypatch.delenv(compute.ADDRESS_ENV, raising=False)
+    local = tmp_path / "local"
+    for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        step(ds, local, cfg)
+
+    small = _with_compute(cfg, chunk_size=16)
+    monkeypatch.setenv(compute.ADDRESS_ENV, dask_cluster)
+    assert (
+        compute.target(small).describe() == f"the Dask cluster at {dask_cluster} (DRSPOT_DASK_ADDRESS={dask_cluster})"
+    )
+    on_dask = tmp_path / "dask"
+    before = _tasks_seen(dask_cluster)
+    gate.run_validate(ds, on_dask, small)
+    after = _tasks_seen(dask_cluster)
+    gate.run_dedup(ds, on_dask, small)
+    gate.run_split(ds, on_dask, small)
+
+    for out in ("validate/validated.parquet", "dedup/deduplicated.parquet", "split/split.parquet"):
+        assert (on_dask / out).read_bytes() == (local / out).read_bytes(), out
+    # the images were checked on the cluster in chunks of 16: one task per chunk, not one per image
+    rows = pq.read_metadata(ds / "manifest.parquet").num_rows
+    assert after.get("run_chunk", 0) - before.get("run_chunk", 0) == -(-rows // 16)
+    assert rows > 50
+
+
+def _decodes(path: Path) -> bool:
+    from components.images import ImageError, decode
+
+    try:
+        decode(path)
+        return True
+    except ImageError:
+        return False
+
+
+def test_the_monitoring_reference_on_dask_equals_the_local_one(
+    tmp_path, cfg, synthetic_source, dask_cluster, monkeypatch
+):
+    import numpy as np
+    import timm
+
+    from components import reference
+    from components.manifest import read_manifest
+
+    ds = tmp_path / "ds"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    rows = [r for r in read_manifest(ds).to_pylist() if _decodes(ds / r["path"])][:40]
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    mc = {"crop_margin": 0.1, "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list("abcdefg")}
+    monkeypatch.delenv(compute.ADDRESS_ENV, raising=False)
+    local, _ = reference.build(model, mc, rows[:30], ds, val_rows=rows[30:], cfg=cfg)
+    monkeypatch.setenv(compute.ADDRESS_ENV, dask_cluster)
+    on_dask, _ = reference.build(model, mc, rows[:30], ds, val_rows=rows[30:], cfg=_with_compute(cfg, chunk_size=8))
+    assert list(on_dask.columns) == list(local.columns) and len(on_dask) == 40
+    for col in local.columns:
+        if local[col].dtype.kind == "f":
+            np.testing.assert_array_equal(on_dask[col].to_numpy(), local[col].to_numpy(), err_msg=col)
+        else:
+            assert on_dask[col].tolist() == local[col].tolist(), col
+
+
+def test_a_scheduler_that_does_not_answer_fails_fast_naming_the_setting(tmp_path, cfg, synthetic_source, monkeypatch):
+    from components.validate import SUMMARY, VALIDATED
+
+    ds = tmp_path / "ds"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    dead = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv(compute.ADDRESS_ENV, dead)
+    start = time.monotonic()
+    with pytest.raises(compute.ComputeError, match=f"DRSPOT_DASK_ADDRESS={dead}.* did not answer within 2 s"):
+        gate.run_validate(ds, tmp_path / "prep", _with_compute(cfg, connect_timeout_s=2))
+    assert time.monotonic() - start < 15
+    out = tmp_path / "prep" / "validate"
+    assert not (out / VALIDATED).exists()  # nothing half-written: no manifest that looks complete
+    assert "did not answer" in (out / SUMMARY).read_text()
+
+    # the same from params, named as the params key
+    monkeypatch.delenv(compute.ADDRESS_ENV)
+    with pytest.raises(compute.ComputeError, match=r"compute.dask_address=.* in params did not answer"):
+        compute.map_chunks(abs, [1, 2], _with_compute(cfg, dask_address=dead, connect_timeout_s=1))
+
+
+def test_the_cli_says_which_setting_points_at_a_dead_scheduler(tmp_path, drspot_cli, cfg, synthetic_source):
+    from tests.conftest import shell_env
+
+    ds = tmp_path / "ds"
+    ingest("synthetic", synthetic_source, ds, cfg)
+    dead = f"127.0.0.1:{_free_port()}"
+    env = shell_env(
+        DRSPOT_HOME=str(tmp_path / "home"), DRSPOT_DASK_ADDRESS=dead, DRSPOT_SET="compute.connect_timeout_s=2"
+    )
+    r = drspot_cli("--profile", "test", "validate", str(ds), "--prepared", str(tmp_path / "prep"), env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"DRSPOT_DASK_ADDRESS={dead} did not answer" in r.stderr and "did not answer within 2 s" in r.stderr
