@@ -328,6 +328,7 @@ class FlowTimeouts(_Strict):
     evaluate: float = Field(gt=0)
     registration: float = Field(gt=0)
     deploy: float = Field(gt=0)
+    push: float = Field(gt=0)
 
 
 class Flows(_Strict):

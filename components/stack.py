@@ -167,10 +167,11 @@ def s3_client(endpoint: str, key: str, secret: str):
     )
 
 
-def start_object_store(folder: Path, key: str, secret: str) -> dict[str, Any]:
-    """SeaweedFS's ``weed mini`` (master, volume, filer, S3 gateway) with the stack's buckets, bound to loopback."""
+def start_object_store(folder: Path, key: str, secret: str, ports: dict[str, int] | None = None) -> dict[str, Any]:
+    """SeaweedFS's ``weed mini`` (master, volume, filer, S3 gateway) with the stack's buckets, bound to loopback;
+    ``ports`` restarts it where it was (its data is kept in ``folder``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    ports = {p: free_port() for p in ("master", "volume", "filer", "s3")}
+    ports = ports or {p: free_port() for p in ("master", "volume", "filer", "s3")}
     log = folder / "seaweedfs.log"
     cmd = [
         _bin("weed"),
@@ -292,8 +293,12 @@ def up(home: Path) -> dict[str, Any]:
     """Start the four services (or say they already run); returns the stack's record (also ``stack.json``)."""
     folder = stack_dir(home)
     state = folder / "stack.json"
-    if state.is_file() and all(v["answering"] for v in status(home)["services"].values()):
-        return json.loads(state.read_text())
+    if state.is_file():
+        down_now = [k for k, v in status(home)["services"].items() if not v["answering"]]
+        if not down_now:
+            return json.loads(state.read_text())
+        if down_now == ["object_store"]:  # the others keep its address: start it again where it was
+            return restart_object_store(home)
     folder.mkdir(parents=True, exist_ok=True)
     key, secret = "drspot", secrets.token_urlsafe(18)
     started: dict[str, Any] = {}
@@ -313,6 +318,22 @@ def up(home: Path) -> dict[str, Any]:
     os.chmod(state, 0o600)
     os.chmod(folder / "stack.env", 0o600)
     return record
+
+
+def restart_object_store(home: Path) -> dict[str, Any]:
+    """Start the stack's object store again on its recorded ports and data folder (what it held is still there), so
+    the MLflow server, DVC remotes and ``stack.env`` keep working unchanged; returns the updated record."""
+    folder = stack_dir(home)
+    state = folder / "stack.json"
+    rec = json.loads(state.read_text())
+    old = rec["services"]["object_store"]
+    if _alive(old["pid"]):
+        _stop_all({"object_store": old})
+    rec["services"]["object_store"] = start_object_store(
+        folder / "seaweedfs", rec["s3_key"], rec["s3_secret"], old["ports"]
+    )
+    state.write_text(json.dumps(rec, indent=2))
+    return rec
 
 
 def _env(started: dict[str, Any], key: str, secret: str) -> dict[str, str]:
@@ -412,6 +433,9 @@ def use_dvc_remote(root: Path, rec: dict[str, Any], name: str = "store") -> str:
     url = "s3://dvc/store"
     dvc("remote", "add", "--force", "-d", name, url, cwd=root)
     dvc("remote", "modify", name, "endpointurl", rec["services"]["object_store"]["endpoint"], cwd=root)
+    # a store that stops answering fails a request in seconds, not botocore's 60 s per attempt
+    dvc("remote", "modify", name, "connect_timeout", "5", cwd=root)
+    dvc("remote", "modify", name, "read_timeout", "30", cwd=root)
     dvc("remote", "modify", "--local", name, "access_key_id", rec["s3_key"], cwd=root)
     dvc("remote", "modify", "--local", name, "secret_access_key", rec["s3_secret"], cwd=root)
     return url

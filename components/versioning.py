@@ -19,23 +19,41 @@ class DvcError(RuntimeError):
     """A dvc command failed; the message holds its output."""
 
 
-def dvc(*args: str, cwd: str | Path, echo: Callable[[str], None] | None = None, home: str | Path | None = None) -> str:
+def dvc(
+    *args: str,
+    cwd: str | Path,
+    echo: Callable[[str], None] | None = None,
+    home: str | Path | None = None,
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``dvc ARGS`` in ``cwd`` and return its output.
 
     Args:
         echo: called with each output line as it arrives (a stage's progress), stdout and stderr merged.
         home: the state home handed to the stages' ``drspot`` commands (``$DRSPOT_HOME``), decided by the caller.
+        timeout_s: stop dvc (and what it started) after this long (without ``echo`` only).
+        env: variables set for dvc on top of this process's.
 
     Raises:
-        DvcError: dvc exited non-zero (its stderr is in the message).
+        DvcError: dvc exited non-zero (its stderr is in the message), or ran past ``timeout_s``.
     """
     cmd = [sys.executable, "-m", "dvc", *args]
-    env = os.environ.copy()
+    env = {**os.environ, **(env or {})}
     if home is not None:
         env["DRSPOT_HOME"] = str(home)
     if echo is None:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_tree(p)
+            p.communicate()
+            raise DvcError(f"`dvc {' '.join(args)}` did not finish within {timeout_s:g} s in {cwd}: stopped") from None
+        except BaseException:
+            _stop_tree(p)
+            raise
+        rc = p.returncode
     else:
         lines: list[str] = []
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -97,9 +115,56 @@ def add(target: str | Path, cwd: str | Path) -> str:
     return version
 
 
-def push(cwd: str | Path, remote: str | None = None) -> str:
-    """``dvc push`` to the default (or named) remote; returns dvc's output."""
-    return dvc("push", *(["-r", remote] if remote else []), cwd=cwd)
+# what a remote's error says, and what DrSpot tells the user instead
+_REFUSED = ("(403)", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied")
+_SILENT = ("read timeout", "connect timeout", "could not connect", "connection refused", "timed out", "reset by peer")
+
+
+def remote_url(cwd: str | Path, name: str) -> tuple[str, str | None]:
+    """(url, S3 endpoint or None) of the DVC remote ``name``."""
+    url = dvc("remote", "list", cwd=cwd)
+    found = dict(line.split(None, 1) for line in url.splitlines() if line.strip())
+    try:
+        endpoint = dvc("config", f"remote.{name}.endpointurl", cwd=cwd).strip() or None
+    except DvcError:
+        endpoint = None
+    return found.get(name, "?").split()[0], endpoint
+
+
+def push(cwd: str | Path, remote: str | None = None, timeout_s: float | None = None) -> str:
+    """``dvc push`` to the default (or named) remote within ``timeout_s``; returns dvc's output.
+
+    An S3 request is tried twice (``AWS_MAX_ATTEMPTS=2``, unless set), so a remote that does not answer fails within
+    about ``2 x`` the remote's ``connect_timeout``/``read_timeout`` per request, and the whole push within
+    ``timeout_s``. The error names the remote, its address and the settings to check: credentials refused, or no
+    answer. A push is idempotent (content-addressed): running it again uploads only what is missing.
+
+    Raises:
+        DvcError: the push failed or ran past ``timeout_s``.
+    """
+    name = remote or default_remote(cwd) or "?"
+    env = {"AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS", "2")}
+    try:
+        return dvc("push", *(["-r", remote] if remote else []), cwd=cwd, timeout_s=timeout_s, env=env)
+    except DvcError as e:
+        text = str(e).lower()
+        try:
+            url, endpoint = remote_url(cwd, name)
+        except DvcError:
+            url, endpoint = "?", None
+        where = f"the DVC remote '{name}' ({url}{f' at {endpoint}' if endpoint else ''})"
+        if any(w in text for w in _REFUSED):
+            raise DvcError(
+                f"{where} refused the credentials (403): set them with `dvc remote modify --local {name} "
+                f"access_key_id ...` / `secret_access_key ...` or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. "
+                f"Nothing was pushed that a rerun would duplicate.\n{e}"
+            ) from None
+        if any(w in text for w in _SILENT) or "did not finish within" in text:
+            raise DvcError(
+                f"{where} did not answer (connection refused or timed out): is the object store running "
+                f"(drspot stack status)? The files pushed so far stay; a rerun uploads only the rest.\n{e}"
+            ) from None
+        raise
 
 
 def default_remote(cwd: str | Path) -> str | None:

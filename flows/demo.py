@@ -159,7 +159,7 @@ def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str
 
     steps.start("version the dataset with DVC (dvc add + push to the default remote)")
     version = versioning.add(data.relative_to(root), cwd=root)
-    versioning.push(root)
+    versioning.push(root, timeout_s=cfg.flows.timeout_s.push)
     steps.done(f"data.dvc md5 {version}")
 
     steps.start("data gate: the `prepare` flow runs the DVC stages validate -> dedup -> split")

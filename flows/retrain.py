@@ -146,13 +146,13 @@ def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Conf
 
 
 @task(name="version-data", **DECLARED)
-def version_data(root: str, data: str) -> dict[str, Any]:
+def version_data(root: str, data: str, push_timeout_s: float | None = None) -> dict[str, Any]:
     from components import versioning
 
     version = versioning.add(Path(data).resolve().relative_to(Path(root).resolve()), cwd=root)
     remote = versioning.default_remote(root)
     if remote:
-        versioning.push(root)
+        versioning.push(root, timeout_s=push_timeout_s)
     return {"data_version": version, "pushed_to": remote}
 
 
@@ -262,7 +262,8 @@ def retrain_flow(
             if (root_path / "data.dvc").is_file():
                 if journal.done("version") is None:
                     journal.start("version")
-                    journal.finish("version", bound(version_data, cfg, "data")(str(root_path), str(data)))
+                    versioned = bound(version_data, cfg, "data")(str(root_path), str(data), cfg.flows.timeout_s.push)
+                    journal.finish("version", versioned)
                 summary |= journal.done("version")
             journal.start("train")  # register and promote are checkpoints inside it
             trained = train_flow(dataset=str(data), cfg=cfg)

@@ -8,8 +8,10 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,87 @@ def test_dvc_pushes_to_the_object_store_and_a_second_clone_pulls(stack_home, tmp
     for i in range(5):
         assert (clone / "data" / f"img{i}.bin").read_bytes() == (repo / "data" / f"img{i}.bin").read_bytes()
     assert "in sync" in dvc("status", "--cloud", "data.dvc", cwd=clone)
+
+
+def _dvc_repo(path: Path, rec: dict, files: int, size: int) -> Path:
+    from components.stack import use_dvc_remote
+    from components.versioning import dvc
+
+    (path / "data").mkdir(parents=True)
+    for i in range(files):
+        (path / "data" / f"img{i}.bin").write_bytes(os.urandom(size))
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    dvc("init", "-q", cwd=path)
+    use_dvc_remote(path, rec)
+    dvc("add", "data", cwd=path)
+    return path
+
+
+def _objects(rec: dict, prefix: str) -> list[str]:
+    from components.stack import s3_client
+
+    s3 = s3_client(rec["services"]["object_store"]["endpoint"], rec["s3_key"], rec["s3_secret"])
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc", Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def test_wrong_s3_credentials_are_named_and_nothing_is_pushed(stack_home, tmp_path):
+    from components.versioning import DvcError, data_version, dvc, push
+
+    _, _, rec, _ = stack_home
+    repo = _dvc_repo(tmp_path / "p", rec, 3, 1000)
+    dvc("remote", "modify", "--local", "store", "secret_access_key", "not-the-secret", cwd=repo)
+    start = time.monotonic()
+    with pytest.raises(DvcError) as e:
+        push(repo, timeout_s=120)
+    endpoint = rec["services"]["object_store"]["endpoint"]
+    assert f"the DVC remote 'store' (s3://dvc/store at {endpoint}) refused the credentials (403)" in str(e.value)
+    assert "dvc remote modify --local store" in str(e.value) and time.monotonic() - start < 60
+    md5 = data_version(repo / "data.dvc")  # nothing of this version reached the bucket
+    assert not _objects(rec, f"store/files/md5/{md5[:2]}/{md5[2:]}")
+
+
+def test_an_object_store_stopped_during_a_push_fails_clearly_and_a_rerun_completes(stack_home, tmp_path):
+    """SIGKILL the object store while `dvc push` uploads: a clear error within the bound; `drspot stack up` starts
+    the store again where it was; the rerun uploads the rest and the bucket holds each file once."""
+    import threading
+
+    from components.versioning import DvcError, dvc, push
+
+    home, env, rec, _ = stack_home
+    repo = _dvc_repo(tmp_path / "p", rec, 300, 400_000)  # 120 MB: a push of several seconds
+    failure: dict = {}
+
+    def run() -> None:
+        try:
+            push(repo, timeout_s=120)
+        except DvcError as e:
+            failure["error"] = str(e)
+        failure["took"] = time.monotonic() - start
+
+    start = time.monotonic()
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not _objects(rec, "store/files/md5/") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(rec["services"]["object_store"]["pid"], signal.SIGKILL)  # by process id, mid-push
+    t.join(timeout=180)
+    assert not t.is_alive() and failure["took"] < 130, failure
+    endpoint = rec["services"]["object_store"]["endpoint"]
+    assert f"the DVC remote 'store' (s3://dvc/store at {endpoint}) did not answer" in failure.get("error", ""), failure
+
+    again = subprocess.run([DRSPOT, "stack", "up"], env=env, capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0 and endpoint in again.stdout, again.stdout + again.stderr
+    rec.update(json.loads((home / ".drspot" / "stack" / "stack.json").read_text()))  # the store's new pid
+    out = push(repo, timeout_s=300)
+    assert "in sync" in dvc("status", "--cloud", "data.dvc", cwd=repo)
+    pushed_now = int(out.split(" file")[0].split()[-1]) if "pushed" in out else 0
+    assert 0 < pushed_now < 301, out  # only what the first push had not uploaded
+    keys = [k for k in _objects(rec, "store/files/md5/") if not k.endswith(".dir")]
+    assert len(keys) == len(set(keys)) == 300  # each file once
 
 
 def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
