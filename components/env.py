@@ -25,6 +25,10 @@ FIXED: dict[str, str] = {
     # warning per line that the API could not take it
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "DO_NOT_TRACK": "1",
+    # a tracking server that does not answer fails a call in seconds (MLflow's default: 7 retries, backoff 2: minutes)
+    # the flows' own retry policy (flows/policy.py) decides whether the step is tried again
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "HF_HUB_OFFLINE": "1",  # timm would ask the Hugging Face hub for pretrained weights
     "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning"),
 }
@@ -110,6 +114,20 @@ _HOMES = {
     "YOLO_CONFIG_DIR": "ultralytics",
     "MPLCONFIGDIR": "matplotlib",
 }
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """A sentence naming the setting behind ``exc`` when it says a configured server did not answer (the MLflow
+    tracking server, the Prefect API), else None."""
+    text = str(exc)
+    refused = ("Failed to establish a new connection", "Max retries exceeded", "Connection refused", "timed out")
+    if type(exc).__name__ == "MlflowException" and any(t in text for t in refused):
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "(unset)")
+        return f"the MLflow tracking server of MLFLOW_TRACKING_URI={uri} did not answer; is it running? ({text[:300]})"
+    if "Failed to reach API at" in text:
+        url = os.environ.get("PREFECT_API_URL", "(unset)")
+        return f"the Prefect server of PREFECT_API_URL={url} did not answer; is it running? ({text[:300]})"
+    return None
 
 
 def homes() -> dict[str, str]:

@@ -703,7 +703,7 @@ USES_LOG = {"serve", "monitor", "retrain", "demo", "import-logs"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.env import check_home, close_prefect
+    from components.env import check_home, close_prefect, unreachable
 
     args = build_parser().parse_args(argv)
     try:
@@ -716,7 +716,12 @@ def main(argv: list[str] | None = None) -> int:
             check_log(args.cfg)
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError, ConnectionError) as e:
-        print(f"drspot {args.command}: error: {e}", file=sys.stderr)
+        print(f"drspot {args.command}: error: {unreachable(e) or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a library's error: a server that did not answer is the user's setting, said so
+        if unreachable(e) is None:
+            raise
+        print(f"drspot {args.command}: error: {unreachable(e)}", file=sys.stderr)
         return 2
     finally:
         close_prefect()  # while stdout is open: the command ends on its own last line

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from components.env import FIXED, homes
 from tests.conftest import ROOT, shell_env
 
@@ -76,3 +78,27 @@ def test_ultralytics_does_not_hijack_pillow_for_unreadable_files(tmp_path):
         Image.open(bad)
     with pytest.raises(ValueError, match="not a recognisable image file"):
         probe_image(bad)
+
+
+@pytest.mark.parametrize(
+    "setting, value, named",
+    [
+        (
+            "MLFLOW_TRACKING_URI",
+            "http://127.0.0.1:9",
+            "the MLflow tracking server of MLFLOW_TRACKING_URI=http://127.0.0.1:9",
+        ),
+        ("PREFECT_API_URL", "http://127.0.0.1:9/api", "the Prefect server of PREFECT_API_URL=http://127.0.0.1:9/api"),
+    ],
+)
+def test_a_server_that_does_not_answer_is_named_by_its_setting(tmp_path, drspot_cli, setting, value, named):
+    """A command pointed at a server that is not there fails in bounded time with the setting, not a traceback."""
+    import time
+
+
+    start = time.monotonic()
+    r = drspot_cli("monitor", env=shell_env(DRSPOT_HOME=str(tmp_path), **{setting: value}))
+    assert r.returncode == 2 and f"drspot monitor: error: {named} did not answer" in r.stderr, r.stderr[-2000:]
+    # the command's last word is that sentence (Prefect may log the failed task's traceback before it)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"drspot monitor: error: {named}")
+    assert time.monotonic() - start < 90
