@@ -250,6 +250,98 @@ def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
     assert rec["env"]["MLFLOW_TRACKING_URI"] in worker_log  # the monitor's run went to the stack's MLflow server
 
 
+def _run_retrain(env: dict) -> dict:
+    """Run the `retrain/nightly` deployment on the stack's worker (no Bento build); its flow run's state."""
+    code = (
+        "import json\n"
+        "from prefect.deployments import run_deployment\n"
+        "fr = run_deployment('retrain/nightly', parameters={'deploy': False}, timeout=900)\n"
+        "print(json.dumps([fr.state_type.value, fr.work_pool_name, fr.state.message or '']))\n"
+    )
+    state, pool, message = json.loads(_python(code, env, 1000).strip().splitlines()[-1])
+    return {"state": state, "pool": pool, "message": message}
+
+
+def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source):
+    """Confirmed cases in the PostgreSQL log -> a worker runs `retrain`: the new data version goes to the S3 remote,
+    the model to the MLflow server's registry with its artifacts in the object store. The object store killed
+    before the run: the run fails at the push, saying which remote did not answer; after `drspot stack up` the
+    same deployment completes from where it stopped, with no case ingested twice and one registered version."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from components.ingest import ingest
+    from components.stack import s3_client, use_dvc_remote
+    from components.synthetic import Spec, generate
+    from components.versioning import data_version, dvc
+    from serving.store import PredictionLog
+    from tests.conftest import ROOT
+    from tests.test_flywheel import _serve
+
+    home, _, rec, _ = stack_home
+    env = shell_env(DRSPOT_HOME=str(home), DRSPOT_PROFILE="test", **rec["env"])
+    # the stack's home is the project: git + DVC, the pipeline, the data, the S3 remote
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, home / name)
+    shutil.copytree(ROOT / "components", home / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(home)], check=True)
+    dvc("init", "-q", cwd=home)
+    ingest("synthetic", synthetic_source, home / "data", cfg)
+    dvc("add", "data", cwd=home)
+    use_dvc_remote(home, rec)
+    before = data_version(home / "data.dvc")
+
+    # what the service writes: predictions and confirmations in the stack's PostgreSQL, images in the state home
+    new_src = home.parent / f"{home.name}-clinic"
+    faults = dict.fromkeys(("exact_duplicates", "near_duplicates", "corrupt", "unknown_labels", "tiny"), 0)
+    generate(
+        new_src,
+        Spec.from_config(cfg, seed=99, n_lesions=7, images_per_lesion=(1, 1), min_lesions_per_class=1, **faults),
+    )
+    log = PredictionLog(rec["env"]["DRSPOT_DATABASE_URL"], home / cfg.serving.images_dir)
+    with open(new_src / "labels.csv") as f:
+        cases = [(new_src / r["file"], r["label"]) for r in csv.DictReader(f)]
+    for path, label in cases:
+        log.add_feedback(_serve(log, path.read_bytes()), label, "dr.stack")
+    shutil.rmtree(new_src)
+
+    os.killpg(rec["services"]["object_store"]["pid"], signal.SIGKILL)  # the store is gone when the push comes
+    first = _run_retrain(env)
+    assert first["state"] == "FAILED" and first["pool"] == "drspot", first
+    worker_log = Path(rec["services"]["worker"]["log"]).read_text()
+    endpoint = rec["services"]["object_store"]["endpoint"]
+    assert f"the DVC remote 'store' (s3://dvc/store at {endpoint}) did not answer" in worker_log
+
+    up = subprocess.run([DRSPOT, "stack", "up"], env=env, capture_output=True, text=True, timeout=200)
+    assert up.returncode == 0, up.stdout + up.stderr
+    rec.update(json.loads((home / ".drspot" / "stack" / "stack.json").read_text()))
+    second = _run_retrain(env)
+    assert second["state"] == "COMPLETED" and second["pool"] == "drspot", second
+
+    # the data: each confirmed case once, a new version, in sync with the S3 remote
+    manifest = pq.read_table(home / "data" / "manifest.parquet", columns=["source"]).to_pylist()
+    assert sum(r["source"] == "feedback" for r in manifest) == len(cases)
+    after = data_version(home / "data.dvc")
+    assert after not in (None, before) and "in sync" in dvc("status", "--cloud", "data.dvc", cwd=home)
+    # the model: one version in the MLflow server's registry, its artifacts in the object store's bucket
+    code = (
+        "import json, mlflow\n"
+        "c = mlflow.MlflowClient()\n"
+        "vs = c.search_model_versions(\"name='drspot-classifier'\")\n"
+        "print(json.dumps([[v.version, v.run_id, v.tags.get('data_version')] for v in vs]))\n"
+    )
+    versions = json.loads(_python(code, env, 120).strip().splitlines()[-1])
+    assert len(versions) == 1 and versions[0][0] == "1" and versions[0][2] == after, versions
+    s3 = s3_client(rec["services"]["object_store"]["endpoint"], rec["s3_key"], rec["s3_secret"])
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+        for o in page.get("Contents", [])
+    ]
+    assert any(versions[0][1] in k for k in keys), keys[:20]
+
+
 def test_runuser_is_found_without_sbin_on_the_path(monkeypatch):
     """A user's PATH often lacks /usr/sbin, where runuser lives (`drspot stack up` as root failed with ENOENT)."""
     from components.stack import _runuser
