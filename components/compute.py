@@ -147,14 +147,16 @@ def _on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: C
         )
     chunk_task = task(run_chunk, name=f"{fn.__name__}-chunk", retries=0)
 
-    @flow(name="data-steps-on-dask", task_runner=runner, log_prints=False, validate_parameters=False)
-    def mapped(parts: list[list[Any]]) -> list[list[Any]]:
+    # the chunks are not the flow's parameters: Prefect records those on the server, and refuses more than 512 kB
+    # (10^4 image paths and hashes are 1.4 MB); each task's inputs travel to its worker through Dask only
+    @flow(name="data-steps-on-dask", task_runner=runner, log_prints=False)
+    def mapped() -> list[list[Any]]:
         futures = [chunk_task.submit(fn, part) for part in parts]
         return [f.result() for f in futures]
 
     try:
         with _prefect_api():
-            results = mapped(parts)
+            results = mapped()
     except ComputeError:
         raise
     except OSError as e:  # the scheduler went away or refused the connection

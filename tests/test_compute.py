@@ -106,6 +106,15 @@ def test_the_data_gate_on_dask_writes_the_same_bytes_in_chunks(
     assert rows > 50
 
 
+def test_ten_thousand_jobs_go_to_the_cluster_in_chunks(dask_cluster, cfg, monkeypatch):
+    """Inputs far above what Prefect accepts as a flow's parameters (512 kB): 10^4 jobs of 200 characters."""
+    monkeypatch.setenv(compute.ADDRESS_ENV, dask_cluster)
+    jobs = [f"{i:06d}" + "x" * 194 for i in range(10_000)]
+    before = _tasks_seen(dask_cluster)
+    assert compute.map_chunks(len, jobs, cfg) == [200] * 10_000
+    assert _tasks_seen(dask_cluster)["run_chunk"] - before.get("run_chunk", 0) == 10_000 // cfg.compute.chunk_size
+
+
 def _decodes(path: Path) -> bool:
     from components.images import ImageError, decode
 

@@ -95,7 +95,6 @@ def test_a_server_that_does_not_answer_is_named_by_its_setting(tmp_path, drspot_
     """A command pointed at a server that is not there fails in bounded time with the setting, not a traceback."""
     import time
 
-
     start = time.monotonic()
     r = drspot_cli("monitor", env=shell_env(DRSPOT_HOME=str(tmp_path), **{setting: value}))
     assert r.returncode == 2 and f"drspot monitor: error: {named} did not answer" in r.stderr, r.stderr[-2000:]
