@@ -99,8 +99,42 @@ def chunks(jobs: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
 
 
+_MALLOC_TUNED = False
+
+
+def _heap_for_images() -> None:
+    """Undo, for this worker process, what Dask's nanny does to glibc's allocator. It starts workers with
+    ``MALLOC_TRIM_THRESHOLD_=65536`` (to give memory back to the OS), and setting that variable also switches off
+    glibc's adaptive mmap threshold: every decoded photo and float array (~2 MB) is then a fresh ``mmap`` and its
+    pages are faulted in again, which made the image checks 1.7x slower on a worker than in a plain process
+    (measured: 300 photos 6.8 s vs 4.0 s; 4.1 s with ``--no-nanny``). Arrays up to 32 MB come from the heap again,
+    and the heap is trimmed above 64 MB of free memory instead of 64 kB."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        libc.mallopt(m_trim_threshold, 64 * 2**20)
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        pass
+
+
+def _one_thread() -> None:
+    """Each process of the local pool uses one BLAS/OpenMP thread: the pool already has one process per core, and
+    per-image arrays are too small for threads to pay (Dask's nanny sets the same for its workers)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 def run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     """One chunk's work, in whichever process or Dask worker runs it."""
+    _heap_for_images()
     return [fn(job) for job in chunk]
 
 
@@ -108,7 +142,7 @@ def _processes(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, min_
     if workers <= 1 or len(jobs) < min_jobs:
         return [fn(j) for j in jobs]
     # spawn, not fork: the caller may be a threaded Prefect worker
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
         return list(pool.map(fn, jobs, chunksize=max(8, len(jobs) // (workers * 8))))
 
 
