@@ -18,13 +18,17 @@ computed. A scheduler that does not answer within ``compute.connect_timeout_s`` 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -103,14 +107,13 @@ _MALLOC_TUNED = False
 
 
 def _heap_for_images() -> None:
-    """Undo, for this worker process, what Dask's nanny does to glibc's allocator. It starts workers with
-    ``MALLOC_TRIM_THRESHOLD_=65536`` (to give memory back to the OS), and setting that variable also switches off
-    glibc's adaptive mmap threshold: every decoded photo and float array (~2 MB) is then a fresh ``mmap`` and its
-    pages are faulted in again, which made the image checks 1.7x slower on a worker than in a plain process
-    (measured: 300 photos 6.8 s vs 4.0 s; 4.1 s with ``--no-nanny``). Arrays up to 32 MB come from the heap again,
-    and the heap is trimmed above 64 MB of free memory instead of 64 kB."""
+    """Keep image-sized arrays on the heap in a process doing per-image work. glibc serves an allocation above its
+    mmap threshold with a fresh ``mmap`` whose pages are faulted in again each time; the threshold adapts upwards
+    by itself, unless ``MALLOC_TRIM_THRESHOLD_`` is set, which Dask's nanny does for every worker (to give memory
+    back to the OS). Measured on 300 photos of 600x450: a nanny's worker 6.8 s, a plain process 4.0 s, either with
+    a 32 MB mmap threshold and a 64 MB trim threshold 2.5 s. Set once per process; results are unchanged."""
     global _MALLOC_TUNED
-    if _MALLOC_TUNED or not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+    if _MALLOC_TUNED:
         return
     _MALLOC_TUNED = True
     try:
@@ -120,16 +123,18 @@ def _heap_for_images() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 32 * 2**20)
         libc.mallopt(m_trim_threshold, 64 * 2**20)
-    except (OSError, AttributeError):  # not glibc: nothing to undo
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
-def _one_thread() -> None:
-    """Each process of the local pool uses one BLAS/OpenMP thread: the pool already has one process per core, and
-    per-image arrays are too small for threads to pay (Dask's nanny sets the same for its workers)."""
+def _pool_process() -> None:
+    """Each process of the local pool: one BLAS/OpenMP thread (the pool already has one process per core, and
+    per-image arrays are too small for threads to pay; Dask's nanny sets the same for its workers), and
+    :func:`_heap_for_images`."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
+    _heap_for_images()
 
 
 def run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
@@ -142,7 +147,7 @@ def _processes(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, min_
     if workers <= 1 or len(jobs) < min_jobs:
         return [fn(j) for j in jobs]
     # spawn, not fork: the caller may be a threaded Prefect worker
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_pool_process) as pool:
         return list(pool.map(fn, jobs, chunksize=max(8, len(jobs) // (workers * 8))))
 
 
@@ -214,3 +219,55 @@ def map_chunks(
         return _processes(fn, jobs, workers, min_jobs)
     check_reachable(t, cfg.compute.connect_timeout_s)
     return _on_dask(fn, chunks(jobs, cfg.compute.chunk_size), t, cfg, workers)
+
+
+class ExternalCluster:
+    """A Dask cluster as a user runs one: a ``dask scheduler`` process and a ``dask worker`` process with ``workers``
+    single-threaded worker processes, on loopback, each its own process group, stopped by process id on exit.
+    What the tests and ``bench/scale.py`` run; ``address`` is what ``DRSPOT_DASK_ADDRESS`` takes."""
+
+    def __init__(self, workers: int, logs: Path, timeout_s: float = 120) -> None:
+        self.workers, self.logs, self.timeout_s = workers, Path(logs), timeout_s
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def __enter__(self) -> ExternalCluster:
+        from distributed import Client
+
+        from serving.launch import free_port
+
+        dask = str(Path(sys.executable).parent / "dask")
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        kw: dict[str, Any] = {"start_new_session": True, "stderr": subprocess.STDOUT}
+        try:
+            sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"]
+            self.procs.append(subprocess.Popen(sched, stdout=open(self.logs / "scheduler.log", "w"), **kw))
+            check_reachable(Target("dask", self.address, "the test cluster"), 30)
+            work = [dask, "worker", self.address, "--nworkers", str(self.workers), "--nthreads", "1"]
+            work += ["--host", "127.0.0.1", "--dashboard-address", ":0"]
+            self.procs.append(subprocess.Popen(work, stdout=open(self.logs / "workers.log", "w"), **kw))
+            with Client(self.address, timeout="30s") as client:
+                client.wait_for_workers(self.workers, timeout=self.timeout_s)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"scheduler": self.procs[0].pid, "workers": self.procs[1].pid}
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in reversed(self.procs):  # the worker's nanny and its children are one process group
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +11,7 @@ import pytest
 
 from components import compute, gate
 from components.ingest import ingest
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.launch import free_port
 
 
 def _with_compute(cfg, **values):
@@ -33,35 +21,8 @@ def _with_compute(cfg, **values):
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory):
     """`dask scheduler` + `dask worker --nworkers 2`, each its own process group; yields the scheduler address."""
-    from distributed import Client
-
-    logs = tmp_path_factory.mktemp("dask")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
-    common = {"start_new_session": True, "cwd": logs, "stderr": subprocess.STDOUT}
-    sched = ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"]
-    procs.append(subprocess.Popen([BIN / "dask", *sched], stdout=open(logs / "scheduler.log", "w"), **common))
-    try:
-        compute.check_reachable(compute.Target("dask", address, "test"), 30)
-        workers = ["worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"]
-        workers += ["--dashboard-address", ":0"]
-        procs.append(subprocess.Popen([BIN / "dask", *workers], stdout=open(logs / "workers.log", "w"), **common))
-        with Client(address, timeout="20s") as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for p in reversed(procs):  # by process id: the worker's nanny and its children are one group
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    with compute.ExternalCluster(2, tmp_path_factory.mktemp("dask")) as cluster:
+        yield cluster.address
 
 
 def _tasks_seen(address: str) -> dict[str, int]:
@@ -156,7 +117,7 @@ def test_a_scheduler_that_does_not_answer_fails_fast_naming_the_setting(tmp_path
 
     ds = tmp_path / "ds"
     ingest("synthetic", synthetic_source, ds, cfg)
-    dead = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv(compute.ADDRESS_ENV, dead)
     start = time.monotonic()
     with pytest.raises(compute.ComputeError, match=f"DRSPOT_DASK_ADDRESS={dead}.* did not answer within 2 s"):
@@ -177,7 +138,7 @@ def test_the_cli_says_which_setting_points_at_a_dead_scheduler(tmp_path, drspot_
 
     ds = tmp_path / "ds"
     ingest("synthetic", synthetic_source, ds, cfg)
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     env = shell_env(
         DRSPOT_HOME=str(tmp_path / "home"), DRSPOT_DASK_ADDRESS=dead, DRSPOT_SET="compute.connect_timeout_s=2"
     )
