@@ -294,6 +294,10 @@ def main() -> None:
         "data": [],
         "dvc": [],
     }
+    if args.out.is_file():  # the figures of sizes not run now stay (e.g. 10^4 kept while 10^5 is re-run)
+        before = json.loads(args.out.read_text())
+        for part in ("gate", "data", "dvc"):
+            result[part] = [r for r in before.get(part, []) if r["images"] not in args.sizes]
     try:
         for n in args.sizes:
             ds = work / f"ds-{n}"
@@ -318,7 +322,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     per = {(r["images"], r["config"]): r for r in result["gate"]}
-    both = [n for n in args.sizes if (n, "dask1") in per and (n, "dask2") in per]
+    both = sorted({n for n, _ in per if (n, "dask1") in per and (n, "dask2") in per})
     if both:
         n = max(both)
         result["dask_2_vs_1_workers"] = round(per[(n, "dask1")]["per_image_s"] / per[(n, "dask2")]["per_image_s"], 3)

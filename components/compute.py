@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -151,58 +150,6 @@ def _processes(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, min_
         return list(pool.map(fn, jobs, chunksize=max(8, len(jobs) // (workers * 8))))
 
 
-@contextmanager
-def _prefect_api():
-    """A Prefect API for the tasks on the Dask workers. Without one in force (no ``PREFECT_API_URL``), every worker
-    process would start its own temporary server on a SQLite file (STACK.md: 4x slower, 'database is locked'); the
-    settings of the submitting process travel with each task, so pointing them at this process's temporary server
-    makes the workers report there."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the same temporary server this process's flows use (one per process)
-    server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield
-
-
-def _on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Config, workers: int) -> list[Any]:
-    from prefect import flow, task
-    from prefect_dask import DaskTaskRunner
-
-    timeout = cfg.compute.connect_timeout_s
-    client_kwargs = {"timeout": f"{timeout}s"}
-    if t.kind == "dask":
-        runner = DaskTaskRunner(address=t.address, client_kwargs=client_kwargs)
-    else:
-        n = cfg.compute.local_workers or workers or os.cpu_count() or 1
-        runner = DaskTaskRunner(
-            cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "dashboard_address": ":0", "processes": True},
-            client_kwargs=client_kwargs,
-        )
-    chunk_task = task(run_chunk, name=f"{fn.__name__}-chunk", retries=0)
-
-    # the chunks are not the flow's parameters: Prefect records those on the server, and refuses more than 512 kB
-    # (10^4 image paths and hashes are 1.4 MB); each task's inputs travel to its worker through Dask only
-    @flow(name="data-steps-on-dask", task_runner=runner, log_prints=False)
-    def mapped() -> list[list[Any]]:
-        futures = [chunk_task.submit(fn, part) for part in parts]
-        return [f.result() for f in futures]
-
-    try:
-        with _prefect_api():
-            results = mapped()
-    except ComputeError:
-        raise
-    except OSError as e:  # the scheduler went away or refused the connection
-        raise ComputeError(f"{t.describe()} failed: {e}") from e
-    return [r for part in results for r in part]
-
-
 def map_chunks(
     fn: Callable[[Any], Any], jobs: Sequence[Any], cfg: Config, workers: int | None = None, min_jobs: int = 64
 ) -> list[Any]:
@@ -218,7 +165,9 @@ def map_chunks(
     if t.kind == "processes":
         return _processes(fn, jobs, workers, min_jobs)
     check_reachable(t, cfg.compute.connect_timeout_s)
-    return _on_dask(fn, chunks(jobs, cfg.compute.chunk_size), t, cfg, workers)
+    from components.dask_steps import on_dask
+
+    return on_dask(fn, chunks(jobs, cfg.compute.chunk_size), t, cfg, workers)
 
 
 class ExternalCluster:
