@@ -6,7 +6,8 @@ In one run, on the same images (the project's data/images, else freshly generate
 * raw: the in-process two-stage pipeline (decode + detector + classifier, no HTTP), one image at a
   time, on the deployed champions;
 * HTTP: ``drspot serve`` of the deployed Bento, multipart POST /predict at concurrency 1, 8 and 32,
-  with BentoML adaptive batching on and off (``serving.batching``).
+  with BentoML adaptive batching on and off (``serving.batching``), and batching on with 2 API worker processes
+  (``serving.workers``: each loads both models).
 Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratio and p99/p50, and writes
 bench/results/serving.json. ONNX Runtime is not offered by DrSpot, so that column is absent.
 """
@@ -116,17 +117,23 @@ async def load(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[st
     return {**stats(lat, wall), "errors": errors}
 
 
-def serve(batching: bool, tmp: Path):
+def serve(batching: bool, workers: int, tmp: Path):
+    """``drspot serve`` with ``serving.batching`` and ``serving.workers`` set in a copy of params.yaml."""
+    import re
+
     from serving.launch import Server
 
     params = (ROOT / "params.yaml").read_text().replace("    batching: true", f"    batching: {str(batching).lower()}")
-    (tmp / f"params-{batching}.yaml").write_text(params)
+    params, n = re.subn(r"(?m)^    workers: 1( +# API worker)", rf"    workers: {workers}\1", params)
+    assert n == 1, "serving.workers not found in params.yaml"
+    name = f"{batching}-{workers}"
+    (tmp / f"params-{name}.yaml").write_text(params)
     env = {
         **os.environ,
-        "DRSPOT_PARAMS": str(tmp / f"params-{batching}.yaml"),
-        "DRSPOT_DATABASE_URL": f"sqlite:///{tmp / f'log-{batching}.db'}",
+        "DRSPOT_PARAMS": str(tmp / f"params-{name}.yaml"),
+        "DRSPOT_DATABASE_URL": f"sqlite:///{tmp / f'log-{name}.db'}",
     }
-    return Server(env, tmp / f"serve-{batching}.log")
+    return Server(env, tmp / f"serve-{name}.log")
 
 
 def main() -> None:
@@ -139,12 +146,13 @@ def main() -> None:
     rows = [{"config": "raw in-process (batch 1)", "concurrency": 1, **raw(imgs, args.requests)}]
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for batching in (True, False):
-            server = serve(batching, Path(tmp))
+        for batching, workers in ((True, 1), (False, 1), (True, 2)):
+            server = serve(batching, workers, Path(tmp))
+            label = f"HTTP, batching {'on' if batching else 'off'}" + (f", {workers} workers" if workers > 1 else "")
             try:
                 for c in (1, 8, 32):
                     r = asyncio.run(load(server.url, imgs, args.requests, c))
-                    rows.append({"config": f"HTTP, batching {'on' if batching else 'off'}", "concurrency": c, **r})
+                    rows.append({"config": label, "workers": workers, "concurrency": c, **r})
                     print(rows[-1], flush=True)
             finally:
                 server.stop()
@@ -159,6 +167,8 @@ def main() -> None:
         "raw_rps": base,
         "http_c8_batching_on": at8["HTTP, batching on"],
         "http_c8_batching_off": at8["HTTP, batching off"],
+        "http_c8_workers_2": at8["HTTP, batching on, 2 workers"],
+        "workers_2_vs_1_at_c8": round(at8["HTTP, batching on, 2 workers"]["rps"] / at8["HTTP, batching on"]["rps"], 3),
         "best_at_concurrency_8": best["config"],
         "goal": {"throughput_vs_raw_at_c8": 0.8, "p99_over_p50": 2.5},
         "meets_goal": best["throughput_vs_raw"] >= 0.8 and best["p99_over_p50"] <= 2.5,
