@@ -5,9 +5,9 @@ near-duplicate verification and of the monitoring reference goes through :func:`
 decides once where it runs:
 
 * ``DRSPOT_DASK_ADDRESS`` (or ``compute.dask_address`` in params) names a running Dask scheduler
-  (``tcp://host:8786``): the work is submitted as Prefect tasks through prefect-dask's
-  ``DaskTaskRunner``, one task per chunk of ``compute.chunk_size`` images, so the scheduler holds
-  ``n / chunk_size`` tasks, never one per image. ``local`` starts a ``LocalCluster`` for the run.
+  (``tcp://host:8786``): one Prefect flow run on prefect-dask's ``DaskTaskRunner`` sends the work to the
+  cluster, one Dask task per chunk of ``compute.chunk_size`` images (``components/dask_steps.py``), so the
+  scheduler holds ``n / chunk_size`` tasks, never one per image. ``local`` starts a ``LocalCluster`` for the run.
 * otherwise a pool of local processes (``validate.workers``), as before.
 
 Results come back in the order of the jobs, so the outputs are byte-identical wherever they were
