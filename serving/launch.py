@@ -81,11 +81,32 @@ class Server:
         raise RuntimeError(f"drspot serve not ready in {timeout:g} s:\n{log.read_text()[-4000:]}")
 
     def stop(self) -> None:
+        """SIGTERM the service's process group and return once every process of it is gone (BentoML's API workers
+        can outlive the leader for a moment: a caller that checks right after must not see them); SIGKILL after
+        20 s."""
         import signal
+        import time
+
+        def group_alive() -> bool:  # a live (not zombie) process left in the service's group
+            import psutil
+
+            for p in psutil.process_iter(["status"]):
+                try:
+                    if os.getpgid(p.pid) == self.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                        return True
+                except (ProcessLookupError, psutil.Error):
+                    continue
+            return False
 
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        while group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
