@@ -1,5 +1,5 @@
-"""The Dask half of :func:`components.compute.map_chunks`: a Prefect flow whose tasks run on a Dask cluster through
-prefect-dask's ``DaskTaskRunner`` (imported only when a cluster is configured)."""
+"""The Dask half of :func:`components.compute.map_chunks`: one Prefect flow run on prefect-dask's ``DaskTaskRunner``
+that sends the chunks to the cluster as Dask tasks (imported only when a cluster is configured)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from prefect import flow
 from components.compute import ComputeError, Target, run_chunk
 from components.config import Config
 
-# the chunks of the runs in progress, by run key: the flow below reads them from here, so that neither its
+# (function, chunks) of the runs in progress, by run key: the flow below reads them from here, so that neither its
 # parameters (recorded by the Prefect server, which refuses more than 512 kB) nor the flow object (serialized into
 # the context Prefect sends with each task) carry them
-_PARTS: dict[str, list[list[Any]]] = {}
+_RUNS: dict[str, tuple[Callable[[Any], Any], list[list[Any]]]] = {}
 
 
 @flow(name="data-steps-on-dask", log_prints=False)
-def _mapped(key: str, fn_name: str) -> list[list[Any]]:
+def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run shows in Prefect
     """One flow run on the DaskTaskRunner's cluster; the chunks go to the workers as plain Dask tasks through the
     runner's own client (connected when first used). Not one Prefect task per chunk: prefect-dask serializes the
     flow run's context into every task it submits, which cost 0.2 s and ~2.5 MB of scheduler memory per task
@@ -28,14 +28,11 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:
     and grew the scheduler to 8 GB gating 10^5 photos."""
     from prefect.context import FlowRunContext
 
-    fn, parts = _FNS[key], _PARTS[key]
+    fn, parts = _RUNS[key]
     client = FlowRunContext.get().task_runner.client
     keys = [f"run_chunk-{key}-{i}" for i in range(len(parts))]
     futures = [client.submit(run_chunk, fn, part, pure=False, key=k) for part, k in zip(parts, keys, strict=True)]
     return client.gather(futures)
-
-
-_FNS: dict[str, Callable[[Any], Any]] = {}
 
 
 def on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Config, workers: int) -> list[Any]:
@@ -52,14 +49,11 @@ def on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Co
             client_kwargs=client_kwargs,
         )
     key = uuid.uuid4().hex
-    _PARTS[key], _FNS[key] = parts, fn
+    _RUNS[key] = (fn, parts)
     try:
         results = _mapped.with_options(task_runner=runner)(key, fn.__name__)
-    except ComputeError:
-        raise
     except OSError as e:  # the scheduler went away or refused the connection
         raise ComputeError(f"{t.describe()} failed: {e}") from e
     finally:
-        _PARTS.pop(key, None)
-        _FNS.pop(key, None)
+        _RUNS.pop(key, None)
     return [r for part in results for r in part]
