@@ -187,13 +187,20 @@ def run_gate(ds: Path, out: Path, cfg) -> dict:
 
     validate_module.map_chunks = timed_map
     try:
-        start = time.perf_counter()
-        for step in (gate.run_validate, gate.run_dedup, gate.run_split):
+        steps = {}
+        for name, step in (("validate", gate.run_validate), ("dedup", gate.run_dedup), ("split", gate.run_split)):
+            start = time.perf_counter()
             step(ds, out, cfg)
-        total = time.perf_counter() - start
+            steps[f"{name}_s"] = round(time.perf_counter() - start, 1)
     finally:
         validate_module.map_chunks = original
-    return {"gate_s": round(total, 1), "per_image_s": round(timed["per_image_s"], 1)}
+    report = json.loads((out / "dedup" / "dedup_report.json").read_text())
+    return {
+        "gate_s": round(sum(steps.values()), 1),
+        "per_image_s": round(timed["per_image_s"], 1),
+        **steps,
+        "near_candidates": report["near_candidates"],  # each verified by the crop correlation (in dedup_s)
+    }
 
 
 def bench_gate(ds: Path, n: int, config: str, work: Path, cfg, reference: Path | None) -> dict:
@@ -220,7 +227,8 @@ def bench_gate(ds: Path, n: int, config: str, work: Path, cfg, reference: Path |
         row["identical_to_local"] = all((out / o).read_bytes() == (reference / o).read_bytes() for o in OUTPUTS)
     print(
         f"{n:>7} {config:<6} gate {row['gate_s']:>7.1f} s  image checks {row['per_image_s']:>7.1f} s "
-        f"({row['images_per_s']:>6.1f} img/s)  peak MiB {json.dumps(peak.result())}"
+        f"({row['images_per_s']:>6.1f} img/s)  de-dup {row['dedup_s']} s ({row['near_candidates']:,} candidate pairs)"
+        f"  peak MiB {json.dumps(peak.result())}"
         + (f"  identical: {row['identical_to_local']}" if reference is not None else ""),
         flush=True,
     )
@@ -330,11 +338,15 @@ def main() -> None:
     if (100_000, "dask2") in per:
         result["gate_1e5_s"] = per[(100_000, "dask2")]["gate_s"]
     json.dump(result, open(args.out, "w"), indent=2)
-    print("\n| images | config | gate s | image checks s | img/s | peak driver MiB | scheduler | workers | identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| images | config | gate s | image checks s | img/s | de-dup s (candidate pairs) | peak driver MiB | "
+        "scheduler | workers | identical |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["gate"]:
         print(
             f"| {r['images']:,} | {r['config']} | {r['gate_s']} | {r['per_image_s']} | {r['images_per_s']} | "
+            f"{r.get('dedup_s', '-')} ({r.get('near_candidates', 0):,}) | "
             f"{r.get('peak_driver_mib')} | {r.get('peak_scheduler_mib', '-')} | {r.get('peak_each_worker_mib', '-')} | "
             f"{r.get('identical_to_local', '(reference)')} |"
         )

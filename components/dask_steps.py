@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 from prefect import flow
@@ -26,13 +27,31 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run
     flow run's context into every task it submits, which cost 0.2 s and ~2.5 MB of scheduler memory per task
     (200 trivial chunks: 42 s, scheduler 503 MB, workers 500 MB each; as plain Dask tasks: 3.3 s, 89 MB, 99 MB),
     and grew the scheduler to 8 GB gating 10^5 photos."""
+    from distributed import as_completed
     from prefect.context import FlowRunContext
 
     fn, parts = _RUNS[key]
     client = FlowRunContext.get().task_runner.client
-    keys = [f"run_chunk-{key}-{i}" for i in range(len(parts))]
-    futures = [client.submit(run_chunk, fn, part, pure=False, key=k) for part, k in zip(parts, keys, strict=True)]
-    return client.gather(futures)
+    # a bounded window of chunks in flight, not all of them at once: the scheduler holds each submitted chunk's
+    # data and each finished chunk's result until it is gathered, so its memory would grow with the data set
+    window = max(4, 2 * sum(client.nthreads().values()))
+    results: list[list[Any] | None] = [None] * len(parts)
+    pending = iter(enumerate(parts))
+    index: dict[str, int] = {}  # a future's key -> its chunk's place
+
+    def submit(i: int, part: list[Any]):
+        fut = client.submit(run_chunk, fn, part, pure=False, key=f"run_chunk-{key}-{i}")
+        index[fut.key] = i
+        return fut
+
+    running = as_completed([submit(i, part) for i, part in islice(pending, window)], loop=client.loop)
+    for fut in running:
+        results[index.pop(fut.key)] = fut.result()
+        fut.release()
+        nxt = next(pending, None)
+        if nxt is not None:
+            running.add(submit(*nxt))
+    return results  # type: ignore[return-value]
 
 
 def on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Config, workers: int) -> list[Any]:

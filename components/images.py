@@ -36,13 +36,16 @@ class Decoded:
     notes: list[str]
 
 
-def decode(source: str | Path | bytes, max_pixels: int | None = None) -> Decoded:
+def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: int = 0) -> Decoded:
     """Fully decode an image into 8-bit RGB.
 
     Args:
         source: a path or the file's bytes.
         max_pixels: refuse images with more pixels than this, *before* decoding them
             (decompression bombs); None for no limit.
+        min_side: for work that needs no more pixels: decode at the smallest of 1/2, 1/4, 1/8 of the size whose
+            shorter side is still at least this (a JPEG is scaled in its DCT while decoding, several times faster
+            than decoding it whole; other formats are reduced after); 0 for the full size.
 
     Raises:
         ImageError: with ``check`` one of ``unreadable``, ``too_many_pixels``, ``truncated``.
@@ -63,7 +66,11 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None) -> Decoded
             notes.append(f"animated ({im.n_frames} frames): first frame used")
         try:
             im.seek(0)
+            shrink = max((k for k in (1, 2, 4, 8) if min(w, h) // k >= min_side), default=1) if min_side else 1
+            if shrink > 1:
+                im.draft(None, (w // shrink, h // shrink))  # JPEG only; a no-op for others
             im.load()
+            scaled = im.size != (w, h)
         except Image.DecompressionBombError as e:
             raise ImageError("too_many_pixels", str(e)) from e
         except (OSError, SyntaxError, ValueError) as e:
@@ -74,6 +81,8 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None) -> Decoded
         except Exception:  # a broken EXIF block leaves the pixels usable
             notes.append("EXIF orientation unreadable: ignored")
         rgb = to_rgb(im, notes)
+    if shrink > 1 and not scaled:  # not a JPEG, or one its DCT did not scale
+        rgb = rgb.reduce(shrink)
     return Decoded(rgb=rgb, original_mode=mode, notes=notes)
 
 

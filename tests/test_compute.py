@@ -71,9 +71,42 @@ def test_ten_thousand_jobs_go_to_the_cluster_in_chunks(dask_cluster, cfg, monkey
     """Inputs far above what Prefect accepts as a flow's parameters (512 kB): 10^4 jobs of 200 characters."""
     monkeypatch.setenv(compute.ADDRESS_ENV, dask_cluster)
     jobs = [f"{i:06d}" + "x" * 194 for i in range(10_000)]
+    cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"chunk_size": 100})})
     before = _tasks_seen(dask_cluster)
-    assert compute.map_chunks(len, jobs, cfg) == [200] * 10_000
-    assert _tasks_seen(dask_cluster)["run_chunk"] - before.get("run_chunk", 0) == 10_000 // cfg.compute.chunk_size
+    with _MostHeld(dask_cluster) as held:
+        assert compute.map_chunks(len, jobs, cfg) == [200] * 10_000
+    assert _tasks_seen(dask_cluster)["run_chunk"] - before.get("run_chunk", 0) == 100
+    # the scheduler never held more than a window of chunks (2 per worker thread), not all 100: its memory does
+    # not grow with the data set
+    assert 0 < held.most <= 4, held.most
+
+
+class _MostHeld:
+    """The most chunk tasks the scheduler held at once (its state polled every 20 ms from a thread)."""
+
+    def __init__(self, address: str) -> None:
+        import threading
+
+        from distributed import Client
+
+        self.client, self.most, self.stop = Client(address, timeout="20s"), 0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        def held(dask_scheduler):
+            return sum(1 for k in dask_scheduler.tasks if str(k).startswith("run_chunk-"))
+
+        while not self.stop.wait(0.02):
+            self.most = max(self.most, self.client.run_on_scheduler(held))
+
+    def __enter__(self) -> _MostHeld:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.client.close()
 
 
 def _decodes(path: Path) -> bool:

@@ -253,6 +253,42 @@ def test_image_modes_are_converted_and_blank_images_quarantined(tmp_path, cfg):
     assert [(q["image_id"], q["check"]) for q in result.quarantine] == [("blank", "not_blank")]
 
 
+def test_verification_decodes_large_photos_smaller_and_correlates_as_at_full_size(tmp_path):
+    """The near-duplicate verification decodes a photo at the smallest of 1/2, 1/4, 1/8 whose shorter side stays
+    >= 200 px (JPEG: scaled in its DCT); its thumbnails correlate with the full-size ones, small images are whole."""
+    from components.dedup import VERIFY_MIN_SIDE
+    from components.images import decode, thumbnails
+
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((4000, 3000), Image.BICUBIC)
+    sizes = {}
+    for name, size, fmt in [
+        ("big.jpg", (4000, 3000), "JPEG"),
+        ("mid.jpg", (600, 450), "JPEG"),
+        ("mid.png", (600, 450), "PNG"),
+        ("ham.jpg", (200, 150), "JPEG"),
+        ("derma.png", (28, 28), "PNG"),
+    ]:
+        base.resize(size).save(tmp_path / name, format=fmt)
+        sizes[name] = decode(tmp_path / name, min_side=VERIFY_MIN_SIDE).rgb.size
+    assert sizes == {
+        "big.jpg": (500, 375),
+        "mid.jpg": (300, 225),
+        "mid.png": (300, 225),
+        "ham.jpg": (200, 150),
+        "derma.png": (28, 28),
+    }
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the shrunk decode is turned upright too
+    base.resize((600, 450)).save(rotated, exif=exif)
+    assert decode(rotated, min_side=VERIFY_MIN_SIDE).rgb.size == (225, 300)
+    for name in ("big.jpg", "mid.jpg"):
+        full = thumbnails(decode(tmp_path / name).rgb)
+        small = thumbnails(decode(tmp_path / name, min_side=VERIFY_MIN_SIDE).rgb)
+        assert float(np.diag(full @ small.T).min()) > 0.999
+
+
 def test_a_duplicate_group_with_two_labels_is_a_label_conflict(tmp_path, cfg):
     import shutil
 
