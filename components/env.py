@@ -29,6 +29,9 @@ FIXED: dict[str, str] = {
     # the flows' own retry policy (flows/policy.py) decides whether the step is tried again
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    # the same for a Prefect server (Prefect's default: 5 retries backing off 2, 4, ... 32 s, a minute per call;
+    # a server lost mid-run held `drspot train` 5 minutes before it ended in a traceback)
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
     "HF_HUB_OFFLINE": "1",  # timm would ask the Hugging Face hub for pretrained weights
     "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning"),
 }
@@ -127,7 +130,28 @@ def unreachable(exc: BaseException) -> str | None:
     if "Failed to reach API at" in text:
         url = os.environ.get("PREFECT_API_URL", "(unset)")
         return f"the Prefect server of PREFECT_API_URL={url} did not answer; is it running? ({text[:300]})"
+    if prefect_lost(exc):
+        url = os.environ.get("PREFECT_API_URL", "(unset)")
+        return (
+            f"the Prefect server of PREFECT_API_URL={url} stopped answering during the run "
+            f"({type(exc).__name__}: {text[:200]}); the steps that finished before keep their outputs "
+            "(drspot status); run the command again once the server is back"
+        )
     return None
+
+
+def prefect_lost(exc: BaseException) -> bool:
+    """``exc`` is a connection failure of Prefect's API client (a server that was there and went away)."""
+    if type(exc).__module__.split(".")[0] not in ("httpx", "httpcore"):
+        return False
+    if not any(t in type(exc).__name__ for t in ("Connect", "Timeout", "RemoteProtocol", "ReadError")):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("prefect.client"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def homes() -> dict[str, str]:

@@ -703,7 +703,7 @@ USES_LOG = {"serve", "monitor", "retrain", "demo", "import-logs"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.env import check_home, close_prefect, unreachable
+    from components.env import check_home, close_prefect, prefect_lost, unreachable
 
     args = build_parser().parse_args(argv)
     try:
@@ -722,6 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         if unreachable(e) is None:
             raise
         print(f"drspot {args.command}: error: {unreachable(e)}", file=sys.stderr)
+        if prefect_lost(e):
+            # Prefect's log and event workers would go on retrying the lost server for every line and event still
+            # queued (minutes) before the interpreter may exit: they cannot be delivered, so the command ends now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     finally:
         close_prefect()  # while stdout is open: the command ends on its own last line

@@ -101,3 +101,57 @@ def test_a_server_that_does_not_answer_is_named_by_its_setting(tmp_path, drspot_
     # the command's last word is that sentence (Prefect may log the failed task's traceback before it)
     assert r.stderr.strip().splitlines()[-1].startswith(f"drspot monitor: error: {named}")
     assert time.monotonic() - start < 90
+
+
+@pytest.mark.slow
+def test_a_prefect_server_lost_mid_run_is_named_in_bounded_time(tmp_path, cfg, synthetic_source, monkeypatch):
+    """`drspot train` against a Prefect server that is SIGKILLed while the classifier trains: the command ends with
+    exit 2 and one sentence naming PREFECT_API_URL, within a minute of the loss (Prefect's own retries and its log
+    and event workers held it 5 minutes before a traceback); with the server back, the same command completes."""
+    import os
+    import signal
+    import time
+
+    from components.ingest import ingest
+    from flows.schedule import start_local_server
+    from serving.launch import free_port
+
+    home = tmp_path / "home"
+    ingest("synthetic", synthetic_source, home / "data", cfg)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the server's own database
+    port = free_port()
+    url, server = start_local_server(port, log=tmp_path / "server.log")
+    env = shell_env(DRSPOT_HOME=str(home), PREFECT_API_URL=url)
+    cmd = [str(Path(sys.executable).parent / "drspot"), "--profile", "test", "train"]
+    err = tmp_path / "train.err"
+    try:
+        with open(err, "w") as stderr:
+            run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            deadline = time.monotonic() + 300
+            while "Task run 'train-classifier" not in err.read_text() and run.poll() is None:
+                assert time.monotonic() < deadline, err.read_text()[-3000:]
+                time.sleep(0.1)
+            os.killpg(server.pid, signal.SIGKILL)  # mid-run: the prepare subflow done, the models training
+            lost = time.monotonic()
+            rc = run.wait(timeout=300)
+            took = time.monotonic() - lost
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    last = err.read_text().strip().splitlines()[-1]
+    assert rc == 2, err.read_text()[-3000:]
+    assert last.startswith(f"drspot train: error: the Prefect server of PREFECT_API_URL={url} stopped answering"), last
+    assert "run the command again once the server is back" in last
+    assert took < 90, took
+
+    _, again = start_local_server(port, log=tmp_path / "server2.log")  # the same database, back
+    try:
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.killpg(again.pid, signal.SIGKILL)
+        again.wait()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "classifier: v" in rerun.stdout and "champion v" in rerun.stdout, rerun.stdout[-2000:]
