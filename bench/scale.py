@@ -304,14 +304,15 @@ def main() -> None:
     }
     if args.out.is_file():  # the figures of sizes not run now stay (e.g. 10^4 kept while 10^5 is re-run)
         before = json.loads(args.out.read_text())
+        rerun = {"gate": True, "data": False, "dvc": args.dvc}  # a size's generation figure goes when it is redone
         for part in ("gate", "data", "dvc"):
-            result[part] = [r for r in before.get(part, []) if r["images"] not in args.sizes]
+            result[part] = [r for r in before.get(part, []) if not (rerun[part] and r["images"] in args.sizes)]
     try:
         for n in args.sizes:
             ds = work / f"ds-{n}"
             if not (ds / "manifest.parquet").is_file():
                 made = generate(ds, n, cfg.classes.names)
-                result["data"].append({"images": n, **made})
+                result["data"] = [r for r in result["data"] if r["images"] != n] + [{"images": n, **made}]
                 print(f"{n:>7} generated in {made['generate_s']} s, mean {made['mean_kb']} kB per JPEG", flush=True)
             configs = args.configs if n <= 10_000 or args.large_configs is None else args.large_configs
             reference = None
