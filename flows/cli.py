@@ -364,6 +364,28 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from serving.batch import predict
+
+    r = predict(
+        args.source,
+        args.out,
+        args.cfg,
+        batch=args.batch,
+        language=args.language,
+        preprocess=args.preprocess,
+        restart=args.restart,
+    )
+    print(
+        f"scored {r['photos']} photos with {r['models']['classifier']} + {r['models']['detector']}: "
+        f"{r['lesions']} lesion rows (high {r['by_risk']['high']}, medium {r['by_risk']['medium']}, "
+        f"low {r['by_risk']['low']}), {r['fallback_photos']} photos assessed whole, {r['errors']} not scored"
+        + (f", {r['resumed']} from the interrupted run" if r["resumed"] else "")
+    )
+    print(f"wrote {r['out']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import subprocess
@@ -641,6 +663,18 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("deploy", help="copy the champions into the Bento model store and build the Bento")
     dp.add_argument("--no-build", action="store_true", help="only copy the models (serve from source)")
     dp.set_defaults(func=cmd_deploy)
+    pr = sub.add_parser(
+        "predict", help="score a folder or a CSV list of photos offline with the champions (CSV/Parquet, resumable)"
+    )
+    pr.add_argument("source", type=Path, help="a folder of photos, a CSV with a path column, or one photo")
+    pr.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="a .csv (UTF-8 with BOM) or .parquet file"
+    )
+    pr.add_argument("--batch", type=int, default=16, help="photos per model call (16)")
+    pr.add_argument("--language", help="language of the guidance column (default: serving.language)")
+    pr.add_argument("--preprocess", default="none", help="none | color_constancy | clahe")
+    pr.add_argument("--restart", action="store_true", help="discard an unfinished run's batches and start over")
+    pr.set_defaults(func=cmd_predict)
     sv = sub.add_parser("serve", help="serve the deployed Bento (127.0.0.1:3000 by default)")
     sv.add_argument("--host", help="bind address (default: serving.host)")
     sv.add_argument("--port", type=int, help="port (default: serving.port)")

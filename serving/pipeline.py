@@ -58,15 +58,92 @@ def correct(rgb: Image.Image, how: str) -> Image.Image:
 # --- the knowledge base -------------------------------------------------------------------------
 
 
+RISKS = ("low", "medium", "high")
+
+
+class KnowledgeError(ValueError):
+    """The knowledge base lacks an entry or a citation (what and where)."""
+
+
+def check_knowledge(kb: dict[str, Any], classes: list[str] | tuple[str, ...]) -> list[str]:
+    """What is wrong with a knowledge base: every class x language and risk x language entry, and the fallback note
+    in every language, must exist with its text and cite its source: an English entry the references it names
+    (``references``), a translation an existing entry of the language it was translated from. Empty when sound."""
+    problems: list[str] = []
+    langs = kb.get("languages") or []
+    refs = kb.get("references") or {}
+    translations = kb.get("translations") or {}
+
+    def entry(path: str) -> Any:
+        node: Any = kb
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def cited(path: str, value: Any, lang: str) -> None:
+        src = value.get("source") if isinstance(value, dict) else None
+        origin = (translations.get(lang) or {}).get("from")
+        if not src:
+            problems.append(f"{path}: cites no source")
+        elif origin:  # a translation cites the entry it translates
+            want = path.rsplit(".", 1)[0] + f".{origin}"
+            if src != want or entry(want) is None:
+                problems.append(f"{path}: a translation from {origin} must cite {want} (cites {src!r})")
+        else:
+            for ref in [src] if isinstance(src, str) else src:
+                if ref not in refs:
+                    problems.append(f"{path}: cites {ref!r}, which is not in references")
+
+    for lang in langs:
+        if lang not in translations:
+            problems.append(f"translations.{lang}: the language's origin and review state are missing")
+    for c in classes:
+        for lang in langs:
+            path, value = f"classes.{c}.{lang}", entry(f"classes.{c}.{lang}")
+            missing = [k for k in ("name", "about") if not (isinstance(value, dict) and value.get(k))]
+            if value is None or missing:
+                problems.append(f"{path}: missing" + (f" ({', '.join(missing)})" if value is not None else ""))
+                continue
+            cited(path, value, lang)
+    for part in [f"risk.{r}" for r in RISKS] + ["fallback"]:
+        for lang in langs:
+            path, value = f"{part}.{lang}", entry(f"{part}.{lang}")
+            if not (isinstance(value, dict) and value.get("text")):
+                problems.append(f"{path}: missing")
+                continue
+            cited(path, value, lang)
+    return problems
+
+
 @lru_cache(maxsize=1)
 def knowledge() -> dict[str, Any]:
+    """The knowledge base, checked (:func:`check_knowledge` over the classes it lists): a gap refuses to load."""
     import yaml
 
-    return yaml.safe_load(KNOWLEDGE.read_text(encoding="utf-8"))
+    kb = yaml.safe_load(KNOWLEDGE.read_text(encoding="utf-8"))
+    problems = check_knowledge(kb, list(kb.get("classes") or {}))
+    if problems:
+        raise KnowledgeError(f"{KNOWLEDGE}: " + "; ".join(problems))
+    return kb
+
+
+def resolve_language(tag: str | None, default: str) -> str:
+    """A request's language: ``ko``, ``KO`` or ``ko-KR`` (its primary subtag) when the knowledge base has it.
+
+    Raises:
+        KnowledgeError: a language it does not have, naming those it has.
+    """
+    langs = knowledge()["languages"]
+    raw = (tag or default).strip()
+    primary = raw.replace("_", "-").split("-")[0].lower()
+    if primary not in langs:
+        raise KnowledgeError(f"language={raw!r} is not offered; use one of {', '.join(langs)}")
+    return primary
 
 
 def guidance(label: str | None, risk: str | None, language: str, fallback: bool) -> dict[str, Any]:
-    """Care guidance from the curated knowledge base only; says plainly when it has none."""
+    """Care guidance from the curated knowledge base only, with the entries it came from and their review state;
+    says plainly when it has none."""
     kb = knowledge()
     entry = kb["classes"].get(label or "", {}).get(language)
     advice = kb["risk"].get(risk or "", {}).get(language)
@@ -79,16 +156,31 @@ def guidance(label: str | None, risk: str | None, language: str, fallback: bool)
             "note": f"the knowledge base has no guidance for {missing}; available languages: "
             f"{', '.join(kb['languages'])}",
         }
-    text = f"{entry['name']}: {entry['about']} {advice}"
+    text = f"{entry['name']}: {entry['about']} {advice['text']}"
+    used = [f"classes.{label}.{language}", f"risk.{risk}.{language}"]
     if fallback:
-        text += " " + kb["fallback"][language]
+        text += " " + kb["fallback"][language]["text"]
+        used.append(f"fallback.{language}")
+    origin = kb["translations"][language]["from"]
+    cites = sorted({r for u in used for r in _references(kb, u if not origin else u.rsplit(".", 1)[0] + "." + origin)})
     return {
         "language": language,
         "label": label,
         "risk": risk,
         "text": text,
-        "source": f"knowledge base v{kb['version']}: classes.{label}.{language} + risk.{risk}.{language}",
+        "source": f"knowledge base v{kb['version']}: {' + '.join(used)}"
+        + (f" (translated from {origin})" if origin else ""),
+        "references": [kb["references"][r] for r in cites],
+        "review": kb["translations"][language]["review"],
     }
+
+
+def _references(kb: dict[str, Any], path: str) -> list[str]:
+    node: Any = kb
+    for part in path.split("."):
+        node = node[part]
+    src = node["source"]
+    return [src] if isinstance(src, str) else list(src)
 
 
 # --- the pipeline -------------------------------------------------------------------------------

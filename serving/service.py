@@ -30,7 +30,7 @@ from components.config import load_config
 from components.env import check_home
 from components.quality import reported
 from serving.inputs import InputError, body_limit, check_length, from_base64, read_image
-from serving.pipeline import PREPROCESS, Pipeline, correct
+from serving.pipeline import PREPROCESS, KnowledgeError, Pipeline, correct, resolve_language
 
 # the configuration `drspot serve` resolved ($DRSPOT_CONFIG) and the state home it handed over ($DRSPOT_HOME):
 # a service whose log would land inside its own Bento refuses to start here, naming the setting to give
@@ -139,7 +139,11 @@ def _options(preprocess: str, compare: Any, language: str | None) -> tuple[str, 
     flag = str(compare).lower()
     if flag not in ("true", "false", "1", "0", "none"):
         raise InputError(422, "invalid compare", f"compare={compare!r}; use true or false", "options")
-    return preprocess, flag in ("true", "1"), language or S.language
+    try:
+        lang = resolve_language(language, S.language)
+    except KnowledgeError as e:
+        raise InputError(422, "invalid language", str(e), "options") from e
+    return preprocess, flag in ("true", "1"), lang
 
 
 class _ReadyzWithVersions:

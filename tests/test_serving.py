@@ -160,15 +160,16 @@ def test_json_variant_compare_and_unknown_language(server, deployed):
     import base64
 
     img = sorted((deployed["root"] / "ds" / "images").glob("*.jpg"))[1].read_bytes()
-    r = httpx.post(
-        f"{server.url}/predict/json",
-        json={"image": base64.b64encode(img).decode(), "preprocess": "clahe", "compare": True, "language": "fr"},
-        timeout=60,
-    )
+    body = {"image": base64.b64encode(img).decode(), "preprocess": "clahe", "compare": True, "language": "vi-VN"}
+    r = httpx.post(f"{server.url}/predict/json", json=body, timeout=60)
     assert r.status_code == 200, r.text
     d = r.json()
     assert d["preprocess"] == "clahe" and set(d["comparison"]) == {"none", "clahe"}
-    assert d["guidance"]["text"] is None and "no guidance for language 'fr'" in d["guidance"]["note"]
+    g = d["guidance"]
+    assert g["language"] == "vi" and "(translated from en)" in g["source"] and "not yet reviewed" in g["review"]
+    r = httpx.post(f"{server.url}/predict/json", json={**body, "language": "fr"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert "language='fr' is not offered; use one of en, ko, vi" in r.text
 
 
 BAD = [
