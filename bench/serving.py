@@ -9,7 +9,8 @@ In one run, on the same images (the project's data/images, else freshly generate
   with BentoML adaptive batching on and off (``serving.batching``), and batching on with 2 API worker processes
   (``serving.workers``: each loads both models).
 Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratio and p99/p50, and writes
-bench/results/serving.json. ONNX Runtime is not offered by DrSpot, so that column is absent.
+bench/results/serving.json. The raw pipeline and the HTTP endpoint (batching on) also run on ONNX Runtime
+(``serving.runtime: onnx``, the exports ``drspot deploy`` wrote and checked), in the same run.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def stats(lat: list[float], wall: float) -> dict[str, float]:
     }
 
 
-def raw(imgs: list[bytes], n: int) -> dict[str, float]:
+def raw(imgs: list[bytes], n: int, runtime: str = "torch") -> dict[str, float]:
+    """The in-process pipeline at batch 1 on ``runtime`` (eager PyTorch or ONNX Runtime on the deployed exports)."""
     import bentoml
 
     from components.images import decode
@@ -78,6 +80,7 @@ def raw(imgs: list[bytes], n: int) -> dict[str, float]:
     from serving.pipeline import Pipeline
 
     cfg = load_config()
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
     tags = json.loads(deployed_file(cfg).read_text())["models"]
     cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
     p = Pipeline(cm.path, dm.path, cfg)
@@ -117,8 +120,9 @@ async def load(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[st
     return {**stats(lat, wall), "errors": errors}
 
 
-def serve(batching: bool, workers: int, tmp: Path):
-    """``drspot serve`` with ``serving.batching`` and ``serving.workers`` set in a copy of params.yaml."""
+def serve(batching: bool, workers: int, tmp: Path, runtime: str = "torch"):
+    """``drspot serve`` with ``serving.batching``, ``serving.workers`` and ``serving.runtime`` set in a copy of
+    params.yaml."""
     import re
 
     from serving.launch import Server
@@ -126,7 +130,9 @@ def serve(batching: bool, workers: int, tmp: Path):
     params = (ROOT / "params.yaml").read_text().replace("    batching: true", f"    batching: {str(batching).lower()}")
     params, n = re.subn(r"(?m)^    workers: 1( +# API worker)", rf"    workers: {workers}\1", params)
     assert n == 1, "serving.workers not found in params.yaml"
-    name = f"{batching}-{workers}"
+    params, n = re.subn(r"(?m)^    runtime: torch( +# torch)", rf"    runtime: {runtime}\1", params)
+    assert n == 1, "serving.runtime not found in params.yaml"
+    name = f"{batching}-{workers}-{runtime}"
     (tmp / f"params-{name}.yaml").write_text(params)
     env = {
         **os.environ,
@@ -145,14 +151,24 @@ def main() -> None:
     print(f"{len(imgs)} images, {args.requests} requests per configuration", flush=True)
     rows = [{"config": "raw in-process (batch 1)", "concurrency": 1, **raw(imgs, args.requests)}]
     print(rows[-1], flush=True)
+    rows.append(
+        {"config": "raw in-process (batch 1), ONNX Runtime", "concurrency": 1, **raw(imgs, args.requests, "onnx")}
+    )
+    print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for batching, workers in ((True, 1), (False, 1), (True, 2)):
-            server = serve(batching, workers, Path(tmp))
+        for batching, workers, runtime in (
+            (True, 1, "torch"),
+            (False, 1, "torch"),
+            (True, 2, "torch"),
+            (True, 1, "onnx"),
+        ):
+            server = serve(batching, workers, Path(tmp), runtime)
             label = f"HTTP, batching {'on' if batching else 'off'}" + (f", {workers} workers" if workers > 1 else "")
+            label += ", ONNX Runtime" if runtime == "onnx" else ""
             try:
                 for c in (1, 8, 32):
                     r = asyncio.run(load(server.url, imgs, args.requests, c))
-                    rows.append({"config": label, "workers": workers, "concurrency": c, **r})
+                    rows.append({"config": label, "workers": workers, "runtime": runtime, "concurrency": c, **r})
                     print(rows[-1], flush=True)
             finally:
                 server.stop()
@@ -172,7 +188,12 @@ def main() -> None:
         "best_at_concurrency_8": best["config"],
         "goal": {"throughput_vs_raw_at_c8": 0.8, "p99_over_p50": 2.5},
         "meets_goal": best["throughput_vs_raw"] >= 0.8 and best["p99_over_p50"] <= 2.5,
-        "onnx": "not offered (eager PyTorch only)",
+        "raw_onnx_rps": rows[1]["rps"],
+        "onnx_vs_eager_raw": round(rows[1]["rps"] / base, 3),
+        "http_c8_onnx": at8["HTTP, batching on, ONNX Runtime"],
+        "onnx_vs_eager_http_c8": round(
+            at8["HTTP, batching on, ONNX Runtime"]["rps"] / at8["HTTP, batching on"]["rps"], 3
+        ),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "images": len(imgs),
     }
@@ -186,6 +207,10 @@ def main() -> None:
     print(
         f"goal at concurrency 8 (>= 0.8x raw, p99 <= 2.5x p50): {'met' if result['meets_goal'] else 'NOT met'} "
         f"by {best['config']}"
+    )
+    print(
+        f"ONNX Runtime vs eager PyTorch: raw batch 1 {result['onnx_vs_eager_raw']}x (goal >= 2), "
+        f"HTTP at concurrency 8 {result['onnx_vs_eager_http_c8']}x"
     )
 
 

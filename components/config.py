@@ -286,6 +286,8 @@ class Serving(_Strict):
     feedback_key_env: str
     batching: bool
     workers: int = Field(ge=1)
+    runtime: Literal["torch", "onnx"]
+    onnx_max_abs_diff: float = Field(gt=0)
     follow_s: float = Field(gt=0)
     drain_s: float = Field(ge=0)
     max_batch_size: int = Field(ge=1)

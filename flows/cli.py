@@ -358,6 +358,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     r = deploy(cfg, build=not args.no_build)
     for kind in ("classifier", "detector"):
         print(f"{kind}: {r['registry'][kind]} -> Bento model {r['models'][kind]}")
+        check = r["onnx"][kind]
+        if "error" in check:
+            print(f"  ONNX export refused: {check['error']}")
+        else:
+            worst = max(check["max_abs_diff"].values())
+            diff = f"max abs difference from PyTorch {worst:.2g} (limit {check['limit']:g})"
+            print(f"  ONNX export {check['file']}: {diff}")
     if "bento" in r:
         print(f"built Bento {r['bento']} ({r['bento_path']})")
         print("serve it: drspot serve   |   production image: bentoml containerize " + r["bento"])

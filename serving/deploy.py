@@ -3,6 +3,9 @@
 Each champion's registered folder (weights + resolved config) becomes a BentoML model
 (``drspot-classifier`` / ``drspot-detector``) whose metadata names its registry name/version, data
 version, lineage and test metrics; a model already copied for the same registry version is reused.
+Each model folder also gets its ONNX export (``classifier.onnx`` / ``detector.onnx``), checked against the PyTorch
+model on fixed inputs (``serving/onnx_export.py``); an export over ``serving.onnx_max_abs_diff`` is discarded and
+named in the metadata (and stops the deploy when ``serving.runtime`` is ``onnx``).
 Then the Bento is built from ``serving/bentofile.yaml`` pinned to exactly those two models.
 """
 
@@ -25,10 +28,32 @@ class DeployError(RuntimeError):
     """Nothing to deploy (no champion), or the Bento cannot be built."""
 
 
-def to_bento_store(kind: str, version: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Copy ``kind``'s champion (or ``version``) into the Bento model store; returns (bento tag, metadata)."""
+def export_onnx(kind: str, folder: Path, cfg: Config) -> dict[str, Any]:
+    """``kind``'s ONNX export written into ``folder`` and checked against PyTorch (serving/onnx_export.py): the
+    check, or ``{"error": why}`` when the export was refused (then no ONNX file is left in the folder).
+
+    Raises:
+        DeployError: the export was refused and ``serving.runtime`` is ``onnx`` (nothing would be left to serve).
+    """
+    from serving import onnx_export
+
+    export = onnx_export.export_classifier if kind == "classifier" else onnx_export.export_detector
+    try:
+        return export(folder, cfg.serving.onnx_max_abs_diff)
+    except onnx_export.OnnxMismatch as e:
+        if cfg.serving.runtime == "onnx":
+            raise DeployError(f"{e} (serving.runtime is onnx: nothing deployed)") from e
+        return {"error": str(e)}
+
+
+def to_bento_store(kind: str, version: str | None = None, cfg: Config | None = None) -> tuple[str, dict[str, Any]]:
+    """Copy ``kind``'s champion (or ``version``) into the Bento model store, with its ONNX export checked against
+    PyTorch (:func:`export_onnx`); returns (bento tag, metadata)."""
     import bentoml
 
+    from components.config import load_config
+
+    cfg = cfg or load_config()
     name = registry.model_name(kind)
     version = version or registry.champion(name)
     if version is None:
@@ -40,8 +65,10 @@ def to_bento_store(kind: str, version: str | None = None) -> tuple[str, dict[str
     except bentoml.exceptions.NotFound:
         existing = []
     for m in existing:
-        if m.info.metadata.get("registry") == ref and m.info.metadata.get("model_hash") == mv.tags.get("model_hash"):
-            return str(m.tag), dict(m.info.metadata)
+        md = m.info.metadata
+        same = md.get("registry") == ref and md.get("model_hash") == mv.tags.get("model_hash")
+        if same and "onnx" in md and (cfg.serving.runtime == "torch" or "error" not in md["onnx"]):
+            return str(m.tag), dict(md)
     metadata = {
         "registry": ref,
         "registry_name": name,
@@ -52,6 +79,7 @@ def to_bento_store(kind: str, version: str | None = None) -> tuple[str, dict[str
     }
     folder = registry.download(name, version)
     try:
+        metadata["onnx"] = export_onnx(kind, folder, cfg)
         with bentoml.models.create(
             name, labels={"registry_version": version, "kind": kind}, metadata=metadata
         ) as model:
@@ -92,8 +120,12 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
     imported = [(str(src), n) for src, n in import_stranded(cfg) if n["predictions"] or n["feedback"]]
     tags, meta = {}, {}
     for kind in ("classifier", "detector"):
-        tags[kind], meta[kind] = to_bento_store(kind)
-    result: dict[str, Any] = {"models": tags, "registry": {k: m["registry"] for k, m in meta.items()}}
+        tags[kind], meta[kind] = to_bento_store(kind, cfg=cfg)
+    result: dict[str, Any] = {
+        "models": tags,
+        "registry": {k: m["registry"] for k, m in meta.items()},
+        "onnx": {k: m["onnx"] for k, m in meta.items()},
+    }
     if imported:
         result["imported_logs"] = imported
     if build:

@@ -196,11 +196,26 @@ class Pipeline:
         cfg: Config,
         versions: dict[str, str] | None = None,
     ) -> None:
-        from components.train_classifier import load_model
+        from components.train_classifier import MODEL_CONFIG, load_model
+        from serving import onnx_export
 
         self.cfg = cfg
         self.versions = versions or {"classifier": str(classifier_dir), "detector": str(detector_dir)}
-        self.model, self.mc = load_model(classifier_dir)
+        # serving.runtime: eager PyTorch, or ONNX Runtime on the exports `drspot deploy` checked against PyTorch
+        self.runtime = cfg.serving.runtime
+        self.ort = None
+        if self.runtime == "onnx":
+            exported = Path(classifier_dir) / onnx_export.CLASSIFIER_ONNX
+            if not exported.is_file():
+                raise RuntimeError(
+                    f"serving.runtime is onnx, but {classifier_dir} has no {onnx_export.CLASSIFIER_ONNX} (deployed "
+                    "before ONNX exports, or its export was refused: see `drspot deploy`); deploy again or set "
+                    "serving.runtime: torch"
+                )
+            self.ort = onnx_export.session(exported)
+            self.model, self.mc = None, json.loads((Path(classifier_dir) / MODEL_CONFIG).read_text())
+        else:
+            self.model, self.mc = load_model(classifier_dir)
         self.classes, self.malignant = self.mc["classes"], self.mc["malignant"]
         self.temperature = float(self.mc.get("temperature", 1.0))
         self.threshold = float(self.mc.get("malignant_threshold", 0.5))
@@ -211,7 +226,13 @@ class Pipeline:
                 from components.env import ultralytics
 
                 self.dc = json.loads((Path(detector_dir) / "detector_config.json").read_text())
-                self.detector = ultralytics().YOLO(str(Path(detector_dir) / "detector.pt"))
+                if self.runtime == "onnx":
+                    exported = Path(detector_dir) / onnx_export.DETECTOR_ONNX
+                    if not exported.is_file():
+                        raise FileNotFoundError(f"serving.runtime is onnx, but {detector_dir} has no {exported.name}")
+                    self.detector = ultralytics().YOLO(str(exported), task="detect")
+                else:
+                    self.detector = ultralytics().YOLO(str(Path(detector_dir) / "detector.pt"))
             except Exception as e:  # the service still answers, by whole-image classification
                 self.detector_error = f"detector not loaded: {type(e).__name__}: {e}"
         else:
@@ -272,6 +293,11 @@ class Pipeline:
 
         from components.preprocess import normalise
 
+        if self.ort is not None:
+            x = np.ascontiguousarray(normalise(crops, self.mc["mean"], self.mc["std"]), dtype=np.float32)
+            with self.lock:
+                emb, logits = self.ort.run(None, {"input": x})
+            return softmax(logits, self.temperature), emb
         x = torch.from_numpy(normalise(crops, self.mc["mean"], self.mc["std"])).contiguous(
             memory_format=torch.channels_last
         )

@@ -196,6 +196,7 @@ class DrSpot:
                 "detector_loaded": self.pipeline.detector is not None,
                 "detector_error": self.pipeline.detector_error,
                 "batching": S.batching,
+                "runtime": S.runtime,
                 "quality_limits": {
                     "source": self.pipeline.quality_source,
                     **{k: getattr(self.pipeline.serving, k) for k in ("blur_min", "brightness_min", "brightness_max")},
