@@ -112,8 +112,17 @@ def export_detector(model_dir: str | Path, limit: float) -> dict[str, Any]:
     model_dir = Path(model_dir)
     dc = json.loads((model_dir / "detector_config.json").read_text())
     imgsz = int(dc.get("imgsz", 128))
+    import logging
+
     yolo = ultralytics().YOLO(str(model_dir / "detector.pt"))
-    written = Path(yolo.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, device="cpu", verbose=False))
+    log = logging.getLogger("ultralytics")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the exporter's banner and "Visualize: https://netron.app" lines: not deploy's
+    try:
+        written = yolo.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, device="cpu", verbose=False)
+    finally:
+        log.setLevel(level)
+    written = Path(written)
     out = model_dir / DETECTOR_ONNX
     if written.resolve() != out.resolve():
         written.replace(out)
