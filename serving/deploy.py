@@ -40,10 +40,18 @@ def export_onnx(kind: str, folder: Path, cfg: Config) -> dict[str, Any]:
     export = onnx_export.export_classifier if kind == "classifier" else onnx_export.export_detector
     try:
         return export(folder, cfg.serving.onnx_max_abs_diff)
-    except onnx_export.OnnxMismatch as e:
+    except Exception as e:  # noqa: BLE001 - a refused check, or a model that does not even load: said, not raised
+        why = (
+            str(e)
+            if isinstance(e, onnx_export.OnnxMismatch)
+            else f"the {kind} could not be exported: {type(e).__name__}: {e}"
+        )
+        for leftover in (onnx_export.CLASSIFIER_ONNX, onnx_export.DETECTOR_ONNX):
+            if kind in leftover:
+                (folder / leftover).unlink(missing_ok=True)
         if cfg.serving.runtime == "onnx":
-            raise DeployError(f"{e} (serving.runtime is onnx: nothing deployed)") from e
-        return {"error": str(e)}
+            raise DeployError(f"{why} (serving.runtime is onnx: nothing deployed)") from e
+        return {"error": why}
 
 
 def to_bento_store(kind: str, version: str | None = None, cfg: Config | None = None) -> tuple[str, dict[str, Any]]:

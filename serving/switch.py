@@ -42,7 +42,11 @@ class Backend:
         self.url = f"http://127.0.0.1:{self.port}"
         self.inflight = 0
         self.log = log
-        cmd = [sys.executable, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(self.port)]
+        from components.env import runtime_dir
+
+        metrics = runtime_dir() / "metrics" / f"backend-{self.port}"  # its own (serving/backend.py)
+        cmd = [sys.executable, "-m", "serving.backend", str(metrics), "serve", bento]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         # same process group as the front: whatever stops the front's group stops its backends too
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 

@@ -1,0 +1,26 @@
+"""``python -m serving.backend METRICS_DIR serve BENTO ...``: ``bentoml serve`` with its own Prometheus directory.
+
+BentoML keeps its worker processes' metrics in ``$BENTOML_HOME/prometheus_multiproc_dir`` and empties that folder
+whenever a service starts. Two services on one state home (the live service and a candidate under its serving
+check, or a second ``drspot serve``) would wipe each other's counters: the live ``/metrics`` lost every count the
+moment the other one started. Each backend DrSpot starts gets a folder of its own instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    metrics_dir, args = sys.argv[1], sys.argv[2:]
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    BentoMLContainer.prometheus_multiproc_dir.set(metrics_dir)
+    from bentoml_cli.cli import cli
+
+    sys.argv = ["bentoml", *args]
+    cli()
+
+
+if __name__ == "__main__":
+    main()
