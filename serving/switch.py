@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,8 +45,8 @@ class Backend:
         self.log = log
         from components.env import runtime_dir
 
-        metrics = runtime_dir() / "metrics" / f"backend-{self.port}"  # its own (serving/backend.py)
-        cmd = [sys.executable, "-m", "serving.backend", str(metrics), "serve", bento]
+        self.metrics = runtime_dir() / "metrics" / f"backend-{self.port}"  # its own (serving/backend.py)
+        cmd = [sys.executable, "-m", "serving.backend", str(self.metrics), "serve", bento]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         # same process group as the front: whatever stops the front's group stops its backends too
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
@@ -78,6 +79,7 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shutil.rmtree(self.metrics, ignore_errors=True)  # its counters went with it
 
 
 def _tail(log: Path) -> str:
