@@ -419,21 +419,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {target} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     print(f"  state home {cfg.home}; prediction log {describe(cfg)}; configuration {env['DRSPOT_CONFIG']}", flush=True)
     if args.source:  # the service straight from this checkout (development)
-        from components.env import runtime_dir
+        from serving.backend import command, metrics_dir
 
-        metrics = runtime_dir() / "metrics" / f"source-{port}"  # its own Prometheus folder (serving/backend.py)
-        cmd = [
-            sys.executable,
-            "-m",
-            "serving.backend",
-            str(metrics),
-            "serve",
-            target,
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ]
+        cmd = command(target, host, port, metrics_dir("source", port))  # its own Prometheus folder
         return subprocess.call(cmd, cwd=SOURCE, env=env)
     from serving.switch import serve
 

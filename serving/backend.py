@@ -9,6 +9,19 @@ moment the other one started. Each backend DrSpot starts gets a folder of its ow
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+
+def metrics_dir(label: str, port: int) -> Path:
+    """The Prometheus folder of the backend ``label`` on ``port``: ``<runtime dir>/metrics/<label>-<port>``."""
+    from components.env import runtime_dir
+
+    return runtime_dir() / "metrics" / f"{label}-{port}"
+
+
+def command(target: str, host: str, port: int, metrics: Path) -> list[str]:
+    """``bentoml serve target`` on host:port, through this module, with ``metrics`` as its Prometheus folder."""
+    return [sys.executable, "-m", "serving.backend", str(metrics), "serve", target, "--host", host, "--port", str(port)]
 
 
 def main() -> None:

@@ -124,7 +124,9 @@ def champions(cfg: Config) -> tuple[dict[str, Path | None], dict[str, str]]:
             shutil.copytree(got, tmp)
             shutil.rmtree(got.parent.parent, ignore_errors=True)
             os.replace(tmp, folder)
-        if cfg.serving.runtime == "onnx" and not (folder / _onnx_file(kind)).is_file():
+        from serving.onnx_export import FILES
+
+        if cfg.serving.runtime == "onnx" and not (folder / FILES[kind]).is_file():
             from serving.deploy import DeployError, export_onnx
 
             try:
@@ -133,12 +135,6 @@ def champions(cfg: Config) -> tuple[dict[str, Path | None], dict[str, str]]:
                 raise BatchError(str(e)) from e
         folders[kind], versions[kind] = folder, f"{name}/{version}"
     return folders, versions
-
-
-def _onnx_file(kind: str) -> str:
-    from serving.onnx_export import CLASSIFIER_ONNX, DETECTOR_ONNX
-
-    return CLASSIFIER_ONNX if kind == "classifier" else DETECTOR_ONNX
 
 
 def _columns(classes: list[str]) -> list[str]:

@@ -46,9 +46,7 @@ def export_onnx(kind: str, folder: Path, cfg: Config) -> dict[str, Any]:
             if isinstance(e, onnx_export.OnnxMismatch)
             else f"the {kind} could not be exported: {type(e).__name__}: {e}"
         )
-        for leftover in (onnx_export.CLASSIFIER_ONNX, onnx_export.DETECTOR_ONNX):
-            if kind in leftover:
-                (folder / leftover).unlink(missing_ok=True)
+        (folder / onnx_export.FILES[kind]).unlink(missing_ok=True)
         if cfg.serving.runtime == "onnx":
             raise DeployError(f"{why} (serving.runtime is onnx: nothing deployed)") from e
         return {"error": why}

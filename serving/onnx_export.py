@@ -20,6 +20,7 @@ import numpy as np
 
 CLASSIFIER_ONNX = "classifier.onnx"
 DETECTOR_ONNX = "detector.onnx"
+FILES = {"classifier": CLASSIFIER_ONNX, "detector": DETECTOR_ONNX}  # each kind's export, in its model folder
 CHECK_FILE = "onnx_check.json"
 CHECK_INPUTS = 8  # fixed inputs each export is compared on
 

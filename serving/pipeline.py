@@ -65,6 +65,19 @@ class KnowledgeError(ValueError):
     """The knowledge base lacks an entry or a citation (what and where)."""
 
 
+def _at(kb: dict[str, Any], path: str) -> Any:
+    """The knowledge base's entry at a dotted ``path`` (``classes.mel.vi``), or None."""
+    node: Any = kb
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _original(path: str, origin: str) -> str:
+    """The entry a translation at ``path`` translates: the same entry in the ``origin`` language."""
+    return f"{path.rsplit('.', 1)[0]}.{origin}"
+
+
 def check_knowledge(kb: dict[str, Any], classes: list[str] | tuple[str, ...]) -> list[str]:
     """What is wrong with a knowledge base: every class x language and risk x language entry, and the fallback note
     in every language, must exist with its text and cite its source: an English entry the references it names
@@ -74,20 +87,14 @@ def check_knowledge(kb: dict[str, Any], classes: list[str] | tuple[str, ...]) ->
     refs = kb.get("references") or {}
     translations = kb.get("translations") or {}
 
-    def entry(path: str) -> Any:
-        node: Any = kb
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node
-
     def cited(path: str, value: Any, lang: str) -> None:
         src = value.get("source") if isinstance(value, dict) else None
         origin = (translations.get(lang) or {}).get("from")
         if not src:
             problems.append(f"{path}: cites no source")
         elif origin:  # a translation cites the entry it translates
-            want = path.rsplit(".", 1)[0] + f".{origin}"
-            if src != want or entry(want) is None:
+            want = _original(path, origin)
+            if src != want or _at(kb, want) is None:
                 problems.append(f"{path}: a translation from {origin} must cite {want} (cites {src!r})")
         else:
             for ref in [src] if isinstance(src, str) else src:
@@ -99,7 +106,8 @@ def check_knowledge(kb: dict[str, Any], classes: list[str] | tuple[str, ...]) ->
             problems.append(f"translations.{lang}: the language's origin and review state are missing")
     for c in classes:
         for lang in langs:
-            path, value = f"classes.{c}.{lang}", entry(f"classes.{c}.{lang}")
+            path = f"classes.{c}.{lang}"
+            value = _at(kb, path)
             missing = [k for k in ("name", "about") if not (isinstance(value, dict) and value.get(k))]
             if value is None or missing:
                 problems.append(f"{path}: missing" + (f" ({', '.join(missing)})" if value is not None else ""))
@@ -107,7 +115,8 @@ def check_knowledge(kb: dict[str, Any], classes: list[str] | tuple[str, ...]) ->
             cited(path, value, lang)
     for part in [f"risk.{r}" for r in RISKS] + ["fallback"]:
         for lang in langs:
-            path, value = f"{part}.{lang}", entry(f"{part}.{lang}")
+            path = f"{part}.{lang}"
+            value = _at(kb, path)
             if not (isinstance(value, dict) and value.get("text")):
                 problems.append(f"{path}: missing")
                 continue
@@ -162,7 +171,7 @@ def guidance(label: str | None, risk: str | None, language: str, fallback: bool)
         text += " " + kb["fallback"][language]["text"]
         used.append(f"fallback.{language}")
     origin = kb["translations"][language]["from"]
-    cites = sorted({r for u in used for r in _references(kb, u if not origin else u.rsplit(".", 1)[0] + "." + origin)})
+    cites = sorted({r for u in used for r in _references(kb, _original(u, origin) if origin else u)})
     return {
         "language": language,
         "label": label,
@@ -176,10 +185,7 @@ def guidance(label: str | None, risk: str | None, language: str, fallback: bool)
 
 
 def _references(kb: dict[str, Any], path: str) -> list[str]:
-    node: Any = kb
-    for part in path.split("."):
-        node = node[part]
-    src = node["source"]
+    src = _at(kb, path)["source"]
     return [src] if isinstance(src, str) else list(src)
 
 

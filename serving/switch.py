@@ -43,11 +43,10 @@ class Backend:
         self.url = f"http://127.0.0.1:{self.port}"
         self.inflight = 0
         self.log = log
-        from components.env import runtime_dir
+        from serving.backend import command, metrics_dir
 
-        self.metrics = runtime_dir() / "metrics" / f"backend-{self.port}"  # its own (serving/backend.py)
-        cmd = [sys.executable, "-m", "serving.backend", str(self.metrics), "serve", bento]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.metrics = metrics_dir("backend", self.port)  # its own Prometheus folder (serving/backend.py)
+        cmd = command(bento, "127.0.0.1", self.port, self.metrics)
         # same process group as the front: whatever stops the front's group stops its backends too
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
