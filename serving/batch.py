@@ -116,14 +116,13 @@ def champions(cfg: Config) -> tuple[dict[str, Path | None], dict[str, str]]:
             folders[kind], versions[kind] = None, "none"
             continue
         folder = cache / f"{name}-{version}"
-        if not folder.is_dir():
-            got = registry.download(name, version)
+        if not folder.is_dir():  # downloaded beside it, then moved in whole: never a half-written folder
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(got, tmp)
-            shutil.rmtree(got.parent.parent, ignore_errors=True)
-            os.replace(tmp, folder)
+            try:
+                os.replace(registry.download(name, version, dst=tmp), folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         from serving.onnx_export import FILES
 
         if cfg.serving.runtime == "onnx" and not (folder / FILES[kind]).is_file():
