@@ -298,6 +298,7 @@ def main() -> None:
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "chunk_size": cfg.compute.chunk_size,
+        "pair_chunk_size": cfg.compute.pair_chunk_size,
         "gate": [],
         "data": [],
         "dvc": [],

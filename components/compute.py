@@ -151,12 +151,19 @@ def _processes(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, min_
 
 
 def map_chunks(
-    fn: Callable[[Any], Any], jobs: Sequence[Any], cfg: Config, workers: int | None = None, min_jobs: int = 64
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    cfg: Config,
+    workers: int | None = None,
+    min_jobs: int = 64,
+    chunk_size: int | None = None,
 ) -> list[Any]:
     """``[fn(job) for job in jobs]``, in order, on the run's compute target (:func:`target`).
 
     ``fn`` must be a module-level function (it is pickled to other processes). ``workers`` sizes the local process
-    pool (``validate.workers``, 0 = one per core); fewer than ``min_jobs`` jobs run in this process.
+    pool (``validate.workers``, 0 = one per core); fewer than ``min_jobs`` jobs run in this process. On Dask, each
+    task runs at most ``chunk_size`` jobs (default ``compute.chunk_size``, sized for images; cheaper jobs pass a
+    larger one), and fewer when that would leave a worker thread without two chunks.
     """
     if not jobs:
         return []
@@ -167,7 +174,7 @@ def map_chunks(
     check_reachable(t, cfg.compute.connect_timeout_s)
     from components.dask_steps import on_dask
 
-    return on_dask(fn, chunks(jobs, cfg.compute.chunk_size), t, cfg, workers)
+    return on_dask(fn, jobs, chunk_size or cfg.compute.chunk_size, t, cfg, workers)
 
 
 class ExternalCluster:

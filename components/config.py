@@ -351,6 +351,7 @@ class Alerts(_Strict):
 class Compute(_Strict):
     dask_address: str | None
     chunk_size: int = Field(ge=1)
+    pair_chunk_size: int = Field(ge=1)
     connect_timeout_s: float = Field(gt=0)
     local_workers: int = Field(ge=0)
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
 from prefect import flow
 
-from components.compute import ComputeError, Target, run_chunk
+from components.compute import ComputeError, Target, chunks, run_chunk
 from components.config import Config
 
-# (function, chunks) of the runs in progress, by run key: the flow below reads them from here, so that neither its
-# parameters (recorded by the Prefect server, which refuses more than 512 kB) nor the flow object (serialized into
-# the context Prefect sends with each task) carry them
-_RUNS: dict[str, tuple[Callable[[Any], Any], list[list[Any]]]] = {}
+# (function, jobs, chunk size) of the runs in progress, by run key: the flow below reads them from here, so that
+# neither its parameters (recorded by the Prefect server, which refuses more than 512 kB) nor the flow object
+# (serialized into the context Prefect sends with each task) carry them
+_RUNS: dict[str, tuple[Callable[[Any], Any], Sequence[Any], int]] = {}
 
 
 @flow(name="data-steps-on-dask", log_prints=False)
@@ -30,11 +30,15 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run
     from distributed import as_completed
     from prefect.context import FlowRunContext
 
-    fn, parts = _RUNS[key]
+    fn, jobs, size = _RUNS[key]
     client = FlowRunContext.get().task_runner.client
+    threads = max(1, sum(client.nthreads().values()))
+    # chunks of at most `size` jobs (the scheduler keeps ~130 kB per finished task for the run, so fewer, larger
+    # chunks keep it smaller), but at least two per worker thread so that a small input still uses every worker
+    parts = chunks(jobs, max(1, min(size, -(-len(jobs) // (2 * threads)))))
     # a bounded window of chunks in flight, not all of them at once: the scheduler holds each submitted chunk's
     # data and each finished chunk's result until it is gathered, so its memory would grow with the data set
-    window = max(4, 2 * sum(client.nthreads().values()))
+    window = max(4, 2 * threads)
     results: list[list[Any] | None] = [None] * len(parts)
     pending = iter(enumerate(parts))
     index: dict[str, int] = {}  # a future's key -> its chunk's place
@@ -54,7 +58,9 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run
     return results  # type: ignore[return-value]
 
 
-def on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Config, workers: int) -> list[Any]:
+def on_dask(
+    fn: Callable[[Any], Any], jobs: Sequence[Any], size: int, t: Target, cfg: Config, workers: int
+) -> list[Any]:
     from prefect_dask import DaskTaskRunner
 
     timeout = cfg.compute.connect_timeout_s
@@ -68,7 +74,7 @@ def on_dask(fn: Callable[[Any], Any], parts: list[list[Any]], t: Target, cfg: Co
             client_kwargs=client_kwargs,
         )
     key = uuid.uuid4().hex
-    _RUNS[key] = (fn, parts)
+    _RUNS[key] = (fn, jobs, size)
     try:
         results = _mapped.with_options(task_runner=runner)(key, fn.__name__)
     except OSError as e:  # the scheduler went away or refused the connection

@@ -207,7 +207,7 @@ def verify(
     else:
         from components.compute import map_chunks
 
-        corr = map_chunks(pair_correlation, jobs, cfg, min_jobs=256)
+        corr = map_chunks(pair_correlation, jobs, cfg, min_jobs=256, chunk_size=cfg.compute.pair_chunk_size)
     return dict(zip(pairs, corr, strict=True))
 
 

@@ -81,6 +81,23 @@ def test_ten_thousand_jobs_go_to_the_cluster_in_chunks(dask_cluster, cfg, monkey
     assert 0 < held.most <= 4, held.most
 
 
+def test_cheap_jobs_go_in_larger_chunks_and_small_inputs_still_reach_every_worker(dask_cluster, cfg, monkeypatch):
+    """The near-duplicate verification passes compute.pair_chunk_size (pairs are ~10x cheaper than images): fewer
+    tasks, so less scheduler state per run; an input smaller than two chunks per worker thread is split anyway."""
+    monkeypatch.setenv(compute.ADDRESS_ENV, dask_cluster)
+    jobs = list(range(10_000))
+
+    def tasks(n: int, **kw) -> int:
+        before = _tasks_seen(dask_cluster).get("run_chunk", 0)
+        assert compute.map_chunks(abs, jobs[:n], cfg, **kw) == jobs[:n]
+        return _tasks_seen(dask_cluster)["run_chunk"] - before
+
+    assert cfg.compute.pair_chunk_size == 5000 and cfg.compute.chunk_size == 500
+    assert tasks(10_000) == 20  # images: chunks of 500
+    assert tasks(10_000, chunk_size=cfg.compute.pair_chunk_size) == 2 * 2  # 2 worker threads: 4 chunks of 2,500
+    assert tasks(100, chunk_size=cfg.compute.pair_chunk_size) == 4  # 25 each, not one chunk for one worker
+
+
 class _MostHeld:
     """The most chunk tasks the scheduler held at once (its state polled every 20 ms from a thread)."""
 
