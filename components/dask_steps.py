@@ -44,7 +44,9 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run
     index: dict[str, int] = {}  # a future's key -> its chunk's place
 
     def submit(i: int, part: list[Any]):
-        fut = client.submit(run_chunk, fn, part, pure=False, key=f"run_chunk-{key}-{i}")
+        # the chunk's jobs go to a worker directly (scatter), not inside the task the scheduler deserializes
+        [data] = client.scatter([part], hash=False)
+        fut = client.submit(run_chunk, fn, data, pure=False, key=f"run_chunk-{key}-{i}")
         index[fut.key] = i
         return fut
 
