@@ -85,21 +85,27 @@ def recipe(base, name: str, overrides: dict):
     )
 
 
+def prepare(tmp: Path, cfg) -> tuple[Path, Path, dict]:
+    """DermaMNIST ingested into ``tmp`` and through the data gate: (dataset, split manifest, split report)."""
+    ds, prep = tmp / "derma", tmp / "prep"
+    ingest("medmnist", NPZ, ds, cfg)
+    gate.run_validate(ds, prep, cfg)
+    gate.run_dedup(ds, prep, cfg)
+    split_report = gate.run_split(ds, prep, cfg).report
+    return ds, prep / "split" / "split.parquet", split_report
+
+
 def run(cfg, name: str) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ds, prep = tmp / "derma", tmp / "prep"
-        ingest("medmnist", NPZ, ds, cfg)
-        gate.run_validate(ds, prep, cfg)
-        gate.run_dedup(ds, prep, cfg)
-        split_report = gate.run_split(ds, prep, cfg).report
+        ds, split, split_report = prepare(tmp, cfg)
         t_data = time.monotonic() - t0
-        train_classifier(prep / "split" / "split.parquet", ds, tmp / "model", cfg, progress=print)
+        train_classifier(split, ds, tmp / "model", cfg, progress=print)
         t_train = time.monotonic() - t0 - t_data
         ev = evaluate(
             tmp / "model",
-            prep / "split" / "split.parquet",
+            split,
             ds,
             ROOT / "bench" / "results" / f"dermamnist_{name}",
             cfg,

@@ -262,6 +262,14 @@ class Gate(_Strict):
     approval: Approval
 
 
+class Stability(_Strict):
+    hold_s: float = Field(ge=0)
+    min_frames: int = Field(ge=1)
+    min_confidence: float = Field(ge=0, le=1)
+    max_gap_s: float = Field(gt=0)
+    max_frames: int = Field(ge=1)
+
+
 class Serving(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -288,6 +296,8 @@ class Serving(_Strict):
     workers: int = Field(ge=1)
     runtime: Literal["torch", "onnx"]
     onnx_max_abs_diff: float = Field(gt=0)
+    report_photos: int = Field(ge=0)
+    stability: Stability
     follow_s: float = Field(gt=0)
     drain_s: float = Field(ge=0)
     max_batch_size: int = Field(ge=1)
@@ -348,6 +358,14 @@ class Alerts(_Strict):
     nightly_grace_h: float = Field(gt=0)
 
 
+class Compare(_Strict):
+    backbones: list[str]
+    named_class: str
+    distill: bool
+    student: str
+    epochs: int | None = Field(default=None, ge=1)
+
+
 class Compute(_Strict):
     dask_address: str | None
     chunk_size: int = Field(ge=1)
@@ -376,6 +394,7 @@ class Config(_Strict):
     flows: Flows
     alerts: Alerts
     compute: Compute
+    compare: Compare
 
     @model_validator(mode="after")
     def _check(self) -> Config:

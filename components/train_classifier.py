@@ -58,8 +58,17 @@ def seed_everything(seed: int) -> None:
 
 
 def check_backbone(name: str) -> None:
+    """Refuse, before training, a backbone neither timm nor ultralytics (``yolov8n-cls``, components/yolo_cls.py)
+    can build, naming similar timm names."""
     import timm
 
+    from components import yolo_cls
+
+    if yolo_cls.is_yolo(name):
+        why = yolo_cls.check(name)
+        if why:
+            raise TrainingError(f"unknown YOLO classification backbone {name!r}: {why}")
+        return
     if not timm.is_model(name):
         import difflib
 
@@ -115,8 +124,14 @@ def quick_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def build_model(backbone: str, num_classes: int):
-    """A timm ``backbone`` with a ``num_classes`` head, randomly initialised (weights: :mod:`components.weights`)."""
+    """A timm ``backbone`` (or an ultralytics YOLO classification network, ``yolov8n-cls``) with a ``num_classes``
+    head, randomly initialised (weights: :mod:`components.weights`)."""
     import timm
+
+    from components import yolo_cls
+
+    if yolo_cls.is_yolo(backbone):
+        return yolo_cls.YoloClassifier(backbone, num_classes)
 
     return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
 

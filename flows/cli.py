@@ -186,6 +186,36 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from components.compare import compare
+
+    cfg = args.cfg
+    c = cfg.compare.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "backbones": args.backbones.split(",") if args.backbones else None,
+                "epochs": args.epochs,
+                "named_class": args.named_class,
+                "distill": False if args.no_distill else None,
+            }.items()
+            if v is not None
+        }
+    )
+    cfg = cfg.model_copy(update={"compare": c})
+    dataset, manifest = _split_manifest(args, cfg)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: run `drspot prepare {dataset}` (or `drspot train`) first")
+    out = args.out or cfg.resolve(cfg.paths.reports) / "compare"
+    result = compare(manifest, dataset, out, cfg)
+    from components.compare import markdown
+
+    print(markdown(result["rows"], c.named_class))
+    print(f"written: {out / 'compare.md'}, {out / 'compare.html'}, {out / 'compare.json'}")
+    print(f"MLflow: run {result['meta']['mlflow run']} (experiment drspot) with a child run per model")
+    return 0
+
+
 def cmd_train_detector(args: argparse.Namespace) -> int:
     from components.train_detector import train_detector
 
@@ -628,6 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
         t.set_defaults(func=func)
 
+    cp = sub.add_parser("compare", help="train several backbones + the distilled student the same way; one table")
+    cp.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
+    cp.add_argument("--prepared", type=Path, help="data-gate folder (default: paths.prepared/<dataset name>)")
+    cp.add_argument("--out", type=Path, help="output folder (default: paths.reports/compare)")
+    cp.add_argument("--backbones", help="comma-separated timm names (default: compare.backbones)")
+    cp.add_argument("--epochs", type=int, help="epochs for every model (default: compare.epochs or classifier.epochs)")
+    cp.add_argument("--named-class", help="the class whose F1 gets a column (default: compare.named_class)")
+    cp.add_argument("--no-distill", action="store_true", help="skip the distilled student")
+    cp.set_defaults(func=cmd_compare)
     tr = sub.add_parser("train", help="the train flow: prepare -> train both -> evaluate -> register -> gate")
     tr.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data, through DVC)")
     tr.set_defaults(func=cmd_train)

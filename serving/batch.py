@@ -136,7 +136,7 @@ def champions(cfg: Config) -> tuple[dict[str, Path | None], dict[str, str]]:
     return folders, versions
 
 
-def _columns(classes: list[str]) -> list[str]:
+def table_columns(classes: list[str]) -> list[str]:
     return [
         "source",
         "error",
@@ -168,6 +168,36 @@ def _columns(classes: list[str]) -> list[str]:
     ]
 
 
+def lesion_rows(image: dict[str, Any], result: dict[str, Any], pipeline, language: str) -> list[dict[str, Any]]:
+    """One table row per lesion of an analysed photo: ``image``'s columns (source, size, quality, models ...) and
+    the lesion's box, class, probabilities, risk, abstention and guidance. The service's batch CSV uses it too."""
+    from serving.pipeline import guidance
+
+    out = []
+    for n, lesion in enumerate(result["lesions"]):
+        held = pipeline.abstention(result["lesions"], lesion)
+        box = lesion["box"] or [None] * 4
+        g = guidance(lesion["label"], lesion["risk"], language, result["fallback"])
+        out.append(
+            {
+                **image,
+                "lesion": n,
+                **dict(zip(("box_x_min", "box_y_min", "box_x_max", "box_y_max"), box, strict=True)),
+                "detector_confidence": lesion["detector_confidence"],
+                "label": lesion["label"],
+                "confidence": max(lesion["probabilities"].values()),
+                **{f"p_{c}": v for c, v in lesion["probabilities"].items()},
+                "malignant_probability": lesion["malignant_probability"],
+                "risk": lesion["risk"],
+                "ood_score": lesion["ood_score"],
+                "abstain": held["abstain"],
+                "abstain_reason": held["abstain_reason"],
+                "guidance": g["text"],
+            }
+        )
+    return out
+
+
 class Scorer:
     """The service's steps over batches of files (see the module's docstring)."""
 
@@ -178,7 +208,7 @@ class Scorer:
 
         self.pipeline = Pipeline(folders["classifier"], folders["detector"], cfg, versions)
         self.versions, self.language, self.preprocess = versions, language, preprocess
-        self.columns = _columns(list(self.pipeline.classes))
+        self.columns = table_columns(list(self.pipeline.classes))
 
     def _error(self, item: Item, why: str) -> dict[str, Any]:
         return {**dict.fromkeys(self.columns), "source": item.key, "error": why, **self._models()}
@@ -189,7 +219,7 @@ class Scorer:
     def score(self, items: list[Item]) -> list[dict[str, Any]]:
         """One row per lesion of each photo (or one error row), in the items' order."""
         from serving.inputs import InputError, read_image
-        from serving.pipeline import correct, guidance
+        from serving.pipeline import correct
 
         rows: dict[int, list[dict[str, Any]]] = {}
         ok: list[tuple[int, Any]] = []
@@ -226,28 +256,7 @@ class Scorer:
                     "fallback_reason": result["fallback_reason"],
                     **self._models(),
                 }
-                out = []
-                for n, lesion in enumerate(result["lesions"]):
-                    held = self.pipeline.abstention(result["lesions"], lesion)
-                    box = lesion["box"] or [None] * 4
-                    g = guidance(lesion["label"], lesion["risk"], self.language, result["fallback"])
-                    out.append(
-                        {
-                            **image,
-                            "lesion": n,
-                            **dict(zip(("box_x_min", "box_y_min", "box_x_max", "box_y_max"), box, strict=True)),
-                            "detector_confidence": lesion["detector_confidence"],
-                            "label": lesion["label"],
-                            "confidence": max(lesion["probabilities"].values()),
-                            **{f"p_{c}": v for c, v in lesion["probabilities"].items()},
-                            "malignant_probability": lesion["malignant_probability"],
-                            "risk": lesion["risk"],
-                            "ood_score": lesion["ood_score"],
-                            "abstain": held["abstain"],
-                            "abstain_reason": held["abstain_reason"],
-                            "guidance": g["text"],
-                        }
-                    )
+                out = lesion_rows(image, result, self.pipeline, self.language)
                 rows[k] = out
         return [r for k in range(len(items)) for r in rows[k]]
 
@@ -274,13 +283,9 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def write_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
     """CSV that Excel opens with the right characters: UTF-8 with a byte-order mark, CRLF rows."""
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8-sig") as f:
-            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+    from serving.report import csv_bytes
 
-    _write_atomic(path, write)
+    _write_atomic(path, lambda tmp: tmp.write_bytes(csv_bytes(rows, columns)))
 
 
 def predict(

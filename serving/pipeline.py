@@ -318,27 +318,34 @@ class Pipeline:
             return "medium"
         return "low"
 
-    def analyse_many(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        """Both stages over a batch of RGB images: one detector call, one classifier call."""
-        from components.preprocess import to_uint8
-
-        t0 = time.perf_counter()
+    def locate(self, images: list[Image.Image]) -> list[tuple[list[tuple[Any, Any]], str | None]]:
+        """Stage 1 with its fail-safe, per image: the (box, detector confidence) pairs to classify, and why the whole
+        image is classified instead (then one ``(None, None)`` pair), or None when the detector found lesions."""
         try:
             found = self.detect(images)
-            errors = [None] * len(images)
+            errors: list[str | None] = [None] * len(images)
         except Exception as e:
             found = [[] for _ in images]
             errors = [f"detector error: {type(e).__name__}: {e}"] * len(images)
-        t1 = time.perf_counter()
-        crops, owners, plans = [], [], []
-        for k, (img, boxes, err) in enumerate(zip(images, found, errors, strict=True)):
+        plans = []
+        for boxes, err in zip(found, errors, strict=True):
             if err is None and not boxes:
                 err = f"no lesion found above the detector's confidence threshold {self.conf:g}"
-            plan = boxes if err is None else [(None, None)]
-            plans.append((plan, err))
-            for box, _ in plan:
-                crops.append(to_uint8(img, box, self.mc["crop_margin"], self.mc["input_size"]))
-                owners.append(k)
+            plans.append((boxes if err is None else [(None, None)], err))
+        return plans
+
+    def lesions(
+        self, images: list[Image.Image], plans: list[tuple[list[tuple[Any, Any]], str | None]]
+    ) -> list[tuple[list[dict[str, Any]], list[float]]]:
+        """Stage 2 over the planned crops in one classifier call, per image: its lesions (class, calibrated
+        probabilities, malignant probability, risk, OOD score) and the embedding of its first crop."""
+        from components.preprocess import to_uint8
+
+        crops = [
+            to_uint8(img, box, self.mc["crop_margin"], self.mc["input_size"])
+            for img, (plan, _) in zip(images, plans, strict=True)
+            for box, _ in plan
+        ]
         probs, emb = self.classify(np.stack(crops))
         if self.ood is not None:
             from components import ood
@@ -346,11 +353,9 @@ class Pipeline:
             ood_scores = ood.score(emb, self.ood)
         else:
             ood_scores = [None] * len(emb)
-        t2 = time.perf_counter()
         out, row = [], 0
-        for plan, err in plans:
-            lesions = []
-            first = row
+        for plan, _ in plans:
+            lesions, first = [], row
             for box, conf in plan:
                 p = probs[row]
                 pm = float(p[[self.classes.index(m) for m in self.malignant]].sum())
@@ -366,19 +371,37 @@ class Pipeline:
                     }
                 )
                 row += 1
-            out.append(
-                {
-                    "lesions": lesions,
-                    "fallback": err is not None,
-                    "fallback_reason": err,
-                    "embedding": emb[first].astype(float).round(5).tolist(),
-                    "timings_ms": {
-                        "detector": round((t1 - t0) * 1000 / len(images), 2),
-                        "classifier": round((t2 - t1) * 1000 / len(images), 2),
-                    },
-                }
-            )
+            out.append((lesions, emb[first].astype(float).round(5).tolist()))
         return out
+
+    @staticmethod
+    def result(
+        lesions: list[dict[str, Any]], embedding: list[float], err: str | None, timings_ms: dict[str, float]
+    ) -> dict[str, Any]:
+        """One image's analysis as the service answers and logs it."""
+        return {
+            "lesions": lesions,
+            "fallback": err is not None,
+            "fallback_reason": err,
+            "embedding": embedding,
+            "timings_ms": timings_ms,
+        }
+
+    def analyse_many(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Both stages over a batch of RGB images: one detector call, one classifier call."""
+        t0 = time.perf_counter()
+        plans = self.locate(images)
+        t1 = time.perf_counter()
+        scored = self.lesions(images, plans)
+        t2 = time.perf_counter()
+        timings = {
+            "detector": round((t1 - t0) * 1000 / len(images), 2),
+            "classifier": round((t2 - t1) * 1000 / len(images), 2),
+        }
+        return [
+            self.result(lesions, emb, err, dict(timings))
+            for (lesions, emb), (_, err) in zip(scored, plans, strict=True)
+        ]
 
     def analyse(self, rgb: Image.Image, preprocess: str = "none") -> dict[str, Any]:
         return self.analyse_many([correct(rgb, preprocess)])[0]

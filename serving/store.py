@@ -74,6 +74,16 @@ feedback = Table(
     Column("box", JSON, nullable=True),
 )
 
+# patient fields a clinician entered for a report (serving/report.py), kept only when the request gave the patient's
+# consent; a prediction's report without consent prints them and stores nothing
+patients = Table(
+    "patients",
+    metadata,
+    Column("request_id", String(64), ForeignKey("predictions.request_id"), primary_key=True),
+    Column("fields", JSON, nullable=False),
+    Column("consented_at", DateTime(timezone=True), nullable=False),
+)
+
 # columns added after a log could have been created: (table, column, SQL type), added by _migrate when missing
 ADDED = [("feedback", "box", "JSON"), ("predictions", "variants", "JSON")]
 
@@ -187,6 +197,27 @@ class PredictionLog:
         with self.engine.connect() as conn:
             r = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).mappings().first()
         return dict(r) if r else None
+
+    def rows(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The logged predictions of these request ids (those that exist), by id."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(predictions).where(predictions.c.request_id.in_(request_ids))).mappings()
+            return {r["request_id"]: dict(r) for r in found}
+
+    def keep_patient(self, request_id: str, fields: dict[str, str]) -> None:
+        """Store a report's patient fields for a prediction (the caller has the patient's consent); replaces any."""
+        from sqlalchemy import delete
+
+        with self.engine.begin() as conn:
+            conn.execute(delete(patients).where(patients.c.request_id == request_id))
+            conn.execute(
+                insert(patients).values(request_id=request_id, fields=fields, consented_at=dt.datetime.now(dt.UTC))
+            )
+
+    def patient(self, request_id: str) -> dict[str, str] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(patients.c.fields).where(patients.c.request_id == request_id)).first()
+        return dict(r[0]) if r else None
 
     def add_feedback(self, request_id: str, label: str, reviewer: str, box: list[float] | None = None) -> int:
         with self.engine.begin() as conn:

@@ -199,8 +199,10 @@ class Front:
                 async with self.session.request(
                     request.method, backend.url + request.path_qs, headers=headers, data=body
                 ) as r:
-                    payload = await r.read()
                     out = {k: v for k, v in r.headers.items() if k.lower() not in HOP}
+                    if r.content_type == "text/event-stream":  # streamed answers pass event by event
+                        return await self._relay(request, r, out)
+                    payload = await r.read()
                     return web.Response(status=r.status, body=payload, headers=out)
             except aiohttp.ClientConnectionError as e:
                 # the backend went away under this request (stopped after a switch, or died): once more on the
@@ -213,6 +215,23 @@ class Front:
             finally:
                 backend.inflight -= 1
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _relay(request, r, headers: dict[str, str]):
+        """A streamed backend answer passed on as each chunk arrives (the backend's events, not one buffered body)."""
+        import aiohttp
+        from aiohttp import web
+
+        out = web.StreamResponse(status=r.status, headers=headers)
+        await out.prepare(request)
+        try:
+            async for chunk in r.content.iter_any():
+                await out.write(chunk)
+        except aiohttp.ClientConnectionError as e:  # the status is sent: the failure is the stream's last event
+            detail = json.dumps({"error": "service unavailable", "detail": f"the model service went away: {e}"})
+            await out.write(f"event: error\ndata: {detail}\n\n".encode())
+        await out.write_eof()
+        return out
 
     def app(self):
         from aiohttp import web

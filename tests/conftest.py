@@ -147,3 +147,33 @@ def server(deployed):
     s = Server(deployed["env"], deployed["root"] / "serve.log")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def confident(server, deployed) -> tuple[bytes, dict]:
+    """The photo of the test set that the served one-epoch model names most clearly (the widest margin between its
+    first and second class) without abstaining, and its /predict answer, for the frame and camera tests."""
+    import httpx
+
+    best, seen = None, []
+    for path in sorted((deployed["root"] / "ds" / "images").glob("*.jpg"))[:80]:
+        data = path.read_bytes()
+        r = httpx.post(f"{server.url}/predict", files={"image": ("x.jpg", data, "image/jpeg")}, timeout=60)
+        if r.status_code != 200:  # the set's planted corrupt and tiny files
+            continue
+        answer = r.json()
+        top = max(answer["lesions"], key=lambda les: les["malignant_probability"])
+        first, second = sorted(top["probabilities"].values(), reverse=True)[:2]
+        seen.append((answer["abstain"], round(first, 3)))
+        if answer["abstain"] is None and (best is None or first - second > best[0]):
+            best = (first - second, data, answer)
+    if best is None:
+        pytest.fail(f"the test model abstained on every photo of the test set: {seen}")
+    return best[1], best[2]
+
+
+@pytest.fixture(scope="session")
+def gated(tmp_path_factory, synthetic_source, cfg) -> tuple[Path, Path]:
+    """The synthetic source ingested and through the data gate once: (dataset, split manifest), for tests that
+    only read them (training writes elsewhere)."""
+    return gated_dataset(tmp_path_factory.mktemp("gated"), synthetic_source, cfg)

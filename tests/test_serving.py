@@ -268,7 +268,7 @@ def test_metrics_count_requests_fallbacks_and_rejections(server):
 
 def test_web_page_is_served(server):
     r = httpx.get(f"{server.url}/")
-    assert r.status_code == 200 and 'id="drop"' in r.text and 'fetch("/predict?"' in r.text
+    assert r.status_code == 200 and 'id="drop"' in r.text and 'fetch("/predict/stream?"' in r.text
 
 
 # --- the pipeline's fail-safe, in process --------------------------------------------------------

@@ -80,7 +80,7 @@ def log(request, tmp_path):
     url = request.getfixturevalue("postgres")
     store = PredictionLog(url)
     with store.engine.begin() as c:  # each test starts empty
-        c.execute(sqlalchemy.text("TRUNCATE feedback, predictions"))
+        c.execute(sqlalchemy.text("TRUNCATE patients, feedback, predictions"))
     return store
 
 
