@@ -129,6 +129,11 @@ def fonts() -> dict[str, Path]:
     return found
 
 
+def utc(t: dt.datetime) -> dt.datetime:
+    """A logged time in UTC: the log writes UTC, and SQLite gives it back without its zone."""
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
 def check_patient(fields: Any) -> dict[str, str]:
     """The patient fields of a report request: an object of known keys with short text values.
 
@@ -214,7 +219,7 @@ def pdf(
     heading(t["title"], 17)
     created = row.get("created_at")
     if isinstance(created, dt.datetime):
-        created = created.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        created = utc(created).strftime("%Y-%m-%d %H:%M UTC")
     line(t["request"], row["request_id"])
     line(t["created"], created)
     if patient:

@@ -512,7 +512,7 @@ class DrSpot:
 
         from serving.batch import lesion_rows, table_columns
         from serving.inputs import assess
-        from serving.report import csv_bytes
+        from serving.report import csv_bytes, utc
 
         lang = _options("none", "false", language)[2]
         if isinstance(ids, str):
@@ -533,7 +533,7 @@ class DrSpot:
             warnings = assess(r["quality"], r["width"], r["height"], p.serving)
             image = {
                 "request_id": i,
-                "created_at": r["created_at"].isoformat(),
+                "created_at": utc(r["created_at"]).isoformat(),
                 "image_sha256": r["image_sha256"],
                 "width": r["width"],
                 "height": r["height"],

@@ -201,6 +201,7 @@ def test_the_batch_csv_has_a_bom_and_one_row_per_lesion_of_each_request(server, 
     assert r.content.startswith(BOM) and b"\r\n" in r.content
     rows = list(csv.DictReader(io.StringIO(r.content.decode("utf-8-sig"), newline="")))
     assert [row["request_id"] for row in rows] == [a["request_id"] for a in answers for _ in a["lesions"]]
+    assert all(row["created_at"].endswith("+00:00") for row in rows)  # UTC, said so (SQLite keeps no zone)
     for row, lesion in zip(rows, [les for a in answers for les in a["lesions"]], strict=True):
         assert row["label"] == lesion["label"] and row["risk"] == lesion["risk"]
         assert abs(float(row["malignant_probability"]) - lesion["malignant_probability"]) < 1e-9
