@@ -33,11 +33,11 @@ def _mapped(key: str, fn_name: str) -> list[list[Any]]:  # fn_name: what the run
     fn, jobs, size = _RUNS[key]
     client = FlowRunContext.get().task_runner.client
     threads = max(1, sum(client.nthreads().values()))
-    # chunks of at most `size` jobs (the scheduler keeps ~130 kB per finished task for the run, so fewer, larger
-    # chunks keep it smaller), but at least two per worker thread so that a small input still uses every worker
+    # chunks of at most `size` jobs (cheap jobs pass a larger size: fewer tasks, less overhead per job), but at least
+    # two per worker thread so that a small input still uses every worker
     parts = chunks(jobs, max(1, min(size, -(-len(jobs) // (2 * threads)))))
-    # a bounded window of chunks in flight, not all of them at once: the scheduler holds each submitted chunk's
-    # data and each finished chunk's result until it is gathered, so its memory would grow with the data set
+    # a bounded window of chunks in flight, not all of them at once: each submitted chunk's jobs and each finished
+    # chunk's result are held on the cluster until gathered, so its memory would grow with the data set
     window = max(4, 2 * threads)
     results: list[list[Any] | None] = [None] * len(parts)
     pending = iter(enumerate(parts))

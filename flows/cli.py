@@ -187,7 +187,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from components.compare import compare
+    from components.compare import compare, markdown
 
     cfg = args.cfg
     c = cfg.compare.model_copy(
@@ -208,8 +208,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{manifest} does not exist: run `drspot prepare {dataset}` (or `drspot train`) first")
     out = args.out or cfg.resolve(cfg.paths.reports) / "compare"
     result = compare(manifest, dataset, out, cfg)
-    from components.compare import markdown
-
     print(markdown(result["rows"], c.named_class))
     print(f"written: {out / 'compare.md'}, {out / 'compare.html'}, {out / 'compare.json'}")
     print(f"MLflow: run {result['meta']['mlflow run']} (experiment drspot) with a child run per model")

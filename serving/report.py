@@ -107,12 +107,14 @@ class ReportError(ValueError):
 def fonts() -> dict[str, Path]:
     """The report's font files, from the packages that ship them (no download)."""
     import logging
+    from importlib.util import find_spec
 
-    import koreanize_matplotlib  # noqa: F401  (only its font folder is used; importing it sets matplotlib's rcParams)
     import matplotlib
 
     dejavu = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    nanum = Path(koreanize_matplotlib.__file__).parent / "fonts"
+    # only koreanize-matplotlib's font folder is used: located, not imported (importing it sets matplotlib's fonts)
+    spec = find_spec("koreanize_matplotlib")
+    nanum = Path(spec.origin).parent / "fonts" if spec and spec.origin else Path("koreanize_matplotlib/fonts")
     found = {
         "dejavu": dejavu / "DejaVuSans.ttf",
         "dejavu-bold": dejavu / "DejaVuSans-Bold.ttf",
@@ -197,10 +199,9 @@ def pdf(
     doc = FPDF(format="A4")
     doc.set_title(f"{t['title']} {row['request_id']}")
     doc.set_creator("DrSpot")
-    for name, style, key in (("dejavu", "", "dejavu"), ("dejavu", "B", "dejavu-bold")):
-        doc.add_font(name, style, str(f[key]))
-    for name, style, key in (("nanum", "", "nanum"), ("nanum", "B", "nanum-bold")):
-        doc.add_font(name, style, str(f[key]))
+    for name in ("dejavu", "nanum"):
+        doc.add_font(name, "", str(f[name]))
+        doc.add_font(name, "B", str(f[f"{name}-bold"]))
     doc.set_fallback_fonts(["nanum"], exact_match=False)
     doc.set_auto_page_break(True, margin=15)
     doc.add_page()

@@ -293,8 +293,8 @@ class DrSpot:
                     if attempt == 2:
                         raise
             return [json.loads(o) for o in out]
-        images = [correct(rgb, v) for v in variants]
-        return await anyio.to_thread.run_sync(self.pipeline.analyse_many, images)
+        # the corrections too run off the event loop (colour constancy and CLAHE are whole-photo numpy work)
+        return await anyio.to_thread.run_sync(lambda: self.pipeline.analyse_many([correct(rgb, v) for v in variants]))
 
     async def _predict(self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str):
         t0 = time.perf_counter()
@@ -458,9 +458,9 @@ class DrSpot:
         photo, note = None, None
         if row["image_path"] and Path(row["image_path"]).is_file():
             photo = Path(row["image_path"]).read_bytes()
-        elif row["request_id"] in self.photos:
-            photo = self.photos[row["request_id"]]
-        else:
+        else:  # .get: this runs in a worker thread while the event loop may evict the photo
+            photo = self.photos.get(row["request_id"])
+        if photo is None:
             note = (
                 "not stored (serving.store_images is off) and no longer among the "
                 f"{S.report_photos} recent photos kept in memory"
@@ -666,8 +666,9 @@ class DrSpot:
                         "frames",
                     )
             t_decode = time.perf_counter() - t0
-            images = [correct(up.rgb, preprocess) for up in ups]
-            results = await anyio.to_thread.run_sync(self.pipeline.analyse_many, images)
+            results = await anyio.to_thread.run_sync(
+                lambda: self.pipeline.analyse_many([correct(up.rgb, preprocess) for up in ups])
+            )
             readings = []
             for t, result in zip(times, results, strict=True):
                 top = reported(result)
