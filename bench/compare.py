@@ -1,4 +1,4 @@
-"""The backbone comparison (`drspot compare`, components/compare.py) on DermaMNIST's official splits.
+"""The backbone comparison (`drspot compare`, components/model/compare.py) on DermaMNIST's official splits.
 
 Run:  .venv/bin/python bench/compare.py [--epochs N] [--size PX] [--backbones a,b,c] [--student NAME]
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dermamnist import NPZ, prepare  # noqa: E402
 
 import components  # noqa: E402,F401
-from components.compare import compare, markdown  # noqa: E402
-from components.config import load_config  # noqa: E402
+from components.model.compare import compare, markdown  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from components.config import load_config  # noqa: E402
-from components.dedup import near_pairs, near_pairs_with_crops, verify  # noqa: E402
+from components.data.dedup import near_pairs, near_pairs_with_crops, verify  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
 
 def _hash_file(path: str) -> tuple[int, list[int]]:
-    from components.images import CROP_HASHES, decode, phash
+    from components.data.images import CROP_HASHES, decode, phash
 
     rgb = decode(path).rgb
     return phash(rgb), [phash(rgb, c) for c in CROP_HASHES]
@@ -100,7 +100,7 @@ def theirs(h: np.ndarray, d: int, method: str = "brute_force_cython", cap_s: flo
 
 def synthetic_set(n_images: int, seed: int, work: Path) -> tuple[list[Path], list[tuple[int, int]]]:
     """A generated set of about n_images with ~2% planted near-duplicates; returns paths and true pairs."""
-    from components.synthetic import Spec, generate
+    from components.data.synthetic import Spec, generate
 
     cfg = load_config("demo")
     n_near = max(10, n_images // 50)

@@ -7,7 +7,7 @@ numbers compare with the published table; the gate reports the leakage of that s
 classifier on CPU with the project's training code and evaluates on the official test split, for two
 recipes in the same run:
 
-- `pretrained`: EfficientNet-Lite0 from the offline ImageNet weights (components/weights.py), the 28 px
+- `pretrained`: EfficientNet-Lite0 from the offline ImageNet weights (components/model/weights.py), the 28 px
   images upsampled to 96 px, a linear probe then fine-tuning (lp_ft), loss weighted by inverse square-root
   class frequency, the epoch kept by validation balanced accuracy;
 - `scratch`: ResNet-18 at 64 px from random weights, unweighted loss (the recipe of issue 3).
@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from components import gate  # noqa: E402
-from components.config import load_config  # noqa: E402
-from components.evaluate import evaluate  # noqa: E402
-from components.ingest import ingest  # noqa: E402
-from components.train_classifier import train_classifier  # noqa: E402
+from components.data import gate  # noqa: E402
+from components.data.ingest import ingest  # noqa: E402
+from components.model.evaluate import evaluate  # noqa: E402
+from components.model.train_classifier import train_classifier  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 NPZ = ROOT.parent / "shared" / "data" / "dermamnist_28" / "dermamnist_28_from_jpeg.npz"
 PUBLISHED = [

@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from components import gate  # noqa: E402
-from components.config import load_config  # noqa: E402
-from components.ingest import ingest  # noqa: E402
-from components.train_detector import train_detector  # noqa: E402
+from components.data import gate  # noqa: E402
+from components.data.ingest import ingest  # noqa: E402
+from components.model.train_detector import train_detector  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SOURCE = DATA / "ham10000_yolo_seg_roboflow"

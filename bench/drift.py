@@ -15,7 +15,7 @@ Needs ../shared/data (DermaMNIST and the HAM10000 polygon set). In one run:
    through each shift at a mild and a moderate severity (brightness up, brightness down, blur,
    colour cast, JPEG quality), and a different real source, the HAM10000 photos of the polygon set;
 3. windows of 50, 100, 200 and 500 rows are drawn from each pool (without replacement, 20 seeds)
-   and judged by the product's ``components.monitor.compare`` (Evidently 0.7, the ``monitor.*``
+   and judged by the product's ``components.monitoring.monitor.compare`` (Evidently 0.7, the ``monitor.*``
    policy of params.yaml).
 Writes bench/results/drift.json: the full table, ``false_alarm_rate`` (all no-shift windows) and
 ``detection_rate_moderate_200`` (moderate shifts, windows of 200).
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import components  # noqa: E402,F401
-from components.config import load_config  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 NPZ = SHARED / "dermamnist_28" / "dermamnist_28_from_jpeg.npz"
@@ -83,7 +83,7 @@ def shift(img, kind: str, s):
 
 def rows_for(images, model, mc, projection):
     """The monitor's columns for PIL images (whole-image path: DermaMNIST has no boxes)."""
-    from components.reference import features
+    from components.monitoring.reference import features
 
     return features(((im, None) for im in images), model, mc, projection)[0]
 
@@ -93,9 +93,10 @@ def build_pools(cfg) -> dict:
     stores ("reference") and the monitor's rows of every pool."""
     from PIL import Image
 
-    from components import reference
-    from components.ingest import ingest
-    from components.train_classifier import load_model, train_classifier
+    from components.data.ingest import ingest
+    from components.model.classifier import load_model
+    from components.model.train_classifier import train_classifier
+    from components.monitoring import reference
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -165,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     if not NPZ.is_file() or not HAM.is_dir():
         sys.exit(f"{NPZ} or {HAM} not found: this benchmark needs ../shared/data")
-    from components.monitor import compare
+    from components.monitoring.monitor import compare
 
     cfg = bench_config(args.epochs)
     t0 = time.monotonic()

@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from components import gate  # noqa: E402
-from components.config import load_config  # noqa: E402
-from components.evaluate import evaluate  # noqa: E402
-from components.ingest import ingest  # noqa: E402
-from components.train_classifier import train_classifier  # noqa: E402
-from components.train_detector import train_detector  # noqa: E402
+from components.data import gate  # noqa: E402
+from components.data.ingest import ingest  # noqa: E402
+from components.model.evaluate import evaluate  # noqa: E402
+from components.model.train_classifier import train_classifier  # noqa: E402
+from components.model.train_detector import train_detector  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 SRC = ROOT.parent / "shared" / "data" / "ham10000_200x150"
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "malignant_pauc80")
@@ -54,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, help="classifier epochs (default: the ham10000 profile)")
     ap.add_argument("--size", type=int, help="classifier input size in px")
-    ap.add_argument("--backbone", help="timm backbone (pretrained weights from components/weights.py)")
+    ap.add_argument("--backbone", help="timm backbone (pretrained weights from components/model/weights.py)")
     ap.add_argument("--det-epochs", type=int, help="detector epochs")
     ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     ap.add_argument("--no-detector", action="store_true", help="skip the detector")

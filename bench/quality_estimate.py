@@ -1,4 +1,5 @@
-"""Does the label-free estimate (CBPE, components/quality.py) track the measured accuracy under real shifts, and how
+"""Does the label-free estimate (CBPE, components/monitoring/quality.py) track the measured accuracy under real
+shifts, and how
 many confirmed labels does the measured rule need to fire on a real drop in malignant sensitivity?
 
 Real data: DermaMNIST (HAM10000 dermoscopy at 28 px, its official splits). A classifier is trained on the train
@@ -44,10 +45,12 @@ def conditions(cfg, epochs: int):
     """Train on DermaMNIST; the performance reference (val) and the served probabilities of every test condition."""
     from PIL import Image
 
-    from components.evaluate import malignant_prob, score, softmax
-    from components.ingest import ingest
-    from components.preprocess import to_uint8
-    from components.train_classifier import predict, train_classifier
+    from components.data.ingest import ingest
+    from components.data.preprocess import to_uint8
+    from components.model.classifier import predict
+    from components.model.evaluate import score
+    from components.model.metrics import malignant_prob, softmax
+    from components.model.train_classifier import train_classifier
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -117,7 +120,7 @@ def nannyml_estimates(ref, windows: list[np.ndarray]) -> list[float] | None:
 
 def labels_to_fire(order, y_mal, flagged, q) -> int | None:
     """Confirmations in ``order``: after how many the rule fires (None: not within the stream)."""
-    from components.evaluate import wilson
+    from components.model.metrics import wilson
 
     for n in range(1, len(order) + 1):
         last = order[max(0, n - q.last_cases) : n]
@@ -139,7 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     if not NPZ.is_file():
         sys.exit(f"{NPZ} not found: this benchmark needs ../shared/data")
-    from components import quality
+    from components.monitoring import quality
 
     cfg = bench_config(args.epochs)
     q = cfg.monitor.quality

@@ -4,8 +4,8 @@ Run:  .venv/bin/python bench/scale.py [--sizes 10000 100000] [--configs local da
 
 For each size a dataset of distinct 600x450 JPEGs (HAM10000's original size; smooth random skin, one lesion
 each, sensor noise: ~50 kB like a dermoscopy JPEG) is generated once under --work (default: a temporary folder,
-deleted after), then the whole data gate (validate -> dedup -> split, components/gate.py) runs on each compute
-target (components/compute.py):
+deleted after), then the whole data gate (validate -> dedup -> split, components/data/gate.py) runs on each compute
+target (infra/compute.py):
 * local: the default pool of local processes (validate.workers: one per core);
 * dask1 / dask2: an external `dask scheduler` and one `dask worker` process with 1 or 2 single-threaded worker
   processes, through prefect-dask's DaskTaskRunner, chunks of compute.chunk_size images.
@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from components import compute, gate  # noqa: E402
-from components.config import load_config  # noqa: E402
-from components.manifest import Row, write_manifest  # noqa: E402
+from components.data import gate  # noqa: E402
+from components.data.manifest import Row, write_manifest  # noqa: E402
+from infra import compute  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 BIN = Path(sys.executable).parent
 OUTPUTS = ("validate/validated.parquet", "dedup/deduplicated.parquet", "split/split.parquet")
@@ -173,7 +174,7 @@ class Peak:
 
 def run_gate(ds: Path, out: Path, cfg) -> dict:
     """The whole gate into ``out``; wall times of the gate and of its per-image step (the image checks)."""
-    from components import validate as validate_module
+    from components.data import validate as validate_module
 
     timed: dict[str, float] = {}
     original = validate_module.map_chunks

@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import components  # noqa: E402,F401
-from components.config import load_config  # noqa: E402
+from infra.config import load_config  # noqa: E402
 
 
 def images(n: int) -> list[bytes]:
     """``n`` decodable photos (the dataset's planted corrupt files are left out)."""
-    from components.images import ImageError, decode
+    from components.data.images import ImageError, decode
 
     def good(paths):
         out = []
@@ -52,7 +52,7 @@ def images(n: int) -> list[bytes]:
 
     found = good(sorted((ROOT / "data" / "images").glob("*.jpg")))
     if len(found) < n:
-        from components.synthetic import Spec, generate
+        from components.data.synthetic import Spec, generate
 
         out = Path(tempfile.mkdtemp()) / "syn"
         generate(out, Spec.from_config(load_config("demo")))
@@ -75,13 +75,12 @@ def raw(imgs: list[bytes], n: int, runtime: str = "torch") -> dict[str, float]:
     """The in-process pipeline at batch 1 on ``runtime`` (eager PyTorch or ONNX Runtime on the deployed exports)."""
     import bentoml
 
-    from components.images import decode
-    from serving.deploy import deployed_file
+    from components.data.images import decode
     from serving.pipeline import Pipeline
 
     cfg = load_config()
     cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
-    tags = json.loads(deployed_file(cfg).read_text())["models"]
+    tags = json.loads(cfg.runtime.deployed.read_text())["models"]
     cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
     p = Pipeline(cm.path, dm.path, cfg)
     for b in imgs[:4]:

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from infra.state import StatePaths  # noqa: E402
+
 BIN = Path(sys.executable).parent
 SERVICES = ("postgres", "object_store", "mlflow", "prefect", "worker")
 
@@ -53,7 +55,7 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run([BIN / "drspot", "stack", "up"], env=env, check=True, capture_output=True, text=True, timeout=400)
     up_s = round(time.perf_counter() - start, 1)
-    rec = json.loads((home / ".drspot" / "stack" / "stack.json").read_text())
+    rec = json.loads((StatePaths(home).stack / "stack.json").read_text())
     pids = {name: rec["services"][name]["pid"] for name in SERVICES}
     result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "up_s": up_s}
     try:
@@ -86,7 +88,7 @@ def main() -> None:
         result["peak_while_a_flow_runs_mib"] = {name: round(v) for name, v in peak.items()}
     finally:
         subprocess.run([BIN / "drspot", "stack", "down"], env=env, capture_output=True, timeout=120)
-        from components.stack import _pg_folder
+        from infra.stack import _pg_folder
 
         subprocess.run(["rm", "-rf", str(_pg_folder(home)), str(home)])
     total_rest = sum(result["at_rest_mib"].values())

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from components.config import Config
+from infra.config import Config
 
 TRAFFIC = 120  # photos per traffic phase (normal, shifted)
 
@@ -55,7 +55,7 @@ class Steps:
 
 def _photos(out: Path, cfg: Config, seed: int, shifted: bool) -> list[tuple[Path, str]]:
     """New lesions (not in the dataset) photographed by the usual or the shifted camera."""
-    from components.synthetic import Spec, generate
+    from components.data.synthetic import Spec, generate
 
     faults = dict.fromkeys(("exact_duplicates", "near_duplicates", "corrupt", "unknown_labels", "tiny"), 0)
     # the class mix and views per lesion of the training data: a per-class floor on a small set, or one
@@ -115,7 +115,7 @@ def _monitor(cfg: Config, last: int) -> dict[str, Any]:
         print(f"     - {r}")
     if s.get("drifted"):
         print(f"     drifted: {', '.join(s['drifted'])}")
-    from flows.cli import quality_lines
+    from flows.console import quality_lines
 
     print("\n".join(f"   {line}" for line in quality_lines(s["quality"]).splitlines()))
     return s
@@ -125,20 +125,20 @@ def _fresh_start(cfg: Config) -> str | None:
     """Move an earlier run's state aside (never delete it), so the loop starts from nothing: the local
     MLflow store, the gate's and the evaluation's outputs, the models, the prediction log and stored
     photos. DVC's cache and remote stay (content addressed: an unchanged stage is restored, not re-run)."""
-    from components import registry
+    from components.model import registry
     from serving.store import database_url
 
-    root, runtime = cfg.home, cfg.home / ".drspot"
+    root = cfg.home
     paths = [cfg.resolve(cfg.paths.prepared), cfg.resolve(cfg.paths.models), cfg.resolve(cfg.paths.reports)]
     log = Path(database_url(cfg).removeprefix("sqlite:///"))
     paths += [log.with_name(log.name + x) for x in ("", "-wal", "-shm")]
-    paths += [cfg.resolve(cfg.serving.images_dir), runtime / "demo-traffic"]
+    paths += [cfg.resolve(cfg.serving.images_dir), cfg.runtime.demo_traffic]
     if registry.tracking_uri() == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}":
         paths += [root / "mlflow" / "mlflow.db", root / "mlflow" / "artifacts"]
     present = [p for p in paths if p.exists()]
     if not present:
         return None
-    keep = runtime / "previous" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    keep = cfg.runtime.previous / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     for p in present:
         dest = keep / p.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str
     """Steps 1-4 of both demos: ingest (``ingest_step(data)``, printing its own figures), version with DVC, the data
     gate and the train flow. Returns (gate summary, train result, data version), or None when no model could be
     promoted to serve."""
-    from components import gate, versioning
+    from components.data import gate, versioning
     from flows.prepare import prepare_flow
     from flows.train import decision, train_flow
 
@@ -190,9 +190,7 @@ def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str
 
 def _serves(ready: dict[str, Any], cfg: Config) -> bool:
     """Whether the service answering /readyz serves the models the last ``drspot deploy`` deployed."""
-    from serving.deploy import deployed_file
-
-    return ready.get("models") == json.loads(deployed_file(cfg).read_text()).get("registry")
+    return ready.get("models") == json.loads(cfg.runtime.deployed.read_text()).get("registry")
 
 
 def _start_serving(
@@ -207,7 +205,7 @@ def _start_serving(
     steps.start("deploy the champions (BentoML model store + Bento) and serve them over HTTP")
     built = deploy(cfg)
     print(f"   built Bento {built['bento']} with {built['registry']}")
-    server = Server(env, cfg.home / ".drspot" / "demo-serve.log", *serve_args, port=port)
+    server = Server(env, cfg.runtime.demo_serve_log, *serve_args, port=port)
     ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
     models = ready.get("models", {})
     steps.done(f"{server.url} ready: {models.get('classifier')} + {models.get('detector')}")
@@ -217,15 +215,14 @@ def _start_serving(
 def run_demo(cfg: Config) -> int:
     import httpx
 
-    from components.ingest import ingest
-    from flows.cli import _progress, report_rows
+    from components.data.ingest import ingest
+    from flows.console import progress, report_rows
     from flows.retrain import retrain_flow
     from flows.train import decision
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
     root = cfg.home
-    runtime = root / ".drspot"
     raw = cfg.resolve(cfg.paths.raw)
     data = cfg.resolve(cfg.paths.data)
     steps = Steps()
@@ -236,7 +233,7 @@ def run_demo(cfg: Config) -> int:
 
     def synthetic(data: Path) -> None:
         steps.start(f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
-        result = ingest("synthetic", raw / "synthetic", data, cfg, generate=True, progress=_progress("ingest"))
+        result = ingest("synthetic", raw / "synthetic", data, cfg, generate=True, progress=progress("ingest"))
         report_rows(result, 5)
         steps.done(f"{result.rows} images of {result.summary['lesions']} lesions; faults in raw/synthetic/faults.json")
 
@@ -248,10 +245,10 @@ def run_demo(cfg: Config) -> int:
     env = {**os.environ, cfg.serving.feedback_key_env: key}
     # the service gets this run's configuration, with consent to keep photos (the flywheel needs them)
     serving = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"store_images": True})})
-    serve_args = ("--config", str(serving.write(runtime / "run" / "demo-serve.yaml")))
+    serve_args = ("--config", str(serving.write(cfg.runtime.run_config("demo-serve"))))
     server = _start_serving(cfg, steps, env, serve_args)
     try:
-        traffic = runtime / "demo-traffic"
+        traffic = cfg.runtime.demo_traffic
         steps.start(f"normal traffic: {TRAFFIC} photos of new lesions from the usual camera")
         normal = _send(server.url, _photos(traffic / "normal", cfg, cfg.seed + 1001, shifted=False), "normal")
         steps.done(_traffic_summary(normal))
@@ -298,7 +295,7 @@ def run_demo(cfg: Config) -> int:
         if fly.get("deployed"):
             steps.start("the running `drspot serve` switches to the new Bento (no restart)")
             t0 = time.monotonic()
-            while True:  # serving/switch.py: started beside the old one, traffic moved once ready, old one drained
+            while True:  # serving/serve.py: started beside the old one, traffic moved once ready, old one drained
                 ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
                 if _serves(ready, cfg):
                     break
@@ -343,8 +340,8 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     import pyarrow.parquet as pq
     from sklearn.metrics import balanced_accuracy_score
 
-    from components.ingest import ingest
-    from flows.cli import _progress, report_rows
+    from components.data.ingest import ingest
+    from flows.console import progress, report_rows
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
@@ -365,7 +362,7 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
             data,
             cfg,
             boxes=source / "lesion_boxes.csv",
-            progress=_progress("ingest"),
+            progress=progress("ingest"),
         )
         report_rows(result, 5)
         s = result.summary
@@ -375,7 +372,7 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     if started is None:
         return 1
     gated, trained, version = started
-    serve_args = ("--config", str(cfg.write(cfg.home / ".drspot" / "run" / "demo-serve.yaml")))  # this run's config
+    serve_args = ("--config", str(cfg.write(cfg.runtime.run_config("demo-serve"))))  # this run's config
     server = _start_serving(cfg, steps, dict(os.environ), serve_args, port=cfg.serving.port if keep_serving else None)
     try:
         steps.start(f"{photos} photos of the frozen test split over HTTP (the detector finds the lesion)")
@@ -428,7 +425,5 @@ def _summary(steps: Steps, cfg: Config, data: Path, version: str, fly: dict, dri
     if fly.get("feedback_batch"):
         print(f"   feedback in   {fly['feedback_batch']}")
     print(f"   data versions {version} -> {fly.get('data_version')} (data.dvc; `dvc push` went to the default remote)")
-    from serving.deploy import deployed_file
-
-    bento = json.loads(deployed_file(cfg).read_text())["bento"]
+    bento = json.loads(cfg.runtime.deployed.read_text())["bento"]
     print(f"   serve again   .venv/bin/drspot serve   (Bento {bento})")

@@ -16,9 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from components import alerts, quality, reference, registry
-from components.config import Config, load_config
-from components.monitor import monitor, save_summary, window_rows
+from components.model import registry
+from components.monitoring import alerts, quality, reference
+from components.monitoring.monitor import monitor, save_summary, window_rows
+from flows.policy import HOOKS
+from infra.config import Config, load_config
 
 DRIFT_EVENT = "drspot.drift.detected"
 
@@ -109,7 +111,7 @@ def _markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="monitor", log_prints=True, **alerts.HOOKS)
+@flow(name="monitor", log_prints=True, **HOOKS)
 def monitor_flow(
     since: str | None = None, last: int | None = None, profile: str | None = None, cfg: Config | None = None
 ) -> dict[str, Any]:

@@ -5,7 +5,7 @@ can fix.
 the gate and the serving check, the deployment, the flywheel's own steps); a task past it fails with Prefect's
 ``TaskRunTimeoutError``, which is not retried (it would take as long again). A task that runs in the flow's main
 thread is interrupted (SIGALRM), and a DVC stage it runs is stopped with its whole process group
-(:func:`components.versioning.dvc`).
+(:func:`components.data.versioning.dvc`).
 
 :func:`transient` decides what is worth a retry: a connection refused or reset, a name that did not resolve, a
 server's 5xx, a lock held by another process (DVC's repository lock, SQLite's "database is locked"), a timeout of a
@@ -20,8 +20,9 @@ import re
 import signal
 from typing import Any
 
-from components.config import Config
-from components.manifest import DataError
+from components.data.manifest import DataError
+from components.monitoring import alerts
+from infra.config import Config, load_config
 
 # words in an error's text that mark a condition that passes by itself
 TRANSIENT_TEXT = (
@@ -104,3 +105,34 @@ def checkpoint(step: str) -> None:
     ``$DRSPOT_KILL_AT`` naming this step the process SIGKILLs itself here, as an OOM killer or a power cut would."""
     if os.environ.get(KILL_AT) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_config(parameters: dict[str, Any]) -> Config:
+    """The configuration the failed run was handed (its ``cfg`` parameter, at its ``root``), else its profile's."""
+    cfg = parameters.get("cfg")
+    if isinstance(cfg, dict):
+        cfg = Config.model_validate(cfg)
+    if not isinstance(cfg, Config):
+        cfg = load_config(parameters.get("profile"))
+    return cfg.at(parameters["root"]) if parameters.get("root") else cfg
+
+
+def flow_failed(flow, flow_run, state) -> None:
+    """Prefect ``on_failure`` / ``on_crashed`` hook of every DrSpot flow; a subflow's failure is told once, by the
+    outermost flow it failed."""
+    if getattr(flow_run, "parent_task_run_id", None):
+        return
+    try:
+        cfg = _run_config(flow_run.parameters or {})
+    except Exception:  # noqa: BLE001 - the configuration itself may be what failed: there is nowhere to record it
+        return
+    alerts.send(
+        cfg,
+        "flow_failed",
+        f"flow {flow.name} run {flow_run.name} {state.type.value.lower()}: {str(state.message or '')[:300]}",
+        {"flow": flow.name, "flow_run": flow_run.name, "flow_run_id": str(flow_run.id), "state": state.type.value},
+        severity="error",
+    )
+
+
+HOOKS = {"on_failure": [flow_failed], "on_crashed": [flow_failed]}

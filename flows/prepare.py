@@ -15,13 +15,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import alerts, gate
-from components.config import Config, load_config
-from components.manifest import DataError
-from flows.policy import DECLARED, bound
-
-STAGE_CONFIG = ".drspot/run/config.yaml"  # the file dvc.yaml names (relative to the project)
-
+from components.data import gate
+from components.data.manifest import DataError
+from flows.policy import DECLARED, HOOKS, bound
+from infra.config import Config, load_config
 
 # each dvc.yaml stage's kind of timeout (flows.timeout_s)
 STAGE_KIND = {
@@ -46,7 +43,7 @@ def _echo(line: str) -> None:
 def dvc_stage(stage: str, cfg: Config) -> str:
     """Run one DVC stage of the project ``cfg.home`` with ``cfg`` (written first by :func:`stage_config`);
     returns 'ran', 'restored' (from DVC's run cache) or 'cached' (unchanged)."""
-    from components.versioning import DvcError, dvc
+    from components.data.versioning import DvcError, dvc
 
     try:
         out = dvc("repro", "--single-item", stage, cwd=cfg.home, echo=_echo, home=cfg.home)
@@ -89,10 +86,10 @@ def uses_dvc(dataset: str | Path, cfg: Config) -> bool:
 def stage_config(cfg: Config) -> Path:
     """Write ``cfg`` where ``dvc.yaml``'s stages read it (their ``--config`` and ``params`` file), so DVC runs them
     with exactly this configuration and its staleness check sees every value they use."""
-    return cfg.write(cfg.resolve(STAGE_CONFIG))
+    return cfg.write(cfg.runtime.stage_config)
 
 
-@flow(name="prepare", log_prints=True, **alerts.HOOKS)
+@flow(name="prepare", log_prints=True, **HOOKS)
 def prepare_flow(
     dataset: str,
     prepared: str | None = None,

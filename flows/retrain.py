@@ -1,7 +1,7 @@
 """The ``retrain`` flow, the flywheel: confirmed feedback -> data gate -> new DVC version -> ``train`` -> deploy.
 
 1. The clinician-confirmed cases not yet in the dataset are taken from the prediction log
-   (:func:`components.feedback.pending`: only confirmations, only stored images; every case left
+   (:func:`components.monitoring.feedback.pending`: only confirmations, only stored images; every case left
    out is listed with its reason). Fewer than ``min_new`` of them: nothing happens, and the flow
    says so (the threshold trigger runs it with ``retrain.min_new_cases``).
 2. They are exported as a source folder under ``retrain.feedback_dir`` and appended to the dataset
@@ -11,7 +11,7 @@
    everything already there, and the split keeps the frozen test set (a case duplicating a test
    image is dropped or held out, never trained on; no case enters test). The gate decides.
 4. If a model was promoted (and ``retrain.deploy``), ``drspot deploy`` builds the new Bento; a
-   running ``drspot serve`` switches to it without downtime (serving/switch.py).
+   running ``drspot serve`` switches to it without downtime (serving/serve.py).
 
 Runs are serialised by a file lock, so the nightly run, the threshold run and a drift-triggered run
 never retrain the same data twice at once. Each run keeps a journal of its steps beside the lock (:class:`Journal`):
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -35,11 +34,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import alerts, feedback
-from components.config import Config, load_config
-from components.env import runtime_dir
-from flows.policy import DECLARED, bound, checkpoint
+from components.monitoring import feedback
+from flows.policy import DECLARED, HOOKS, bound, checkpoint
 from flows.train import decision
+from infra.config import Config, load_config
+from infra.state import StatePaths
 
 # the steps of a retrain, in order (journal entries and the resume test's kill points; register and promote are
 # inside `train`)
@@ -48,8 +47,7 @@ SUMMARY = "summary.json"  # each retrain's record under <paths.reports>/retrain/
 
 
 def lock_path(root: Path) -> Path:
-    # a stable name per project (str hashes are salted per process, which would give every process its own lock)
-    return runtime_dir() / f"retrain-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.lock"
+    return StatePaths(root).retrain_lock
 
 
 @contextmanager
@@ -138,7 +136,7 @@ def collect(cfg: Config, data: str) -> tuple[list[feedback.Case], list[dict[str,
 
 @task(name="ingest-feedback", **DECLARED)
 def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Config) -> dict[str, Any]:
-    from components.ingest import ingest
+    from components.data.ingest import ingest
 
     feedback.export(cases, batch)
     result = ingest("feedback", batch, data, cfg, append=True)
@@ -147,7 +145,7 @@ def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Conf
 
 @task(name="version-data", **DECLARED)
 def version_data(root: str, data: str, push_timeout_s: float | None = None) -> dict[str, Any]:
-    from components import versioning
+    from components.data import versioning
 
     version = versioning.add(Path(data).resolve().relative_to(Path(root).resolve()), cwd=root)
     remote = versioning.default_remote(root)
@@ -191,7 +189,7 @@ def _record(cfg: Config, started: dt.datetime, summary: dict[str, Any]) -> None:
     tmp.replace(out / SUMMARY)
 
 
-@flow(name="retrain", log_prints=True, **alerts.HOOKS)
+@flow(name="retrain", log_prints=True, **HOOKS)
 def retrain_flow(
     trigger: str = "by hand",
     min_new: int = 1,
@@ -205,7 +203,7 @@ def retrain_flow(
     ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given); ``root`` moves its
     state home to another project folder.
     """
-    from components.versioning import data_version
+    from components.data.versioning import data_version
     from flows.train import train_flow
 
     cfg = cfg or load_config(profile)

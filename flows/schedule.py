@@ -30,8 +30,7 @@ from typing import Any
 
 import httpx
 
-from components.config import Config
-from components.env import runtime_dir
+from infra.config import Config
 
 # the retrain run's `trigger` parameter: which event (drift or the quality rule) and its report
 EVENT_TRIGGER = "{{ event.event }}: {{ event.payload.report }}"
@@ -44,7 +43,7 @@ def specs(cfg: Config, profile: str | None) -> list[tuple[Any, str, str, dict[st
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    from components.quality import QUALITY_EVENT
+    from components.monitoring.quality import QUALITY_EVENT
     from flows.monitor import DRIFT_EVENT, monitor_flow
     from flows.retrain import retrain_flow
 
@@ -108,8 +107,8 @@ def deploy_to_pool(cfg: Config, profile: str | None, pool: str) -> list[str]:
     """Register the four deployments on the Prefect server of ``PREFECT_API_URL`` for the workers of ``pool``
     (a ``process`` pool, created if missing); their code is this checkout (``from_source``: each worker host needs
     the project at the same path, with its venv). Returns "flow/deployment" names."""
-    from components.env import CODE
-    from components.stack import create_pool
+    from infra.env import CODE
+    from infra.stack import create_pool
 
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError("set PREFECT_API_URL to the Prefect server the workers poll (drspot stack up prints it)")
@@ -129,13 +128,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_local_server(port: int, timeout: float = 180, log: Path | None = None) -> tuple[str, subprocess.Popen | None]:
+def start_local_server(port: int, log: Path, timeout: float = 180) -> tuple[str, subprocess.Popen | None]:
     """``prefect server start`` on 127.0.0.1:``port`` over the project's Prefect home (reused if one already
     answers there); returns its API URL and the process (None when reused)."""
     url = f"http://127.0.0.1:{port}/api"
     if _healthy(url):
         return url, None
-    log = log or runtime_dir() / "prefect-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -158,8 +156,9 @@ def start_local_server(port: int, timeout: float = 180, log: Path | None = None)
 def watchdog(cfg: Config, since, stop, every_s: float = 300) -> None:
     """The schedule's own checks, every ``every_s`` until ``stop`` is set: a ``nightly_missed`` alert once per
     nightly cron time that passed (plus ``alerts.nightly_grace_h``) without a nightly retrain starting, and
-    challengers whose approval deadline passed are rejected (components/approval.py)."""
-    from components import alerts, approval
+    challengers whose approval deadline passed are rejected (components/model/approval.py)."""
+    from components.model import approval
+    from components.monitoring import alerts
 
     told: set = set()
     while not stop.wait(every_s):
@@ -189,8 +188,8 @@ def run_schedule(cfg: Config, profile: str | None, port: int = 4200) -> int:
 
     url, server = os.environ.get("PREFECT_API_URL"), None
     if not url:
-        url, server = start_local_server(port)
-        print(f"Prefect server: {url} (UI http://127.0.0.1:{port}; log {runtime_dir() / 'prefect-server.log'})")
+        url, server = start_local_server(port, cfg.runtime.prefect_log)
+        print(f"Prefect server: {url} (UI http://127.0.0.1:{port}; log {cfg.runtime.prefect_log})")
     else:
         print(f"Prefect server: {url} (PREFECT_API_URL)")
     os.environ["PREFECT_API_URL"] = url  # the flow-run subprocesses report to the same server

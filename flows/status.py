@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from components.config import Config
+from infra.config import Config
 
 KEY_METRICS = {
     "classifier": ("macro_auc", "balanced_accuracy", "malignant_sensitivity", "malignant_specificity"),
@@ -34,8 +34,8 @@ def _part(fn, *args) -> dict[str, Any]:
 def data_status(cfg: Config) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from components.manifest import MANIFEST
-    from components.versioning import data_version
+    from components.data.manifest import MANIFEST
+    from components.data.versioning import data_version
 
     data = cfg.resolve(cfg.paths.data)
     out: dict[str, Any] = {"path": str(data), "version": data_version(cfg.home / "data.dvc")}
@@ -51,7 +51,7 @@ def data_status(cfg: Config) -> dict[str, Any]:
 
 
 def models_status(cfg: Config) -> dict[str, Any]:
-    from components import registry
+    from components.model import registry
 
     uri = registry.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
@@ -86,9 +86,7 @@ def models_status(cfg: Config) -> dict[str, Any]:
 def serving_status(cfg: Config) -> dict[str, Any]:
     import httpx
 
-    from serving.deploy import deployed_file
-
-    state = deployed_file(cfg)
+    state = cfg.runtime.deployed
     out: dict[str, Any] = {"deployed": json.loads(state.read_text()) if state.is_file() else None}
     url = f"http://{cfg.serving.host}:{cfg.serving.port}"
     out["url"] = url
@@ -140,7 +138,7 @@ def alerts_status(cfg: Config) -> dict[str, Any]:
     """The alert file's newest alerts: how many in the last 24 h, and the newest one."""
     import datetime as dt
 
-    from components import alerts
+    from components.monitoring import alerts
 
     recent = alerts.recent(cfg, 500)
     day = dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)
@@ -152,7 +150,7 @@ def alerts_status(cfg: Config) -> dict[str, Any]:
 
 
 def approvals_status(cfg: Config) -> dict[str, Any]:
-    from components import approval
+    from components.model import approval
 
     if not cfg.gate.approval.required:
         return {"required": False, "waiting": []}
@@ -175,7 +173,7 @@ def retrain_status(cfg: Config) -> dict[str, Any]:
 
 def log_status(cfg: Config, since: str | None) -> dict[str, Any]:
     """The log's location and counts; ``since``: the newest prediction the last monitor run saw (ISO time)."""
-    from components import feedback
+    from components.monitoring import feedback
     from serving.store import PredictionLog, database_url, describe
 
     url = database_url(cfg)

@@ -20,16 +20,17 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import alerts, registry
-from components.config import Config, load_config
-from components.versioning import data_version
-from flows.policy import DECLARED, bound, checkpoint
+from components.data.versioning import data_version
+from components.model import registry
+from components.monitoring import alerts
+from flows.policy import DECLARED, HOOKS, bound, checkpoint
 from flows.prepare import prepare_flow, run_stage, stage_config, uses_dvc
+from infra.config import Config, load_config
 
 
 @task(name="train-classifier", **DECLARED)
 def train_classifier_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
-    from components.train_classifier import train_classifier
+    from components.model.train_classifier import train_classifier
 
     train_classifier(manifest, dataset, out, cfg)
     return out
@@ -37,7 +38,7 @@ def train_classifier_task(manifest: str, dataset: str, out: str, cfg: Config) ->
 
 @task(name="train-detector", **DECLARED)
 def train_detector_task(manifest: str, dataset: str, out: str, cfg: Config) -> str:
-    from components.train_detector import train_detector
+    from components.model.train_detector import train_detector
 
     train_detector(manifest, dataset, out, cfg)
     return out
@@ -45,7 +46,7 @@ def train_detector_task(manifest: str, dataset: str, out: str, cfg: Config) -> s
 
 @task(name="evaluate", **DECLARED)
 def evaluate_task(model: str, manifest: str, dataset: str, out: str, detector: str, cfg: Config, version: str | None):
-    from components.evaluate import evaluate
+    from components.model.evaluate import evaluate
 
     return evaluate(model, manifest, dataset, out, cfg, detector_dir=detector, data_version=version)["metrics"]
 
@@ -133,7 +134,7 @@ def promote_passing(
     for r in passing:
         if (check is None or check["passed"]) and cfg.gate.approval.required:
             # a person decides (drspot approve / reject); the champion stays until then
-            from components import approval
+            from components.model import approval
 
             r["approval"] = approval.request(cfg, r["kind"], r["version"], r["reason"])
             r["promote"] = False
@@ -193,7 +194,7 @@ def _markdown(results: list[dict[str, Any]], title: str = "Train: gate decisions
     return "\n".join(lines)
 
 
-@flow(name="train", log_prints=True, **alerts.HOOKS)
+@flow(name="train", log_prints=True, **HOOKS)
 def train_flow(
     dataset: str | None = None, profile: str | None = None, root: str | None = None, cfg: Config | None = None
 ) -> dict[str, Any]:
@@ -254,7 +255,7 @@ def train_flow(
     }
 
 
-@flow(name="promote", log_prints=True, **alerts.HOOKS)
+@flow(name="promote", log_prints=True, **HOOKS)
 def promote_flow(
     kind: str = "classifier",
     version: str | None = None,

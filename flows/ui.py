@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from components.config import Config
+from infra.config import Config
 
 START_TIMEOUT_S = 180
 
@@ -62,10 +62,10 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 def run_ui(cfg: Config, prefect_port: int, mlflow_port: int) -> int:
-    from components import registry
+    from components.model import registry
     from flows.schedule import start_local_server
 
-    logs = cfg.home / ".drspot" / "ui"
+    logs = cfg.runtime.ui_logs
     logs.mkdir(parents=True, exist_ok=True)
     started: list[subprocess.Popen] = []
 
@@ -77,7 +77,7 @@ def run_ui(cfg: Config, prefect_port: int, mlflow_port: int) -> int:
         if os.environ.get("PREFECT_API_URL"):
             prefect = f"{os.environ['PREFECT_API_URL'].removesuffix('/api')} (shared server: PREFECT_API_URL)"
         else:
-            _, proc = start_local_server(prefect_port, log=logs / "prefect.log")
+            _, proc = start_local_server(prefect_port, logs / "prefect.log")
             started += [proc] if proc else []
             prefect = f"http://127.0.0.1:{prefect_port}" + ("" if proc else " (already running)")
         uri = registry.tracking_uri()

@@ -12,13 +12,6 @@ import sys
 from pathlib import Path
 
 
-def metrics_dir(label: str, port: int) -> Path:
-    """The Prometheus folder of the backend ``label`` on ``port``: ``<runtime dir>/metrics/<label>-<port>``."""
-    from components.env import runtime_dir
-
-    return runtime_dir() / "metrics" / f"{label}-{port}"
-
-
 def command(target: str, host: str, port: int, metrics: Path) -> list[str]:
     """``bentoml serve target`` on host:port, through this module, with ``metrics`` as its Prometheus folder."""
     return [sys.executable, "-m", "serving.backend", str(metrics), "serve", target, "--host", host, "--port", str(port)]

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.config import Config
+from infra.config import Config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 PATH_COLUMNS = ("path", "image", "file", "filename")
@@ -100,11 +100,11 @@ def champions(cfg: Config) -> tuple[dict[str, Path | None], dict[str, str]]:
     Raises:
         BatchError: the registry has no champion classifier (a missing detector means whole-photo scoring).
     """
-    from components import registry
+    from components.model import registry
 
     folders: dict[str, Path | None] = {}
     versions: dict[str, str] = {}
-    cache = cfg.resolve(".drspot/cache/models")
+    cache = cfg.runtime.model_cache
     for kind in ("classifier", "detector"):
         name = registry.model_name(kind)
         version = registry.champion(name)
@@ -283,7 +283,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def write_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
     """CSV that Excel opens with the right characters: UTF-8 with a byte-order mark, CRLF rows."""
 
-    from serving.report import csv_bytes
+    from serving.patient_report import csv_bytes
 
     _write_atomic(path, lambda tmp: tmp.write_bytes(csv_bytes(rows, columns)))
 

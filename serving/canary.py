@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from components.config import Config
+from infra.config import Config
 
 BAD_INPUTS = {  # name -> (body, file name, content type, the status the contract names)
     "empty body": (b"", "empty.jpg", "image/jpeg", 400),
@@ -76,7 +76,7 @@ def canary_photos(split_manifest: str | Path, dataset_dir: str | Path, n: int) -
 
 
 def _pipeline_latency(pipeline, photos: list[tuple[str, bytes]]) -> float:
-    from components.images import decode
+    from components.data.images import decode
 
     pipeline.analyse(decode(photos[0][1]).rgb)  # warm-up
     times = []
@@ -103,7 +103,7 @@ def check_pair(
     import httpx
 
     import mlflow
-    from components import registry
+    from components.model import registry
     from serving.deploy import build_bento, to_bento_store
     from serving.launch import Server, last_error
     from serving.pipeline import Pipeline
@@ -121,7 +121,7 @@ def check_pair(
     try:
         # 1. into the model store and built into a Bento, as `drspot deploy` would
         try:
-            tags = {k: to_bento_store(k, v)[0] for k, v in pair.items()}
+            tags = {k: to_bento_store(k, cfg, v)[0] for k, v in pair.items()}
             bento = build_bento(tags, {k: f"{registry.model_name(k)}/{v}" for k, v in pair.items()})
         except Exception as e:  # noqa: BLE001  (the reason is the result)
             return {**result, "passed": False, "reason": f"the Bento could not be built: {type(e).__name__}: {e}"}

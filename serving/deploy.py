@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from components import registry
-from components.config import Config
+from components.model import registry
+from infra.config import Config
 
 BENTO = "drspot"
 BENTOFILE = Path(__file__).parent / "bentofile.yaml"
@@ -52,14 +52,11 @@ def export_onnx(kind: str, folder: Path, cfg: Config) -> dict[str, Any]:
         return {"error": why}
 
 
-def to_bento_store(kind: str, version: str | None = None, cfg: Config | None = None) -> tuple[str, dict[str, Any]]:
+def to_bento_store(kind: str, cfg: Config, version: str | None = None) -> tuple[str, dict[str, Any]]:
     """Copy ``kind``'s champion (or ``version``) into the Bento model store, with its ONNX export checked against
-    PyTorch (:func:`export_onnx`); returns (bento tag, metadata)."""
+    PyTorch (:func:`export_onnx`) as ``cfg`` (the run's configuration) says; returns (bento tag, metadata)."""
     import bentoml
 
-    from components.config import load_config
-
-    cfg = cfg or load_config()
     name = registry.model_name(kind)
     version = version or registry.champion(name)
     if version is None:
@@ -108,11 +105,6 @@ def build_bento(tags: dict[str, str], registry_refs: dict[str, str]) -> str:
     return str(bento.tag)
 
 
-def deployed_file(cfg: Config) -> Path:
-    """What the last ``drspot deploy`` built (read by ``drspot serve``), in the state home."""
-    return cfg.home / ".drspot" / "deployed.json"
-
-
 def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
     """Champions into the model store, then ``bentoml build`` (offline: no package locking).
 
@@ -126,7 +118,7 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
     imported = [(str(src), n) for src, n in import_stranded(cfg) if n["predictions"] or n["feedback"]]
     tags, meta = {}, {}
     for kind in ("classifier", "detector"):
-        tags[kind], meta[kind] = to_bento_store(kind, cfg=cfg)
+        tags[kind], meta[kind] = to_bento_store(kind, cfg)
     result: dict[str, Any] = {
         "models": tags,
         "registry": {k: m["registry"] for k, m in meta.items()},
@@ -139,7 +131,11 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
 
         result["bento"] = build_bento(tags, {k: m["registry"] for k, m in meta.items()})
         result["bento_path"] = str(bentoml.bentos.get(result["bento"]).path)
-    state = deployed_file(cfg)
+    # the configuration the models were deployed with, before deployed.json names the Bento (a follower that sees the
+    # new Bento finds its configuration already there)
+    written = cfg.write(cfg.runtime.deployed_config)
+    result["config"] = {"profile": cfg.profile, "digest": cfg.digest(), "file": str(written)}
+    state = cfg.runtime.deployed
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_name(f".{state.name}.tmp")  # `drspot serve` follows this file: it never sees half of it
     tmp.write_text(json.dumps(result, indent=2))
@@ -149,7 +145,7 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
 
 def serves_champions(cfg: Config) -> bool:
     """Whether the last built Bento (``deployed.json``) holds the registry's current champions."""
-    state = deployed_file(cfg)
+    state = cfg.runtime.deployed
     if not state.is_file():
         return False
     built = json.loads(state.read_text())

@@ -2,7 +2,7 @@
 
 Checks in the order that keeps a hostile upload cheap: body size (before parsing), format and
 pixel count from the header (before decoding: decompression bombs), then a full decode through
-:func:`components.images.decode` (EXIF orientation applied; CMYK, palette, 16-bit, alpha and
+:func:`components.data.images.decode` (EXIF orientation applied; CMYK, palette, 16-bit, alpha and
 grayscale converted to 8-bit RGB), then minimum size and the quality policy.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from components.config import Serving
-from components.images import Decoded, ImageError, decode, quality
+from components.data.images import Decoded, ImageError, decode, quality
+from infra.config import Serving
 
 
 class InputError(Exception):

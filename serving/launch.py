@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from infra.net import free_port  # noqa: F401  (the tests and the demo take it from here too)
 
 SOURCE = Path(__file__).resolve().parent.parent
 STARTUP_FAILED = "Application startup failed"  # uvicorn's line when the service's __init__ raised
@@ -32,12 +33,6 @@ def start_failure(proc: subprocess.Popen, log: Path) -> str | None:
     if log.is_file() and STARTUP_FAILED in log.read_text(errors="replace"):
         return "its startup failed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -60,9 +60,9 @@ def export_classifier(model_dir: str | Path, limit: float) -> dict[str, Any]:
     """
     import torch
 
-    from components.preprocess import normalise
-    from components.reference import embed
-    from components.train_classifier import load_model
+    from components.data.preprocess import normalise
+    from components.model.classifier import load_model
+    from components.monitoring.reference import embed
 
     model_dir = Path(model_dir)
     model, mc = load_model(model_dir)
@@ -108,7 +108,7 @@ def export_detector(model_dir: str | Path, limit: float) -> dict[str, Any]:
     """
     import torch
 
-    from components.env import ultralytics
+    from infra.env import ultralytics
 
     model_dir = Path(model_dir)
     dc = json.loads((model_dir / "detector_config.json").read_text())

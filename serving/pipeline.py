@@ -1,7 +1,7 @@
 """The two-stage analysis, in process: detector -> lesion crops -> classifier, with a fail-safe.
 
 The same object serves the BentoML endpoint and the benchmark's "raw" baseline. Crops use
-:func:`components.preprocess.to_uint8` with the margin the classifier was trained with, so serving
+:func:`components.data.preprocess.to_uint8` with the margin the classifier was trained with, so serving
 cannot drift from training. When the detector finds no box above its confidence threshold, is not
 loaded, or raises, the whole image is classified and the answer says so (``fallback``).
 """
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from components.config import Config
-from components.evaluate import DISCLAIMER, softmax
-from components.reference import embed
+from components.model.evaluate import DISCLAIMER
+from components.model.metrics import softmax
+from components.monitoring.reference import embed
+from infra.config import Config
 
 KNOWLEDGE = Path(__file__).parent / "knowledge" / "guidance.yaml"
 PREPROCESS = ("none", "color_constancy", "clahe")
@@ -202,7 +203,7 @@ class Pipeline:
         cfg: Config,
         versions: dict[str, str] | None = None,
     ) -> None:
-        from components.train_classifier import MODEL_CONFIG, load_model
+        from components.model.classifier import MODEL_CONFIG, load_model
         from serving import onnx_export
 
         self.cfg = cfg
@@ -229,7 +230,7 @@ class Pipeline:
         self.detector, self.detector_error, self.dc = None, None, {}
         if detector_dir is not None:
             try:
-                from components.env import ultralytics
+                from infra.env import ultralytics
 
                 self.dc = json.loads((Path(detector_dir) / "detector_config.json").read_text())
                 if self.runtime == "onnx":
@@ -255,7 +256,7 @@ class Pipeline:
             else "fixed (serving.blur_min / brightness_min / brightness_max)"
         )
         # out of distribution: the classifier's stored subspace, the threshold a quantile of its validation photos
-        from components import ood
+        from components.monitoring import ood
 
         self.ood = ood.load(classifier_dir)
         self.ood_threshold = ood.threshold(self.ood, s.ood_quantile) if self.ood is not None else None
@@ -297,7 +298,7 @@ class Pipeline:
         """Calibrated class probabilities (N, K) and penultimate-layer embeddings (N, D)."""
         import torch
 
-        from components.preprocess import normalise
+        from components.data.preprocess import normalise
 
         if self.ort is not None:
             x = np.ascontiguousarray(normalise(crops, self.mc["mean"], self.mc["std"]), dtype=np.float32)
@@ -339,7 +340,7 @@ class Pipeline:
     ) -> list[tuple[list[dict[str, Any]], list[float]]]:
         """Stage 2 over the planned crops in one classifier call, per image: its lesions (class, calibrated
         probabilities, malignant probability, risk, OOD score) and the embedding of its first crop."""
-        from components.preprocess import to_uint8
+        from components.data.preprocess import to_uint8
 
         crops = [
             to_uint8(img, box, self.mc["crop_margin"], self.mc["input_size"])
@@ -348,7 +349,7 @@ class Pipeline:
         ]
         probs, emb = self.classify(np.stack(crops))
         if self.ood is not None:
-            from components import ood
+            from components.monitoring import ood
 
             ood_scores = ood.score(emb, self.ood)
         else:

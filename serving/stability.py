@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import Stability
+from infra.config import Stability
 
 
 @dataclass

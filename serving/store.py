@@ -31,8 +31,8 @@ from sqlalchemy import (
     select,
 )
 
-from components.config import Config
-from components.env import StateError, inside_code
+from infra.config import Config
+from infra.env import StateError, inside_code
 
 metadata = MetaData()
 
@@ -74,8 +74,8 @@ feedback = Table(
     Column("box", JSON, nullable=True),
 )
 
-# patient fields a clinician entered for a report (serving/report.py), kept only when the request gave the patient's
-# consent; a prediction's report without consent prints them and stores nothing
+# patient fields a clinician entered for a report (serving/patient_report.py), kept only when the request gave the
+# patient's consent; a prediction's report without consent prints them and stores nothing
 patients = Table(
     "patients",
     metadata,
@@ -94,7 +94,7 @@ CONNECT_TIMEOUT_S = 5  # a database that does not answer is reported within this
 
 def database_url(cfg: Config) -> str:
     """``$DRSPOT_DATABASE_URL``, else ``serving.database_url``, else SQLite in the state home's ``.drspot/``."""
-    return os.environ.get(DB_ENV) or cfg.serving.database_url or f"sqlite:///{cfg.home / '.drspot' / 'predictions.db'}"
+    return os.environ.get(DB_ENV) or cfg.serving.database_url or f"sqlite:///{cfg.runtime.predictions_db}"
 
 
 def _setting(cfg: Config) -> str:

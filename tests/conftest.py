@@ -7,12 +7,21 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-import components  # noqa: F401  (offline settings, as for every entry point)
-from components.config import load_config
+# The suite runs in a sandbox state home: no test reads or writes the checkout's own .drspot/ (the user's prediction
+# log, alerts, locks and registry). Set before DrSpot is imported, since importing it points the libraries' homes
+# at the state home. A test of a user's defaults runs its own shell without it (shell_env).
+SANDBOX = Path(tempfile.mkdtemp(prefix="drspot-test-home-"))
+os.environ["DRSPOT_HOME"] = str(SANDBOX)
+for _var in ("DRSPOT_CONFIG", "DRSPOT_PROFILE", "DRSPOT_SET", "DRSPOT_PARAMS", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
+
+import components  # noqa: E402,F401  (offline settings, as for every entry point)
+from infra.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DRSPOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -40,8 +49,8 @@ def gated_dataset(root: Path, synthetic_source: Path, cfg) -> tuple[Path, Path]:
 
     Returns (dataset folder, split manifest).
     """
-    from components import gate
-    from components.ingest import ingest
+    from components.data import gate
+    from components.data.ingest import ingest
 
     ds, prep = root / "ds", root / "prep"
     ingest("synthetic", synthetic_source, ds, cfg)
@@ -55,19 +64,39 @@ def cfg():
     return load_config("test")
 
 
+def _checkout_state() -> dict[str, int]:
+    """The checkout's own state files (not the libraries' homes, which a test of a fresh shell's defaults creates)."""
+    from infra.state import LIBRARY_HOMES, StatePaths
+
+    state = StatePaths(ROOT).dir
+    skip = {state / sub for sub in LIBRARY_HOMES.values()}
+    if not state.is_dir():
+        return {}
+    return {
+        str(p): p.stat().st_mtime_ns
+        for p in state.rglob("*")
+        if p.is_file() and not any(p.is_relative_to(s) for s in skip)
+    }
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_closed_while_output_is_open():
-    """Stop Prefect's temporary server before pytest closes its streams (else the run ends on a logging traceback)."""
+    """Stop Prefect's temporary server before pytest closes its streams (else the run ends on a logging traceback);
+    then check that the suite left the checkout's own state home as it found it."""
+    before = _checkout_state()
     yield
-    from components.env import close_prefect
+    from infra.env import close_prefect
 
     close_prefect()
+    changed = sorted(k for k, v in _checkout_state().items() if before.get(k) != v)
+    shutil.rmtree(SANDBOX, ignore_errors=True)
+    assert not changed, f"the tests wrote into the checkout's own state home: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")
 def synthetic_source(tmp_path_factory, cfg):
     """A generated synthetic raw source on the `test` profile, with planted faults (read-only)."""
-    from components.synthetic import Spec, generate
+    from components.data.synthetic import Spec, generate
 
     out = tmp_path_factory.mktemp("synthetic") / "raw"
     generate(out, Spec.from_config(cfg))
@@ -89,7 +118,7 @@ def drspot_cli():
 def git_dvc_repo(tmp_path):
     """An empty git + DVC project with a local remote, like a fresh clone of DrSpot."""
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    from components.versioning import dvc
+    from components.data.versioning import dvc
 
     dvc("init", "-q", cwd=tmp_path)
     dvc("remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=tmp_path)
@@ -110,8 +139,8 @@ def copytree(tmp_path):
 def dvc_project(git_dvc_repo, cfg, synthetic_source):
     """A fresh clone-like project: params, dvc.yaml, the stages' code deps, data/ added (flows run it with the
     `test` profile, which they write where the stages read it)."""
-    from components.ingest import ingest
-    from components.versioning import dvc
+    from components.data.ingest import ingest
+    from components.data.versioning import dvc
 
     root = git_dvc_repo
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
@@ -125,7 +154,7 @@ def dvc_project(git_dvc_repo, cfg, synthetic_source):
 @pytest.fixture(scope="session")
 def deployed(tmp_path_factory, synthetic_source):
     """Champions trained, registered and deployed by the real `drspot deploy` (tests/serving_fixtures.py)."""
-    from components.config import load_config
+    from infra.config import load_config
     from tests.serving_fixtures import drspot, service_env, train_and_register
 
     root = tmp_path_factory.mktemp("serving")

@@ -18,10 +18,10 @@ API_KEY = "test-feedback-key-123"
 
 
 def train_and_register(root: Path, synthetic_source: Path, cfg) -> dict[str, str]:
-    from components import registry
-    from components.evaluate import evaluate
-    from components.train_classifier import train_classifier
-    from components.train_detector import train_detector
+    from components.model import registry
+    from components.model.evaluate import evaluate
+    from components.model.train_classifier import train_classifier
+    from components.model.train_detector import train_detector
     from tests.conftest import gated_dataset
 
     ds, split = gated_dataset(root, synthetic_source, cfg)

@@ -10,8 +10,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from components import alerts, approval, registry
-from components.config import load_config
+from components.model import approval, registry
+from components.monitoring import alerts
+from flows.policy import HOOKS
+from infra.config import load_config
 
 
 @pytest.fixture
@@ -76,11 +78,11 @@ def test_a_sink_that_fails_is_recorded_and_never_raises(cfg):
 def test_a_failed_flow_is_alerted_once_by_the_outermost_flow(cfg):
     from prefect import flow
 
-    @flow(name="inner-that-fails", **alerts.HOOKS)
+    @flow(name="inner-that-fails", **HOOKS)
     def inner():
         raise RuntimeError("the disk is full")
 
-    @flow(name="outer", **alerts.HOOKS)
+    @flow(name="outer", **HOOKS)
     def outer():
         inner()
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from components.compare import CompareError, compare
+from components.model.compare import CompareError, compare
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_a_bad_comparison_is_refused_before_any_training(tmp_path, cfg):
         compare(tmp_path / "s.parquet", tmp_path, tmp_path / "out", _cfg(cfg, backbones=[]))
     with pytest.raises(CompareError, match="compare.named_class 'melanoma' is not one of akiec, bcc"):
         compare(tmp_path / "s.parquet", tmp_path, tmp_path / "out", _cfg(cfg, named_class="melanoma"))
-    from components.train_classifier import TrainingError
+    from components.model.classifier import TrainingError
 
     with pytest.raises(TrainingError, match="unknown timm backbone 'resnet181'"):
         compare(tmp_path / "s.parquet", tmp_path, tmp_path / "out", _cfg(cfg, backbones=["resnet18", "resnet181"]))

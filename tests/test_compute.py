@@ -1,4 +1,4 @@
-"""The data steps' per-image work on a Dask cluster (components/compute.py): an external `dask scheduler` and
+"""The data steps' per-image work on a Dask cluster (infra/compute.py): an external `dask scheduler` and
 `dask worker` processes, started and stopped here by process id; the outputs byte-identical to local processes."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from components import compute, gate
-from components.ingest import ingest
+from components.data import gate
+from components.data.ingest import ingest
+from infra import compute
 from serving.launch import free_port
 
 
@@ -127,7 +128,7 @@ class _MostHeld:
 
 
 def _decodes(path: Path) -> bool:
-    from components.images import ImageError, decode
+    from components.data.images import ImageError, decode
 
     try:
         decode(path)
@@ -142,8 +143,8 @@ def test_the_monitoring_reference_on_dask_equals_the_local_one(
     import numpy as np
     import timm
 
-    from components import reference
-    from components.manifest import read_manifest
+    from components.data.manifest import read_manifest
+    from components.monitoring import reference
 
     ds = tmp_path / "ds"
     ingest("synthetic", synthetic_source, ds, cfg)
@@ -163,7 +164,7 @@ def test_the_monitoring_reference_on_dask_equals_the_local_one(
 
 
 def test_a_scheduler_that_does_not_answer_fails_fast_naming_the_setting(tmp_path, cfg, synthetic_source, monkeypatch):
-    from components.validate import SUMMARY, VALIDATED
+    from components.data.validate import SUMMARY, VALIDATED
 
     ds = tmp_path / "ds"
     ingest("synthetic", synthetic_source, ds, cfg)

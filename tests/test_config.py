@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from components.config import PROFILES, ConfigError, load_config
+from infra.config import PROFILES, ConfigError, load_config
 from tests.conftest import ROOT
 
 
@@ -81,7 +81,7 @@ def test_cli_prints_the_resolved_config(drspot_cli):
 
 
 def test_a_resolved_configuration_is_taken_as_it_is(tmp_path, monkeypatch, drspot_cli):
-    from components.config import load_resolved
+    from infra.config import load_resolved
 
     monkeypatch.setenv("DRSPOT_SET", "monitor.last=77")
     cfg = load_config("test")

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import load_config
-from components.images import blockiness, quality
-from components.monitor import IMAGE_FEATURES, column_thresholds, compare
+from components.data.images import blockiness, quality
+from components.monitoring.monitor import IMAGE_FEATURES, column_thresholds, compare
+from infra.config import load_config
 
 CLASSES = ["nv", "bkl", "mel", "bcc", "vasc", "akiec", "df"]
 # the predicted-class shares of bench/drift.py's DermaMNIST classifier on its training images: "df" twice in 7,007

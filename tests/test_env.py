@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from components.env import FIXED, homes
+from infra.env import FIXED, homes
 from tests.conftest import ROOT, shell_env
 
 
@@ -52,11 +53,12 @@ def test_font_is_where_ultralytics_looks_and_its_mlflow_callback_is_off():
     # check_font returns the local file without any download when it is in the config dir;
     # with no network here, a download attempt would fail the subprocess.
     code = (
-        "import components.env as e; ul = e.ultralytics();"
+        "import infra.env as e; ul = e.ultralytics();"
         "from ultralytics.utils.checks import check_font; from ultralytics.utils import SETTINGS;"
         "print(check_font('Arial.ttf')); print(SETTINGS['mlflow'], SETTINGS['sync'])"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=300)
+    env = shell_env(DRSPOT_HOME=os.environ["DRSPOT_HOME"])  # the suite's sandbox home, as homes() below sees it
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     font, flags = out.stdout.strip().splitlines()[-2:]
     assert Path(font) == Path(homes()["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
@@ -68,8 +70,8 @@ def test_ultralytics_does_not_hijack_pillow_for_unreadable_files(tmp_path):
     import pytest
     from PIL import Image, UnidentifiedImageError
 
-    import components.env as e
-    from components.manifest import probe_image
+    import infra.env as e
+    from components.data.manifest import probe_image
 
     e.ultralytics()
     bad = tmp_path / "bad.jpg"
@@ -112,7 +114,7 @@ def test_a_prefect_server_lost_mid_run_is_named_in_bounded_time(tmp_path, cfg, s
     import signal
     import time
 
-    from components.ingest import ingest
+    from components.data.ingest import ingest
     from flows.schedule import start_local_server
     from serving.launch import free_port
 
@@ -120,7 +122,7 @@ def test_a_prefect_server_lost_mid_run_is_named_in_bounded_time(tmp_path, cfg, s
     ingest("synthetic", synthetic_source, home / "data", cfg)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the server's own database
     port = free_port()
-    url, server = start_local_server(port, log=tmp_path / "server.log")
+    url, server = start_local_server(port, tmp_path / "server.log")
     env = shell_env(DRSPOT_HOME=str(home), PREFECT_API_URL=url)
     cmd = [str(Path(sys.executable).parent / "drspot"), "--profile", "test", "train"]
     err = tmp_path / "train.err"
@@ -147,7 +149,7 @@ def test_a_prefect_server_lost_mid_run_is_named_in_bounded_time(tmp_path, cfg, s
     assert "run the command again once the server is back" in last
     assert took < 90, took
 
-    _, again = start_local_server(port, log=tmp_path / "server2.log")  # the same database, back
+    _, again = start_local_server(port, tmp_path / "server2.log")  # the same database, back
     try:
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     finally:

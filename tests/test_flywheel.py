@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components import registry
-from components.versioning import data_version, dvc
+from components.data.versioning import data_version, dvc
+from components.model import registry
 from flows.retrain import retrain_flow
 from flows.train import train_flow
 from tests.test_prepare_flow import _artifact
@@ -53,7 +53,7 @@ def _reencode(data: bytes) -> bytes:
 
 
 def test_confirmed_feedback_becomes_a_new_data_version_and_a_gated_model(dvc_project, cfg, tmp_path, monkeypatch):
-    from components.synthetic import Spec, generate
+    from components.data.synthetic import Spec, generate
     from serving.store import PredictionLog
 
     root = dvc_project

@@ -12,13 +12,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import gate
-from components.config import ConfigError, load_config
-from components.dedup import near_pairs
-from components.ingest import ingest
-from components.manifest import MANIFEST, SCHEMA, DataError
-from components.split import assign, leakage
-from components.synthetic import Spec, generate
+from components.data import gate
+from components.data.dedup import near_pairs
+from components.data.ingest import ingest
+from components.data.manifest import MANIFEST, SCHEMA, DataError
+from components.data.split import assign, leakage
+from components.data.synthetic import Spec, generate
+from infra.config import ConfigError, load_config
 from tests.conftest import ROOT
 
 
@@ -153,7 +153,7 @@ def test_split_persists_across_runs_through_the_output(gated):
 
 
 def _write_manifest(tmp_path, rows):
-    from components.manifest import Row, write_manifest
+    from components.data.manifest import Row, write_manifest
 
     ds = tmp_path / "ds"
     (ds / "images").mkdir(parents=True)
@@ -211,7 +211,7 @@ def test_every_row_failing_is_an_error_with_the_quarantine_kept(tmp_path, cfg):
     rows = [_img(ds, f"{i}.png") for i in range(3)]
     for r in rows:
         (ds / r["path"]).write_bytes(b"broken")
-    from components.manifest import Row, write_manifest
+    from components.data.manifest import Row, write_manifest
 
     write_manifest(ds, [Row(**r) for r in rows])
     with pytest.raises(DataError, match="every one of the 3 rows failed"):
@@ -243,7 +243,7 @@ def test_image_modes_are_converted_and_blank_images_quarantined(tmp_path, cfg):
             "sha256": hashlib.sha256((ds / "images" / "blank.png").read_bytes()).hexdigest(),
         }
     )
-    from components.manifest import Row, write_manifest
+    from components.data.manifest import Row, write_manifest
 
     write_manifest(ds, [Row(**r) for r in rows])
     result = gate.run_validate(ds, tmp_path / "prep", cfg)
@@ -256,8 +256,8 @@ def test_image_modes_are_converted_and_blank_images_quarantined(tmp_path, cfg):
 def test_verification_decodes_large_photos_smaller_and_correlates_as_at_full_size(tmp_path):
     """The near-duplicate verification decodes a photo at the smallest of 1/2, 1/4, 1/8 whose shorter side stays
     >= 200 px (JPEG: scaled in its DCT); its thumbnails correlate with the full-size ones, small images are whole."""
-    from components.dedup import VERIFY_MIN_SIDE
-    from components.images import decode, thumbnails
+    from components.data.dedup import VERIFY_MIN_SIDE
+    from components.data.images import decode, thumbnails
 
     rng = np.random.default_rng(3)
     base = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((4000, 3000), Image.BICUBIC)
@@ -298,7 +298,7 @@ def test_a_duplicate_group_with_two_labels_is_a_label_conflict(tmp_path, cfg):
     shutil.copy(ds / "images" / "a.png", ds / "images" / "b.png")
     b = {**a, "image_id": "b", "path": "images/b.png", "lesion_id": "b", "label": "mel"}
     others = [_img(ds, f"o{i}.png") for i in range(3)]
-    from components.manifest import Row, write_manifest
+    from components.data.manifest import Row, write_manifest
 
     write_manifest(ds, [Row(**r) for r in [a, b, *others]])
     gate.run_validate(ds, tmp_path / "prep", cfg)

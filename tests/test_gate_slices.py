@@ -1,13 +1,14 @@
-"""The classifier's gate per slice (components/registry.py: slice_problem, decide): floors and drops against the
+"""The classifier's gate per slice (components/model/registry.py: slice_problem, decide): floors and drops against the
 champion on the same slice, judged only where a slice is large enough, the failing slice named with its interval."""
 
 from __future__ import annotations
 
 import math
 
-from components.config import load_config
-from components.evaluate import slice_metrics, wilson
-from components.registry import decide, slice_tags, tagged_slices
+from components.model.evaluate import slice_metrics
+from components.model.metrics import wilson
+from components.model.registry import decide, slice_tags, tagged_slices
+from infra.config import load_config
 
 
 def _slice(col, value, n=60, n_mal=20, sens=0.85, auc=0.9):

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components.ingest import IngestError, ingest
-from components.manifest import MANIFEST, SCHEMA, probe_image, read_manifest
+from components.data.ingest import IngestError, ingest
+from components.data.manifest import MANIFEST, SCHEMA, probe_image, read_manifest
 
 
 def _jpeg(path, size=(40, 30), colour=(180, 120, 90), exif_orientation=None):

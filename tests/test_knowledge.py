@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from components.config import load_config
+from infra.config import load_config
 from serving.pipeline import KnowledgeError, check_knowledge, guidance, knowledge, resolve_language
 
 

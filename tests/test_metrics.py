@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.evaluate import core_metrics, partial_auc_above_tpr, predictive_values
+from components.model.metrics import core_metrics, partial_auc_above_tpr, predictive_values
 
 
 def test_partial_auc_above_80_percent_sensitivity():

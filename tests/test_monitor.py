@@ -38,8 +38,8 @@ def monitor_env(deployed, monkeypatch):
 
 
 def test_not_enough_data_is_not_a_false_alarm(tmp_path):
-    from components.config import load_config
-    from components.monitor import monitor
+    from components.monitoring.monitor import monitor
+    from infra.config import load_config
     from serving.store import PredictionLog
 
     log = PredictionLog(f"sqlite:///{tmp_path / 'empty.db'}")
@@ -53,8 +53,8 @@ def _log_like_the_service(log, pipeline, ds, rows, shift: bool) -> None:
     import hashlib
     import uuid
 
-    from components.images import decode, quality
-    from components.preprocess import to_uint8
+    from components.data.images import decode, quality
+    from components.data.preprocess import to_uint8
 
     for r in rows:
         data = (ds / r["path"]).read_bytes()
@@ -84,9 +84,9 @@ def test_held_out_photos_pass_and_another_camera_is_drift(deployed, tmp_path):
     "another camera" (darker, blue cast, JPEG 60) do not."""
     import pyarrow.parquet as pq
 
-    from components import reference
-    from components.config import load_config
-    from components.monitor import monitor
+    from components.monitoring import reference
+    from components.monitoring.monitor import monitor
+    from infra.config import load_config
     from serving.pipeline import Pipeline
     from serving.store import PredictionLog
 
@@ -107,7 +107,7 @@ def test_held_out_photos_pass_and_another_camera_is_drift(deployed, tmp_path):
 
 def test_the_monitor_flow_reads_the_service_log_and_emits_drift(server, deployed, monitor_env):
     """Over HTTP: shifted traffic -> the flow's verdict, report files, MLflow run, event."""
-    from components import registry
+    from components.model import registry
     from flows.monitor import monitor_flow
 
     images = []

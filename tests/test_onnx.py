@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from components.config import load_config
+from infra.config import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -7,16 +7,16 @@ import time
 import pytest
 from prefect import flow, task
 
-from components.config import load_config
-from components.manifest import DataError
+from components.data.manifest import DataError
 from flows.policy import bound, transient
+from infra.config import load_config
 
 
 def test_what_is_worth_a_retry():
     import httpx
     from prefect.task_engine import TaskRunTimeoutError
 
-    from components.versioning import DvcError
+    from components.data.versioning import DvcError
 
     worth = [
         ConnectionRefusedError("connection refused"),

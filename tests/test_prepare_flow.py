@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from components.ingest import ingest
+from components.data.ingest import ingest
 from flows.prepare import prepare_flow
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_flow_runs_the_dvc_stages_and_a_rerun_does_nothing(dvc_project):
 
 
 def test_flow_stops_on_a_data_error_without_retrying(tmp_path, cfg):
-    from components.manifest import write_manifest
+    from components.data.manifest import write_manifest
 
     ds = tmp_path / "empty"
     write_manifest(ds, [])

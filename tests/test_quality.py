@@ -10,8 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from components import quality
-from components.config import load_config
+from components.monitoring import quality
+from infra.config import load_config
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 MALIGNANT = ["mel", "bcc", "akiec"]

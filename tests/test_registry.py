@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import registry
-from components.config import load_config
-from components.evaluate import evaluate
-from components.train_classifier import MODEL, build_model, train_classifier
+from components.model import registry
+from components.model.classifier import MODEL, build_model
+from components.model.evaluate import evaluate
+from components.model.train_classifier import train_classifier
+from infra.config import load_config
 from tests.conftest import gated_dataset
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,7 @@ def test_gate_rejudges_a_champion_from_older_data_on_the_new_split(store):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from components.evaluate import score
+    from components.model.evaluate import score
 
     cfg, root, name = store["cfg"], store["root"], registry.CLASSIFIER
     v_old = registry.register(

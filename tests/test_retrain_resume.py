@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from components import registry
+from components.model import registry
 from flows.retrain import STEPS
 from flows.train import train_flow
 from tests.conftest import shell_env
@@ -61,7 +61,7 @@ def _retrain(drspot: str, env: dict, root: Path, log: Path) -> tuple[int, str]:
 
 
 def test_a_retrain_killed_at_each_step_resumes_without_duplicates(dvc_project, cfg, tmp_path, monkeypatch):
-    from components.synthetic import Spec, generate
+    from components.data.synthetic import Spec, generate
     from serving.store import PredictionLog
 
     root = dvc_project

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from components.review import rank
+from components.monitoring.review import rank
 from tests.serving_fixtures import API_KEY
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -176,8 +176,8 @@ def test_a_reviewed_box_reaches_the_detectors_training_data(tmp_path, cfg):
     export keeps; a label-only confirmation stays box-less (left out of the detector's data)."""
     import pyarrow.parquet as pq
 
-    from components import feedback
-    from components.ingest import ingest
+    from components.data.ingest import ingest
+    from components.monitoring import feedback
 
     def jpeg(seed: int) -> bytes:
         buf = io.BytesIO()

@@ -9,9 +9,9 @@ import copy
 import pytest
 import yaml
 
-from components.config import load_config
-from components.registry import file_hash
+from components.model.registry import file_hash
 from flows.prepare import dvc_stage, stage_config
+from infra.config import load_config
 
 pytestmark = pytest.mark.slow
 

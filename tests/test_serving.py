@@ -276,7 +276,7 @@ def test_web_page_is_served(server):
 
 @pytest.fixture(scope="module")
 def pipeline(deployed):
-    from components.config import load_config
+    from infra.config import load_config
     from serving.pipeline import Pipeline
 
     return Pipeline(deployed["root"] / "clf", deployed["root"] / "det", load_config("test"))
@@ -332,7 +332,7 @@ def test_non_lesion_photos_are_out_of_distribution_and_the_answer_abstains(pipel
     import pyarrow.parquet as pq
     from PIL import ImageEnhance, ImageFilter
 
-    from components.images import decode
+    from components.data.images import decode
 
     assert pipeline.ood is not None and pipeline.ood_threshold > 0
 
@@ -408,7 +408,7 @@ def test_a_service_whose_detector_cannot_load_still_answers(deployed, tmp_path):
 
 
 def test_quality_policy_reject_refuses_a_poor_photo():
-    from components.config import load_config
+    from infra.config import load_config
     from serving.inputs import InputError, read_image
 
     cfg = load_config("test")
@@ -422,12 +422,12 @@ def test_quality_policy_reject_refuses_a_poor_photo():
 
 def test_after_a_promotion_deploy_and_restart_serve_the_new_champion(deployed, monkeypatch):
     """Runs last: moves the champion, so the shared server above keeps serving the old one."""
-    from components import registry
+    from components.model import registry
     from tests.serving_fixtures import drspot
 
     root = deployed["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", deployed["env"]["MLFLOW_TRACKING_URI"])
-    from components.config import load_config
+    from infra.config import load_config
 
     tags = registry.lineage(load_config("test"), root / "prep" / "split" / "split.parquet", "v-serving-test-2")
     new = registry.register("classifier", root / "clf", {"macro_auc": 0.9}, tags, root / "eval")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def registry_env(deployed, monkeypatch):
-    from components import registry
+    from components.model import registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", deployed["env"]["MLFLOW_TRACKING_URI"])
     before = registry.champion(registry.CLASSIFIER)
@@ -28,7 +28,7 @@ def registry_env(deployed, monkeypatch):
 def _candidate(deployed, registry, folder) -> str:
     """``folder`` registered as a new classifier version with the trained model's own test metrics (the champion's
     or better: the gate passes it)."""
-    from components.config import load_config
+    from infra.config import load_config
 
     root = deployed["root"]
     metrics = json.loads((root / "eval" / "evaluation.json").read_text())["metrics"]
@@ -75,7 +75,8 @@ def test_a_bento_that_does_not_serve_what_was_registered_is_not_promoted(deploye
     v = _candidate(deployed, registry, deployed["root"] / "clf")
     tamper = (
         "import json, pathlib, components; from serving.deploy import to_bento_store; import bentoml;"
-        f"tag, _ = to_bento_store('classifier', '{v}');"
+        "from infra.config import load_config;"
+        f"tag, _ = to_bento_store('classifier', load_config(), '{v}');"
         "p = pathlib.Path(bentoml.models.get(tag).path) / 'model_config.json';"
         "c = json.loads(p.read_text()); c['temperature'] = c.get('temperature', 1.0) * 3; p.write_text(json.dumps(c))"
     )

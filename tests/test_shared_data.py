@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from components.ingest import ingest
-from components.manifest import read_manifest
+from components.data.ingest import ingest
+from components.data.manifest import read_manifest
 from tests.conftest import shared
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
@@ -102,7 +102,7 @@ def test_yolo_polygon_set_gives_1600_images_and_1907_boxes_inside(tmp_path, cfg)
 
 
 def test_split_of_the_full_ham10000_table_keeps_lesions_whole_and_classes_balanced(cfg):
-    from components.split import assign, leakage
+    from components.data.split import assign, leakage
 
     meta = shared("ham10000_metadata_subset") / "HAM10000_metadata.csv"
     rows = [
@@ -123,7 +123,7 @@ def test_split_of_the_full_ham10000_table_keeps_lesions_whole_and_classes_balanc
 
 
 def test_yolo_polygon_set_leaks_140_lesions_and_the_gate_removes_all(tmp_path, cfg):
-    from components import gate
+    from components.data import gate
 
     src = shared("ham10000_yolo_seg_roboflow")
     meta = shared("ham10000_metadata_subset") / "HAM10000_metadata.csv"
@@ -138,7 +138,7 @@ def test_yolo_polygon_set_leaks_140_lesions_and_the_gate_removes_all(tmp_path, c
 
 
 def test_kept_dermamnist_split_is_reported_not_hidden(tmp_path, cfg):
-    from components import gate
+    from components.data import gate
 
     keep = cfg.model_copy(update={"split": cfg.split.model_copy(update={"source_split": "keep"})})
     ds, prep = tmp_path / "derma", tmp_path / "prep"
@@ -160,8 +160,8 @@ def test_quality_warnings_calibrated_on_real_photos(cfg):
     blurred, dark and over-exposed copies of them; the fixed limits set on synthetic images warn far more."""
     from PIL import Image, ImageEnhance, ImageFilter
 
-    from components.images import quality
-    from components.reference import quality_limits
+    from components.data.images import quality
+    from components.monitoring.reference import quality_limits
     from serving.inputs import assess
 
     files = sorted((shared("ham10000_200x150") / "images").glob("*.jpg"))[::8][:1200]
@@ -196,8 +196,8 @@ def test_pretrained_features_separate_real_lesions_better_than_random_ones():
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.preprocessing import StandardScaler
 
-    from components.train_classifier import build_model
-    from components.weights import load_into, normalisation
+    from components.model.classifier import build_model
+    from components.model.weights import load_into, normalisation
 
     src = shared("ham10000_200x150")
     rows = list(csv.DictReader(open(src / "HAM10000_metadata.csv")))

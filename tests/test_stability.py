@@ -3,7 +3,7 @@ enough frames, each confident enough, without a gap; otherwise the reason says w
 
 from __future__ import annotations
 
-from components.config import Stability
+from infra.config import Stability
 from serving.stability import Reading, window
 
 S = Stability(hold_s=3, min_frames=5, min_confidence=0.6, max_gap_s=1.0, max_frames=120)

@@ -50,7 +50,7 @@ def stack_home(tmp_path_factory):
     for svc in rec["services"].values():  # every process is gone
         with pytest.raises(ProcessLookupError):
             os.kill(svc["pid"], 0)
-    from components.stack import _pg_folder
+    from infra.stack import _pg_folder
 
     shutil.rmtree(_pg_folder(home), ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
@@ -68,7 +68,7 @@ def test_stack_up_prints_each_service_and_every_one_answers(stack_home):
 def test_the_object_store_enforces_its_credentials(stack_home):
     from botocore.exceptions import ClientError
 
-    from components.stack import s3_client
+    from infra.stack import s3_client
 
     _, _, rec, _ = stack_home
     endpoint = rec["services"]["object_store"]["endpoint"]
@@ -80,7 +80,7 @@ def test_the_object_store_enforces_its_credentials(stack_home):
 
 
 def test_mlflow_runs_through_the_server_with_artifacts_in_the_object_store(stack_home):
-    from components.stack import s3_client
+    from infra.stack import s3_client
 
     _, _, rec, _ = stack_home
     # the client has only the tracking URI: no S3 credentials (the server proxies artifacts)
@@ -101,8 +101,7 @@ def test_mlflow_runs_through_the_server_with_artifacts_in_the_object_store(stack
 
 
 def test_dvc_pushes_to_the_object_store_and_a_second_clone_pulls(stack_home, tmp_path):
-    from components.stack import use_dvc_remote
-    from components.versioning import dvc
+    from components.data.versioning import dvc, use_dvc_remote
 
     _, _, rec, _ = stack_home
     repo = tmp_path / "project"
@@ -129,8 +128,7 @@ def test_dvc_pushes_to_the_object_store_and_a_second_clone_pulls(stack_home, tmp
 
 
 def _dvc_repo(path: Path, rec: dict, files: int, size: int) -> Path:
-    from components.stack import use_dvc_remote
-    from components.versioning import dvc
+    from components.data.versioning import dvc, use_dvc_remote
 
     (path / "data").mkdir(parents=True)
     for i in range(files):
@@ -143,7 +141,7 @@ def _dvc_repo(path: Path, rec: dict, files: int, size: int) -> Path:
 
 
 def _objects(rec: dict, prefix: str) -> list[str]:
-    from components.stack import s3_client
+    from infra.stack import s3_client
 
     s3 = s3_client(rec["services"]["object_store"]["endpoint"], rec["s3_key"], rec["s3_secret"])
     keys = []
@@ -153,7 +151,7 @@ def _objects(rec: dict, prefix: str) -> list[str]:
 
 
 def test_wrong_s3_credentials_are_named_and_nothing_is_pushed(stack_home, tmp_path):
-    from components.versioning import DvcError, data_version, dvc, push
+    from components.data.versioning import DvcError, data_version, dvc, push
 
     _, _, rec, _ = stack_home
     repo = _dvc_repo(tmp_path / "p", rec, 3, 1000)
@@ -173,7 +171,7 @@ def test_an_object_store_stopped_during_a_push_fails_clearly_and_a_rerun_complet
     the store again where it was; the rerun uploads the rest and the bucket holds each file once."""
     import threading
 
-    from components.versioning import DvcError, data_version, dvc, push
+    from components.data.versioning import DvcError, data_version, dvc, push
 
     home, env, rec, _ = stack_home
     repo = _dvc_repo(tmp_path / "p", rec, 300, 400_000)  # 120 MB: a push of several seconds
@@ -275,10 +273,10 @@ def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source
 
     import pyarrow.parquet as pq
 
-    from components.ingest import ingest
-    from components.stack import s3_client, use_dvc_remote
-    from components.synthetic import Spec, generate
-    from components.versioning import data_version, dvc
+    from components.data.ingest import ingest
+    from components.data.synthetic import Spec, generate
+    from components.data.versioning import data_version, dvc, use_dvc_remote
+    from infra.stack import s3_client
     from serving.store import PredictionLog
     from tests.conftest import ROOT
     from tests.test_flywheel import _serve
@@ -348,7 +346,7 @@ def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source
 
 def test_runuser_is_found_without_sbin_on_the_path(monkeypatch):
     """A user's PATH often lacks /usr/sbin, where runuser lives (`drspot stack up` as root failed with ENOENT)."""
-    from components.stack import _runuser
+    from infra.stack import _runuser
 
     if not Path("/usr/sbin/runuser").is_file() and not Path("/sbin/runuser").is_file():
         pytest.skip("util-linux's runuser is not installed")

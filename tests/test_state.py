@@ -1,4 +1,4 @@
-"""One state home: where DrSpot keeps everything is decided once (``components.env.project_root``), handed to every
+"""One state home: where DrSpot keeps everything is decided once (``infra.env.project_root``), handed to every
 process, and refused with the setting's name where it would be lost or cannot be used. Each default is checked the
 way a user gets it: a subprocess with none of DrSpot's variables."""
 
@@ -20,9 +20,10 @@ from tests.conftest import shell_env as clean_env
 def test_a_copy_of_the_code_outside_a_checkout_has_no_home_of_its_own(tmp_path):
     # what a Bento holds: the packages and params.yaml, but no dvc.yaml / pyproject.toml
     src = tmp_path / "bento" / "src"
-    shutil.copytree(ROOT / "components", src / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("components", "infra"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "params.yaml", src / "params.yaml")
-    code = "import components.env as e; print(e.project_root())"
+    code = "import infra.env as e; print(e.project_root())"
     out = subprocess.run([sys.executable, "-c", code], cwd=src, env=clean_env(), capture_output=True, text=True)
     assert out.returncode != 0
     assert "is not a project checkout" in out.stderr and "set DRSPOT_HOME to the project folder" in out.stderr
@@ -32,7 +33,7 @@ def test_a_copy_of_the_code_outside_a_checkout_has_no_home_of_its_own(tmp_path):
         [sys.executable, "-c", code], cwd=src, env=clean_env(DRSPOT_HOME=str(home)), capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == str(home)
-    check = "import components.env as e; e.check_home()"
+    check = "import infra.env as e; e.check_home()"
     out = subprocess.run(
         [sys.executable, "-c", check], cwd=src, env=clean_env(DRSPOT_HOME=str(src)), capture_output=True, text=True
     )
@@ -142,7 +143,7 @@ def test_run_folders_read_back_as_their_times():
 
 @pytest.mark.slow
 def test_a_flow_command_ends_on_its_own_last_line(drspot_cli, tmp_path, cfg, synthetic_source):
-    from components.ingest import ingest
+    from components.data.ingest import ingest
 
     ingest("synthetic", synthetic_source, tmp_path / "ds", cfg)
     out = drspot_cli("--profile", "test", "prepare", str(tmp_path / "ds"), env=clean_env(DRSPOT_HOME=str(tmp_path)))
@@ -160,7 +161,7 @@ def test_ui_opens_the_projects_own_prefect_and_mlflow_and_stops_them(tmp_path, d
 
     import httpx
 
-    from components.ingest import ingest
+    from components.data.ingest import ingest
     from serving.launch import free_port
 
     env = clean_env(DRSPOT_HOME=str(tmp_path))

@@ -1,4 +1,4 @@
-"""`drspot serve` follows `drspot deploy` without downtime (serving/switch.py), under load, for real: a new Bento
+"""`drspot serve` follows `drspot deploy` without downtime (serving/serve.py), under load, for real: a new Bento
 is started beside the old one, traffic moves once it is ready, the old one is drained and stopped; a Bento that
 cannot start leaves the old one serving."""
 
@@ -47,7 +47,7 @@ def _bentos_running() -> set[str]:
 
 
 def test_a_new_champion_reaches_the_running_service_without_a_failed_request(deployed, monkeypatch, tmp_path):
-    from components import registry
+    from components.model import registry
     from tests.serving_fixtures import drspot
 
     root, env = deployed["root"], deployed["env"]
@@ -66,7 +66,7 @@ def test_a_new_champion_reaches_the_running_service_without_a_failed_request(dep
             t.start()
         time.sleep(2)
         # a promotion and a deploy, as a retrain does: deployed.json names a new Bento
-        from components.config import load_config
+        from infra.config import load_config
 
         tags = registry.lineage(load_config("test"), root / "prep" / "split" / "split.parquet", "v-switch")
         new_version = registry.register("classifier", root / "clf", {"macro_auc": 0.9}, tags, root / "eval")
@@ -103,7 +103,8 @@ def test_a_new_champion_reaches_the_running_service_without_a_failed_request(dep
         bad_version = registry.register("classifier", broken, {"macro_auc": 0.9}, tags, root / "eval")
         build = (
             "import json, components; from serving.deploy import to_bento_store, build_bento;"
-            f"c, _ = to_bento_store('classifier', '{bad_version}'); d, _ = to_bento_store('detector');"
+            "from infra.config import load_config; cfg = load_config();"
+            f"c, _ = to_bento_store('classifier', cfg, '{bad_version}'); d, _ = to_bento_store('detector', cfg);"
             f"refs = {{'classifier': 'x/{bad_version}', 'detector': 'y'}};"
             "print(build_bento({'classifier': c, 'detector': d}, refs))"
         )

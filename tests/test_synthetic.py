@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.synthetic import Spec, allocate_classes, generate
+from components.data.synthetic import Spec, allocate_classes, generate
 
 
 def _digest(folder) -> str:

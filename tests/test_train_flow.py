@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import registry
+from components.model import registry
 from flows.train import promote_flow, train_flow
 from tests.test_prepare_flow import _artifact
 

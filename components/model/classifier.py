@@ -1,0 +1,112 @@
+"""A trained classifier as the rest of DrSpot uses it: build a network (timm or ultralytics' YOLO-cls), load one from
+a model folder, decode lesion crops into arrays, and predict logits and probabilities. Training lives in
+:mod:`components.model.train_classifier`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL = "model.pt"
+MODEL_CONFIG = "model_config.json"
+
+
+class TrainingError(ValueError):
+    """Training cannot start: the message says which setting or which data is wrong."""
+
+
+@dataclass
+class Arrays:
+    x: np.ndarray  # (N, S, S, 3) uint8
+    y: np.ndarray  # (N,) int64
+    image_ids: list[str]
+
+
+def check_backbone(name: str) -> None:
+    """Refuse, before training, a backbone neither timm nor ultralytics (``yolov8n-cls``, components/model/yolo_cls.py)
+    can build, naming similar timm names."""
+    import timm
+
+    from components.model import yolo_cls
+
+    if yolo_cls.is_yolo(name):
+        why = yolo_cls.check(name)
+        if why:
+            raise TrainingError(f"unknown YOLO classification backbone {name!r}: {why}")
+        return
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise TrainingError(
+            f"unknown timm backbone {name!r}" + (f"; similar names: {', '.join(close)}" if close else "")
+        )
+
+
+def load_arrays(rows: list[dict[str, Any]], dataset_dir: Path, classes: list[str], size: int, margin: float) -> Arrays:
+    """Decode every row's crops (one per box, the whole image when none) into memory."""
+    from components.data.images import decode
+    from components.data.preprocess import to_uint8
+
+    xs, ys, ids = [], [], []
+    for r in rows:
+        if r["label"] not in classes:
+            continue
+        rgb = decode(dataset_dir / r["path"]).rgb
+        for box in r["boxes"] or [None]:
+            xs.append(to_uint8(rgb, box, margin, size))
+            ys.append(classes.index(r["label"]))
+            ids.append(r["image_id"])
+    x = np.stack(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
+    return Arrays(x, np.asarray(ys, np.int64), ids)
+
+
+def build_model(backbone: str, num_classes: int):
+    """A timm ``backbone`` (or an ultralytics YOLO classification network, ``yolov8n-cls``) with a ``num_classes``
+    head, randomly initialised (weights: :mod:`components.model.weights`)."""
+    import timm
+
+    from components.model import yolo_cls
+
+    if yolo_cls.is_yolo(backbone):
+        return yolo_cls.YoloClassifier(backbone, num_classes)
+
+    return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+
+
+def load_model(model_dir: str | Path):
+    """Rebuild a trained classifier (eval mode) and its config from a model folder."""
+    import torch
+
+    model_dir = Path(model_dir)
+    mc = json.loads((model_dir / MODEL_CONFIG).read_text())
+    model = build_model(mc["backbone"], len(mc["classes"]))
+    model.load_state_dict(torch.load(model_dir / MODEL, map_location="cpu", weights_only=True))
+    model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    return model, mc
+
+
+def predict(
+    model, x_uint8: np.ndarray, mean, std, batch: int = 256, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and softmax probabilities for uint8 crops (N, S, S, 3)."""
+    import torch
+
+    from components.data.preprocess import normalise
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x_uint8), batch):
+            xb = torch.from_numpy(normalise(x_uint8[i : i + batch], mean, std))
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            logits = model(xb)
+            if tta:
+                logits = (logits + model(xb.flip(3))) / 2
+            outs.append(logits)
+    logits = torch.cat(outs) if outs else torch.zeros((0, 1))
+    return logits.numpy(), torch.softmax(logits, 1).numpy()

