@@ -31,7 +31,7 @@ system-deps:
 	  echo "chromium/postgresql not installed: the browser and PostgreSQL tests will skip"
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not shared"

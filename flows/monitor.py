@@ -19,8 +19,8 @@ from prefect.events import emit_event
 from components.model import registry
 from components.monitoring import alerts, quality, reference
 from components.monitoring.monitor import monitor, save_summary, window_rows
-from flows.policy import HOOKS
-from infra.config import Config, load_config
+from flows.policy import HOOKS, run_config
+from infra.config import Config
 
 DRIFT_EVENT = "drspot.drift.detected"
 
@@ -122,7 +122,7 @@ def monitor_flow(
     import mlflow
     from serving.store import PredictionLog
 
-    cfg = cfg or load_config(profile)
+    cfg = run_config(cfg, profile)
     log = PredictionLog.from_config(cfg)
     when = dt.datetime.now(dt.UTC)
     out = cfg.resolve(cfg.monitor.reports) / when.strftime("%Y%m%dT%H%M%SZ")

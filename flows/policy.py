@@ -107,14 +107,20 @@ def checkpoint(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _run_config(parameters: dict[str, Any]) -> Config:
+def run_config(cfg: Config | None = None, profile: str | None = None, root: str | None = None) -> Config:
+    """The configuration of a flow run, decided once at the flow's entry: the one it was handed (``cfg``: the CLI's
+    or the calling flow's), else resolved from ``profile``; ``root`` moves its state home to another project
+    folder. Everything below the entry is handed this object."""
+    cfg = cfg or load_config(profile)
+    return cfg.at(root) if root else cfg
+
+
+def _failed_run_config(parameters: dict[str, Any]) -> Config:
     """The configuration the failed run was handed (its ``cfg`` parameter, at its ``root``), else its profile's."""
     cfg = parameters.get("cfg")
     if isinstance(cfg, dict):
         cfg = Config.model_validate(cfg)
-    if not isinstance(cfg, Config):
-        cfg = load_config(parameters.get("profile"))
-    return cfg.at(parameters["root"]) if parameters.get("root") else cfg
+    return run_config(cfg if isinstance(cfg, Config) else None, parameters.get("profile"), parameters.get("root"))
 
 
 def flow_failed(flow, flow_run, state) -> None:
@@ -123,7 +129,7 @@ def flow_failed(flow, flow_run, state) -> None:
     if getattr(flow_run, "parent_task_run_id", None):
         return
     try:
-        cfg = _run_config(flow_run.parameters or {})
+        cfg = _failed_run_config(flow_run.parameters or {})
     except Exception:  # noqa: BLE001 - the configuration itself may be what failed: there is nowhere to record it
         return
     alerts.send(

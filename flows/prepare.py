@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.data import gate
 from components.data.manifest import DataError
-from flows.policy import DECLARED, HOOKS, bound
-from infra.config import Config, load_config
+from flows.policy import DECLARED, HOOKS, bound, run_config
+from infra.config import Config
 
 # each dvc.yaml stage's kind of timeout (flows.timeout_s)
 STAGE_KIND = {
@@ -102,9 +102,7 @@ def prepare_flow(
     ``cfg`` is the run's resolved configuration (resolved here from ``profile`` when not given); ``root`` moves its
     state home to another project folder.
     """
-    cfg = cfg or load_config(profile)
-    if root:
-        cfg = cfg.at(root)
+    cfg = run_config(cfg, profile, root)
     steps: dict[str, str] = {}
     if uses_dvc(dataset, cfg):
         # the stages in dvc.yaml write to <prepared>/<data folder name>, as the CLI defaults do

@@ -35,9 +35,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.monitoring import feedback
-from flows.policy import DECLARED, HOOKS, bound, checkpoint
+from flows.policy import DECLARED, HOOKS, bound, checkpoint, run_config
 from flows.train import decision
-from infra.config import Config, load_config
+from infra.config import Config
 from infra.state import StatePaths
 
 # the steps of a retrain, in order (journal entries and the resume test's kill points; register and promote are
@@ -206,9 +206,7 @@ def retrain_flow(
     from components.data.versioning import data_version
     from flows.train import train_flow
 
-    cfg = cfg or load_config(profile)
-    if root:
-        cfg = cfg.at(root)
+    cfg = run_config(cfg, profile, root)
     root_path = cfg.home
     data = cfg.resolve(cfg.paths.data)
     started = dt.datetime.now(dt.UTC)

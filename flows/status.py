@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,125 @@ def _model(entry: dict[str, Any] | None) -> str:
     return f"v{entry['version']} ({_metrics(entry['metrics'])})" if entry else "none"
 
 
+Row = Callable[[str, str], None]
+
+
+def _data(d: dict[str, Any], row: Row) -> None:
+    """The dataset and its version."""
+    counts = f"{d['images']} images" if "images" in d else "no dataset yet"
+    splits = ", ".join(f"{k} {v}" for k, v in d.get("splits", {}).items())
+    row("data", f"{d['path']}: version {d['version'] or 'unversioned'}; {counts}" + (f" ({splits})" if splits else ""))
+
+
+def _models(m: dict[str, Any], row: Row) -> None:
+    """Champions and challengers in the registry."""
+    if "note" in m:
+        row("models", f"{m['note']} ({m['tracking_uri']})")
+        return
+    for kind in ("classifier", "detector"):
+        e = m[kind]
+        text = f"champion {_model(e['champion'])}; challenger {_model(e['challenger'])}"
+        ch = e["challenger"]
+        if ch and ch.get("gate"):
+            text += f", gate {ch['gate']}"
+        row(kind, text)
+    row("registry", m["tracking_uri"])
+
+
+def _serving(v: dict[str, Any], row: Row) -> None:
+    """The deployed Bento and the service answering."""
+    bento = (v["deployed"] or {}).get("bento") or "nothing deployed yet"
+    if v.get("answering"):
+        r = v.get("readyz", {})
+        served = " + ".join((r.get("models") or {}).values()) or r.get("detail", "not ready")
+        where = f"{v['url']} answering: {served} (profile {r.get('profile')}, data {r.get('data_version')})"
+    else:
+        where = f"no service answering at {v['url']}"
+    row("serving", f"Bento {bento}; {where}")
+
+
+def _log(log: dict[str, Any], row: Row) -> None:
+    """The prediction log and the confirmations waiting."""
+    since = f", {log['since_last_monitor']} since the last monitor run" if "since_last_monitor" in log else ""
+    row("log", f"{log['location']}: {log['predictions']} predictions{since}")
+    if "confirmed_waiting" in log:
+        row(
+            "feedback",
+            f"{log['confirmed_waiting']} confirmed case(s) waiting for the flywheel"
+            + (f" ({log['confirmed_unusable']} not usable)" if log["confirmed_unusable"] else ""),
+        )
+
+
+def _monitor(mon: dict[str, Any], row: Row) -> None:
+    """The last monitor run."""
+    last = mon.get("last")
+    if not last:
+        row("monitor", "never run")
+        return
+    why = f": {last['reasons'][0]}" if last.get("reasons") else ""
+    row("monitor", f"last run {last['at']}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
+    if last.get("quality"):
+        row("quality", f"model quality at that run: {last['quality'].upper()}")
+
+
+def _retrain(rt: dict[str, Any], row: Row) -> None:
+    """The last retrain."""
+    last = rt.get("last")
+    if not last:
+        row("retrain", "never run")
+        return
+    from flows.train import decision
+
+    gates = "; ".join(f"{g['kind']} v{g['version']} {decision(g).lower()}" for g in last["gate"])
+    versions = f"data {last['data_version_before']} -> {last['data_version']}"
+    row(
+        "retrain",
+        f"last run {last['at']} ({last['trigger']}): {last['status']}; {versions}" + (f"; {gates}" if gates else ""),
+    )
+
+
+def _schedule(sc: dict[str, Any], row: Row) -> None:
+    """The Prefect server and the next runs."""
+    if not sc["answering"]:
+        row("schedule", f"no Prefect server answering at {sc['server']} (start one: drspot schedule / drspot ui)")
+        return
+    nxt = ", ".join(f"{r['deployment']} at {r['at']}" for r in sc["next_runs"][:4]) or "no runs scheduled"
+    row("schedule", f"{sc['server']}: {len(sc['deployments'])} deployment(s); next: {nxt}")
+
+
+def _approvals(ap: dict[str, Any], row: Row) -> None:
+    """Challengers waiting for a person."""
+    for w in ap["waiting"]:
+        row(
+            "approval",
+            f"{w['kind']} v{w['version']} waits until {w['deadline']}: "
+            f"drspot approve {w['kind']} {w['version']} --by NAME",
+        )
+
+
+def _alerts(al: dict[str, Any], row: Row) -> None:
+    """The newest alert."""
+    if al["newest"]:
+        n = al["newest"]
+        row("alerts", f"{al['last_24h']} in the last 24 h; newest {n['at']} {n['kind']}: {n['title']}"[:240])
+    else:
+        row("alerts", f"none ({al['file']})")
+
+
+# (part of collect()'s result, its row's name when it could not be read, what prints it)
+SECTIONS = (
+    ("data", "data", _data),
+    ("models", "models", _models),
+    ("serving", "serving", _serving),
+    ("prediction_log", "log", _log),
+    ("monitor", "monitor", _monitor),
+    ("retrain", "retrain", _retrain),
+    ("schedule", "schedule", _schedule),
+    ("approvals", "approval", _approvals),
+    ("alerts", "alerts", _alerts),
+)
+
+
 def render(s: dict[str, Any]) -> str:
     """The one-screen text of :func:`collect`."""
     lines = [f"DrSpot status: state home {s['home']} (profile {s['profile']}, configuration {s['config_digest']})"]
@@ -262,103 +382,10 @@ def render(s: dict[str, Any]) -> str:
     def row(name: str, text: str) -> None:
         lines.append(f"  {name:<10} {text}")
 
-    d = s["data"]
-    if "error" in d:
-        row("data", f"unreadable: {d['error']}")
-    else:
-        counts = f"{d['images']} images" if "images" in d else "no dataset yet"
-        splits = ", ".join(f"{k} {v}" for k, v in d.get("splits", {}).items())
-        row(
-            "data",
-            f"{d['path']}: version {d['version'] or 'unversioned'}; {counts}" + (f" ({splits})" if splits else ""),
-        )
-    m = s["models"]
-    if "error" in m or "note" in m:
-        row("models", m.get("error") or f"{m['note']} ({m['tracking_uri']})")
-    else:
-        for kind in ("classifier", "detector"):
-            e = m[kind]
-            text = f"champion {_model(e['champion'])}; challenger {_model(e['challenger'])}"
-            ch = e["challenger"]
-            if ch and ch.get("gate"):
-                text += f", gate {ch['gate']}"
-            row(kind, text)
-        row("registry", m["tracking_uri"])
-    v = s["serving"]
-    if "error" in v:
-        row("serving", f"unreadable: {v['error']}")
-    else:
-        bento = (v["deployed"] or {}).get("bento") or "nothing deployed yet"
-        if v.get("answering"):
-            r = v.get("readyz", {})
-            served = " + ".join((r.get("models") or {}).values()) or r.get("detail", "not ready")
-            where = f"{v['url']} answering: {served} (profile {r.get('profile')}, data {r.get('data_version')})"
+    for key, name, show in SECTIONS:
+        part = s[key]
+        if "error" in part:  # the models' error is a whole sentence already (a server that did not answer)
+            row(name, part["error"] if key == "models" else f"unreadable: {part['error']}")
         else:
-            where = f"no service answering at {v['url']}"
-        row("serving", f"Bento {bento}; {where}")
-    log = s["prediction_log"]
-    if "error" in log:
-        row("log", f"unreadable: {log['error']}")
-    else:
-        since = f", {log['since_last_monitor']} since the last monitor run" if "since_last_monitor" in log else ""
-        row("log", f"{log['location']}: {log['predictions']} predictions{since}")
-        if "confirmed_waiting" in log:
-            row(
-                "feedback",
-                f"{log['confirmed_waiting']} confirmed case(s) waiting for the flywheel"
-                + (f" ({log['confirmed_unusable']} not usable)" if log["confirmed_unusable"] else ""),
-            )
-    mon = s["monitor"]
-    last = mon.get("last")
-    if "error" in mon:
-        row("monitor", f"unreadable: {mon['error']}")
-    elif last:
-        why = f": {last['reasons'][0]}" if last.get("reasons") else ""
-        row("monitor", f"last run {last['at']}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
-        if last.get("quality"):
-            row("quality", f"model quality at that run: {last['quality'].upper()}")
-    else:
-        row("monitor", "never run")
-    rt = s["retrain"]
-    last = rt.get("last")
-    if "error" in rt:
-        row("retrain", f"unreadable: {rt['error']}")
-    elif last:
-        from flows.train import decision
-
-        gates = "; ".join(f"{g['kind']} v{g['version']} {decision(g).lower()}" for g in last["gate"])
-        versions = f"data {last['data_version_before']} -> {last['data_version']}"
-        row(
-            "retrain",
-            f"last run {last['at']} ({last['trigger']}): {last['status']}; {versions}"
-            + (f"; {gates}" if gates else ""),
-        )
-    else:
-        row("retrain", "never run")
-    sc = s["schedule"]
-    if "error" in sc:
-        row("schedule", f"unreadable: {sc['error']}")
-    elif not sc["answering"]:
-        row("schedule", f"no Prefect server answering at {sc['server']} (start one: drspot schedule / drspot ui)")
-    else:
-        nxt = ", ".join(f"{r['deployment']} at {r['at']}" for r in sc["next_runs"][:4]) or "no runs scheduled"
-        row("schedule", f"{sc['server']}: {len(sc['deployments'])} deployment(s); next: {nxt}")
-    ap = s["approvals"]
-    if "error" in ap:
-        row("approval", f"unreadable: {ap['error']}")
-    elif ap["waiting"]:
-        for w in ap["waiting"]:
-            row(
-                "approval",
-                f"{w['kind']} v{w['version']} waits until {w['deadline']}: "
-                f"drspot approve {w['kind']} {w['version']} --by NAME",
-            )
-    al = s["alerts"]
-    if "error" in al:
-        row("alerts", f"unreadable: {al['error']}")
-    elif al["newest"]:
-        n = al["newest"]
-        row("alerts", f"{al['last_24h']} in the last 24 h; newest {n['at']} {n['kind']}: {n['title']}"[:240])
-    else:
-        row("alerts", f"none ({al['file']})")
+            show(part, row)
     return "\n".join(lines)

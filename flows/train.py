@@ -23,9 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 from components.data.versioning import data_version
 from components.model import registry
 from components.monitoring import alerts
-from flows.policy import DECLARED, HOOKS, bound, checkpoint
+from flows.policy import DECLARED, HOOKS, bound, checkpoint, run_config
 from flows.prepare import prepare_flow, run_stage, stage_config, uses_dvc
-from infra.config import Config, load_config
+from infra.config import Config
 
 
 @task(name="train-classifier", **DECLARED)
@@ -205,9 +205,7 @@ def train_flow(
     """
     import mlflow
 
-    cfg = cfg or load_config(profile)
-    if root:
-        cfg = cfg.at(root)
+    cfg = run_config(cfg, profile, root)
     dataset = dataset or str(cfg.resolve(cfg.paths.data))
     prepared = prepare_flow(dataset, cfg=cfg)
     manifest = str(Path(prepared["prepared"]) / "split" / "split.parquet")
@@ -265,7 +263,7 @@ def promote_flow(
     cfg: Config | None = None,
 ) -> dict[str, Any]:
     """The gate run by hand (``drspot promote``): the same decision and artifact as in ``train``."""
-    cfg = cfg or load_config(profile)
+    cfg = run_config(cfg, profile)
     name = registry.model_name(kind)
     version = version or str(registry.client().get_model_version_by_alias(name, "challenger").version)
     result = _gate(kind, version, cfg, manifest, dataset)

@@ -119,15 +119,16 @@ async def multipart_image(request: Request, alternative: str) -> bytes:
     return await upload.read()
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    """A JSON object body, or the 4xx that says what was wrong with it."""
+async def json_object(request: Request, invalid: str = "invalid request") -> dict[str, Any]:
+    """A JSON object body, or the 4xx that says what was wrong with it (``invalid``: the title when it is JSON but
+    not an object)."""
     body = await read_body(request)
     try:
         spec = json.loads(body)
     except ValueError as e:
         raise InputError(400, "malformed JSON", str(e), "json") from e
     if not isinstance(spec, dict):
-        raise InputError(422, "invalid request", "send a JSON object", "invalid")
+        raise InputError(422, invalid, "send a JSON object", "invalid")
     return spec
 
 

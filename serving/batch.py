@@ -288,6 +288,39 @@ def write_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> Non
     _write_atomic(path, lambda tmp: tmp.write_bytes(csv_bytes(rows, columns)))
 
 
+def _checked_options(out: Path, batch: int, language: str | None, preprocess: str, cfg: Config) -> str:
+    """Refuse a bad output, preprocess or batch before anything is read; returns the guidance's language."""
+    from serving.pipeline import PREPROCESS, KnowledgeError, resolve_language
+
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise BatchError(f"--out {out}: the output must end in .csv or .parquet")
+    if preprocess not in PREPROCESS:
+        raise BatchError(f"preprocess={preprocess!r}; use one of {', '.join(PREPROCESS)}")
+    if batch < 1:
+        raise BatchError(f"batch={batch}: at least 1")
+    try:
+        return resolve_language(language, cfg.serving.language)
+    except KnowledgeError as e:
+        raise BatchError(str(e)) from e
+
+
+def _open_parts(parts: Path, run: dict[str, Any], restart: bool) -> None:
+    """The folder of an unfinished run's batches: resumed when it was the same run, refused when it was another."""
+    if parts.is_dir() and restart:
+        shutil.rmtree(parts)
+    if parts.is_dir():
+        before = json.loads((parts / RUN_FILE).read_text()) if (parts / RUN_FILE).is_file() else {}
+        changed = [k for k in run if before.get(k) != run[k]]
+        if changed:
+            raise BatchError(
+                f"{parts} holds an unfinished run with other {', '.join(changed)} "
+                f"({', '.join(f'{k}: {before.get(k)} -> {run[k]}' for k in changed)}); "
+                "pass --restart to score everything again with the current ones, or another --out"
+            )
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_atomic(parts / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(run, indent=2)))
+
+
 def predict(
     source: str | Path,
     out: str | Path,
@@ -303,19 +336,8 @@ def predict(
     Raises:
         BatchError: a bad source or output, no champion, or an unfinished run with other models or options.
     """
-    from serving.pipeline import PREPROCESS, KnowledgeError, resolve_language
-
     out = Path(out)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise BatchError(f"--out {out}: the output must end in .csv or .parquet")
-    if preprocess not in PREPROCESS:
-        raise BatchError(f"preprocess={preprocess!r}; use one of {', '.join(PREPROCESS)}")
-    if batch < 1:
-        raise BatchError(f"batch={batch}: at least 1")
-    try:
-        lang = resolve_language(language, cfg.serving.language)
-    except KnowledgeError as e:
-        raise BatchError(str(e)) from e
+    lang = _checked_options(out, batch, language, preprocess, cfg)
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     items = list_source(source)
     folders, versions = champions(cfg)
@@ -327,19 +349,7 @@ def predict(
         "language": lang,
         "photos": len(items),
     }
-    if parts.is_dir() and restart:
-        shutil.rmtree(parts)
-    if parts.is_dir():
-        before = json.loads((parts / RUN_FILE).read_text()) if (parts / RUN_FILE).is_file() else {}
-        changed = [k for k in run if before.get(k) != run[k]]
-        if changed:
-            raise BatchError(
-                f"{parts} holds an unfinished run with other {', '.join(changed)} "
-                f"({', '.join(f'{k}: {before.get(k)} -> {run[k]}' for k in changed)}); "
-                "pass --restart to score everything again with the current ones, or another --out"
-            )
-    parts.mkdir(parents=True, exist_ok=True)
-    _write_atomic(parts / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(run, indent=2)))
+    _open_parts(parts, run, restart)
 
     scorer = Scorer(cfg, folders, versions, lang, preprocess)
     schema = _schema(scorer.columns)

@@ -179,57 +179,60 @@ def photo_with_boxes(data: bytes, lesions: list[dict[str, Any]]) -> Image.Image:
     return img
 
 
-def pdf(
-    row: dict[str, Any],
-    *,
-    language: str,
-    guidance: dict[str, Any],
-    abstain: str | None,
-    warnings: list[str],
-    disclaimer: str,
-    photo: bytes | None,
-    photo_note: str | None = None,
-    patient: dict[str, str] | None = None,
-) -> bytes:
-    """The PDF report of one logged prediction (``row`` as the prediction log holds it)."""
-    from fpdf import FPDF
+class _Page:
+    """One report document being written: the fonts, the words of its language, and the two line styles."""
 
-    t = WORDS.get(language, WORDS["en"])
-    f = fonts()
-    doc = FPDF(format="A4")
-    doc.set_title(f"{t['title']} {row['request_id']}")
-    doc.set_creator("DrSpot")
-    for name in ("dejavu", "nanum"):
-        doc.add_font(name, "", str(f[name]))
-        doc.add_font(name, "B", str(f[f"{name}-bold"]))
-    doc.set_fallback_fonts(["nanum"], exact_match=False)
-    doc.set_auto_page_break(True, margin=15)
-    doc.add_page()
+    def __init__(self, language: str, title: str) -> None:
+        from fpdf import FPDF
 
-    def heading(text: str, size: int = 13) -> None:
-        doc.set_font("dejavu", "B", size)
-        doc.multi_cell(0, 8, text, align="L", new_x="LMARGIN", new_y="NEXT")
-        doc.set_font("dejavu", "", 10)
+        self.t = WORDS.get(language, WORDS["en"])
+        f = fonts()
+        doc = FPDF(format="A4")
+        doc.set_title(f"{self.t['title']} {title}")
+        doc.set_creator("DrSpot")
+        for name in ("dejavu", "nanum"):
+            doc.add_font(name, "", str(f[name]))
+            doc.add_font(name, "B", str(f[f"{name}-bold"]))
+        doc.set_fallback_fonts(["nanum"], exact_match=False)
+        doc.set_auto_page_break(True, margin=15)
+        doc.add_page()
+        self.doc = doc
 
-    def line(label: str, value: Any) -> None:
-        doc.set_font("dejavu", "B", 10)
-        doc.cell(55, 6, f"{label}:")
-        doc.set_font("dejavu", "", 10)
-        doc.multi_cell(0, 6, str(value), align="L", new_x="LMARGIN", new_y="NEXT")
+    def heading(self, text: str, size: int = 13) -> None:
+        self.doc.set_font("dejavu", "B", size)
+        self.doc.multi_cell(0, 8, text, align="L", new_x="LMARGIN", new_y="NEXT")
+        self.doc.set_font("dejavu", "", 10)
 
-    heading(t["title"], 17)
+    def line(self, label: str, value: Any) -> None:
+        self.doc.set_font("dejavu", "B", 10)
+        self.doc.cell(55, 6, f"{label}:")
+        self.doc.set_font("dejavu", "", 10)
+        self.doc.multi_cell(0, 6, str(value), align="L", new_x="LMARGIN", new_y="NEXT")
+
+    def text(self, value: str, height: int = 5) -> None:
+        self.doc.multi_cell(0, height, value, align="L", new_x="LMARGIN", new_y="NEXT")
+
+
+def _head(page: _Page, row: dict[str, Any], patient: dict[str, str] | None) -> None:
+    t = page.t
+    page.heading(t["title"], 17)
     created = row.get("created_at")
     if isinstance(created, dt.datetime):
         created = utc(created).strftime("%Y-%m-%d %H:%M UTC")
-    line(t["request"], row["request_id"])
-    line(t["created"], created)
+    page.line(t["request"], row["request_id"])
+    page.line(t["created"], created)
     if patient:
-        doc.ln(2)
-        heading(t["patient"])
+        page.doc.ln(2)
+        page.heading(t["patient"])
         for k in PATIENT_FIELDS:
             if patient.get(k):
-                line(t[k], patient[k])
-    doc.ln(2)
+                page.line(t[k], patient[k])
+    page.doc.ln(2)
+
+
+def _photo_and_result(page: _Page, row: dict[str, Any], abstain: str | None, photo: bytes | None, note: str | None):
+    """The photo with its boxes (or why there is none) on the left, the result beside it."""
+    doc, t = page.doc, page.t
     top_y = doc.get_y()
     if photo is not None:
         img = photo_with_boxes(photo, row["lesions"])
@@ -238,11 +241,8 @@ def pdf(
         image_h = width * img.size[1] / img.size[0]
     else:
         doc.set_font("dejavu", "", 9)
-        doc.multi_cell(
-            80, 5, f"{t['no_photo']}: {photo_note or ''}", border=1, align="L", new_x="LMARGIN", new_y="NEXT"
-        )
+        doc.multi_cell(80, 5, f"{t['no_photo']}: {note or ''}", border=1, align="L", new_x="LMARGIN", new_y="NEXT")
         image_h = doc.get_y() - top_y
-    # the result beside the photo
     doc.set_xy(doc.l_margin + 86, top_y)
     right = doc.l_margin + 86
     doc.set_font("dejavu", "B", 13)
@@ -264,14 +264,18 @@ def pdf(
         doc.set_x(right)
     doc.set_y(max(doc.get_y(), top_y + image_h) + 4)
 
-    for n, les in enumerate(row["lesions"], 1):
+
+def _lesions(page: _Page, lesions: list[dict[str, Any]]) -> None:
+    """Each lesion: where it is, its risk, its probabilities as bars."""
+    doc, t = page.doc, page.t
+    for n, les in enumerate(lesions, 1):
         where = (
             f"box {', '.join(f'{v:.2f}' for v in les['box'])}, detector {100 * les['detector_confidence']:.0f}%"
             if les.get("box")
             else t["whole"]
         )
-        heading(f"{t['lesion']} {n}: {les['label']}  ({where})", 11)
-        line(t["risk"], f"{les['risk']}  ({t['malignant']} {100 * les['malignant_probability']:.1f}%)")
+        page.heading(f"{t['lesion']} {n}: {les['label']}  ({where})", 11)
+        page.line(t["risk"], f"{les['risk']}  ({t['malignant']} {100 * les['malignant_probability']:.1f}%)")
         doc.cell(0, 6, f"{t['probabilities']}:", new_x="LMARGIN", new_y="NEXT")
         for cls, p in sorted(les["probabilities"].items(), key=lambda kv: -kv[1]):
             y = doc.get_y()
@@ -285,32 +289,54 @@ def pdf(
             doc.cell(0, 5, f"{100 * p:.1f}%", align="L", new_x="LMARGIN", new_y="NEXT")
         doc.ln(2)
 
-    heading(t["quality"], 11)
+
+def _closing(page: _Page, row: dict[str, Any], guidance: dict[str, Any], warnings: list[str], disclaimer: str):
+    """Quality, guidance with its sources, the model versions and the disclaimer."""
+    doc, t = page.doc, page.t
+    page.heading(t["quality"], 11)
     q = row.get("quality") or {}
     summary = ", ".join(f"{k} {v:.3g}" for k, v in q.items() if isinstance(v, int | float))
     doc.multi_cell(
         0, 5, "; ".join(warnings) if warnings else f"{t['quality_ok']} ({summary})", new_x="LMARGIN", new_y="NEXT"
     )
     doc.ln(2)
-    heading(t["guidance"], 11)
-    doc.multi_cell(0, 5, guidance.get("text") or guidance.get("note") or "", align="L", new_x="LMARGIN", new_y="NEXT")
+    page.heading(t["guidance"], 11)
+    page.text(guidance.get("text") or guidance.get("note") or "")
     if guidance.get("source"):
         doc.set_font("dejavu", "", 8)
-        doc.multi_cell(0, 4, guidance["source"], align="L", new_x="LMARGIN", new_y="NEXT")
+        page.text(guidance["source"], 4)
         for ref in guidance.get("references") or []:
-            doc.multi_cell(0, 4, f"- {ref}", align="L", new_x="LMARGIN", new_y="NEXT")
+            page.text(f"- {ref}", 4)
         if guidance.get("review"):
-            doc.multi_cell(0, 4, str(guidance["review"]), align="L", new_x="LMARGIN", new_y="NEXT")
+            page.text(str(guidance["review"]), 4)
     doc.ln(2)
-    heading(t["models"], 11)
-    doc.multi_cell(
-        0, 5, f"{row['classifier_version']}, {row['detector_version']}", align="L", new_x="LMARGIN", new_y="NEXT"
-    )
+    page.heading(t["models"], 11)
+    page.text(f"{row['classifier_version']}, {row['detector_version']}")
     doc.ln(3)
     doc.set_font("dejavu", "", 8)
     doc.set_text_color(90, 100, 120)
-    doc.multi_cell(0, 4, disclaimer, align="L", new_x="LMARGIN", new_y="NEXT")
-    return bytes(doc.output())
+    page.text(disclaimer, 4)
+
+
+def pdf(
+    row: dict[str, Any],
+    *,
+    language: str,
+    guidance: dict[str, Any],
+    abstain: str | None,
+    warnings: list[str],
+    disclaimer: str,
+    photo: bytes | None,
+    photo_note: str | None = None,
+    patient: dict[str, str] | None = None,
+) -> bytes:
+    """The PDF report of one logged prediction (``row`` as the prediction log holds it)."""
+    page = _Page(language, row["request_id"])
+    _head(page, row, patient)
+    _photo_and_result(page, row, abstain, photo, photo_note)
+    _lesions(page, row["lesions"])
+    _closing(page, row, guidance, warnings, disclaimer)
+    return bytes(page.doc.output())
 
 
 def csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:

@@ -105,15 +105,11 @@ def test_no_module_imports_a_layer_above_its_own():
 
 # where a run starts, and so may load a configuration; everything below is handed the Config object
 CONFIG_ENTRIES = {
-    "flows/cli.py",
-    "flows/commands",
-    "flows/train.py",
-    "flows/prepare.py",
-    "flows/retrain.py",
-    "flows/policy.py",
-    "flows/monitor.py",
-    "serving/app.py",
-    "infra/config.py",
+    "flows/cli.py",  # the command line
+    "flows/commands",  # its commands (drspot serve: the configuration a Bento was deployed with)
+    "flows/policy.py",  # a flow's entry (run_config) and its failure hook
+    "serving/app.py",  # the service's definition, in its own process
+    "infra/config.py",  # where loading is defined
 }
 
 

@@ -464,3 +464,27 @@ def test_the_bentos_dockerfile_keeps_the_state_outside_the_image(deployed):
         assert f"ENV {name}=${name}" in text, name
     requirements = (Path(built["bento_path"]) / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.14.1" in requirements and "bentoml==1.4.39" in requirements
+
+
+def test_a_plain_drspot_serve_serves_the_configuration_the_bento_was_deployed_with(deployed, tmp_path):
+    """`drspot deploy` ran under the test profile; `drspot serve` with no profile of its own serves that configuration
+    (not the default demo profile), says so at /readyz, and an explicit option still wins."""
+    from infra.state import StatePaths
+
+    recorded = StatePaths(deployed["root"]).deployed_config
+    assert recorded.read_text().startswith("# DrSpot resolved configuration: profile test")
+    env = {k: v for k, v in deployed["env"].items() if k != "DRSPOT_PROFILE"}
+    s = Server(env, tmp_path / "plain.log", "--no-follow")
+    try:
+        ready = httpx.get(f"{s.url}/readyz").json()
+    finally:
+        s.stop()
+    assert ready["profile"] == "test", ready
+    assert ready["config_source"].startswith("deployed with the Bento (profile test"), ready["config_source"]
+    assert "configuration source: deployed with the Bento (profile test" in (tmp_path / "plain.log").read_text()
+    s = Server(env, tmp_path / "explicit.log", "--no-follow", "--profile", "demo")
+    try:
+        ready = httpx.get(f"{s.url}/readyz").json()
+    finally:
+        s.stop()
+    assert ready["profile"] == "demo" and ready["config_source"] == "--profile demo", ready

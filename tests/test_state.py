@@ -167,7 +167,7 @@ def test_ui_opens_the_projects_own_prefect_and_mlflow_and_stops_them(tmp_path, d
     env = clean_env(DRSPOT_HOME=str(tmp_path))
     ingest("synthetic", synthetic_source, tmp_path / "ds", cfg)
     assert drspot_cli("--profile", "test", "prepare", str(tmp_path / "ds"), env=env).returncode == 0
-    code = "import components, mlflow; from components import registry; registry.use_experiment('drspot-ui-test')"
+    code = "import components, mlflow; from components.model import registry; registry.use_experiment('drspot-ui-test')"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
 
     pp, mp = free_port(), free_port()

@@ -39,9 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.config import Config
 from components.data.manifest import read_step_input
 from components.step_report import write_json
+from infra.config import Config
 
 DEDUPLICATED = "deduplicated.parquet"
 PAIRS = "dedup_pairs.parquet"

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.config import Config
 from components.data.manifest import SPLITS, DataError, read_step_input
 from components.step_report import kv, table, write_html, write_json
+from infra.config import Config
 
 SPLIT = "split.parquet"
 REPORT = "split_report.json"

@@ -30,11 +30,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.compute import ComputeError, map_chunks
-from infra.config import Config
 from components.data.images import QUALITY_FEATURES
 from components.data.manifest import MANIFEST, SCHEMA, SPLITS, DataError, read_manifest
 from components.step_report import kv, table, write_html, write_json
+from infra.compute import ComputeError, map_chunks
+from infra.config import Config
 
 VALIDATED = "validated.parquet"
 QUARANTINE = "quarantine.parquet"

@@ -178,8 +178,8 @@ def default_remote(cwd: str | Path) -> str | None:
 
 
 def use_dvc_remote(root: Path, rec: dict[str, Any], name: str = "store") -> str:
-    """Make the stack's (``drspot stack``'s record ``rec``) ``dvc`` bucket the default DVC remote of the project ``root`` (credentials in
-    ``.dvc/config.local``, never committed); returns the remote's URL."""
+    """Make the ``dvc`` bucket of the stack that ``rec`` (``drspot stack``'s record) describes the default DVC remote
+    of the project ``root`` (credentials in ``.dvc/config.local``, never committed); returns the remote's URL."""
     url = "s3://dvc/store"
     dvc("remote", "add", "--force", "-d", name, url, cwd=root)
     dvc("remote", "modify", name, "endpointurl", rec["services"]["object_store"]["endpoint"], cwd=root)

@@ -3,7 +3,6 @@ a logged photo for the reviewer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from bentoml import get_current_service
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from serving.app import CFG, REQUESTS, read_body, require_reviewer
+from serving.app import CFG, REQUESTS, json_object, require_reviewer
 from serving.inputs import InputError
 
 router = APIRouter()
@@ -40,13 +39,7 @@ def lesion_box(value: Any) -> list[float] | None:
 async def feedback(request: Request, svc: Any = Depends(get_current_service)):
     """A clinician-confirmed label for a logged prediction. Needs the API key (X-API-Key)."""
     require_reviewer(request, "feedback")
-    body = await read_body(request)
-    try:
-        spec = json.loads(body)
-    except ValueError as e:
-        raise InputError(400, "malformed JSON", str(e), "json") from e
-    if not isinstance(spec, dict):
-        raise InputError(422, "invalid feedback", "send a JSON object", "invalid")
+    spec = await json_object(request, "invalid feedback")
     missing = [k for k in ("request_id", "confirmed_label", "reviewer") if not str(spec.get(k) or "").strip()]
     if missing:
         raise InputError(422, "invalid feedback", f"missing or empty: {', '.join(missing)}", "invalid")
