@@ -16,7 +16,7 @@ from components.model.train_classifier import train_classifier
 from infra.config import load_config
 from tests.conftest import gated_dataset
 
-pytestmark = pytest.mark.slow
+# the tests that train or serve are marked slow one by one; the others run in `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def store(tmp_path_factory, synthetic_source):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_register_gate_promote_reject_and_rollback(store):
     cfg, root, split = store["cfg"], store["root"], store["split"]
     tags = registry.lineage(cfg, split, "v-test")
@@ -79,6 +80,7 @@ def test_register_gate_promote_reject_and_rollback(store):
     assert registry.champion(name) == v1  # the failure left the champion in place
 
 
+@pytest.mark.slow
 def test_champion_loads_as_pyfunc_without_project_pickles(store):
     import mlflow
 
@@ -118,6 +120,7 @@ def test_the_gate_rules():
     assert not registry.decide("detector", {"map50": 0.5}, {"map50": 0.6}, cfg).promote
 
 
+@pytest.mark.slow
 def test_gate_rejudges_a_champion_from_older_data_on_the_new_split(store):
     """After the data changes the champion is scored again on the challenger's frozen test split."""
     import pyarrow as pa

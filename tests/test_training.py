@@ -17,7 +17,7 @@ from components.model.train_classifier import check_pretrained, train_classifier
 from infra.config import load_config
 from tests.conftest import gated_dataset
 
-pytestmark = pytest.mark.slow
+# the tests that train or serve are marked slow one by one; the others run in `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_pretrained_weights_load_by_name_and_a_wrong_architecture_is_named(tmp_p
         load_into(build_model("tf_efficientnet_lite0", 7), "tf_efficientnet_lite0", str(wrong))
 
 
+@pytest.mark.slow
 def test_a_class_without_training_rows_is_refused(prepared, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -109,6 +110,7 @@ def test_crop_uses_the_box_plus_margin():
     assert lesion_crop(img, None, 0.1).size == (200, 100)  # no box: the whole image (serving fallback)
 
 
+@pytest.mark.slow
 def test_train_writes_a_model_and_evaluation_reports(prepared):
     from components.model.classifier import MODEL, MODEL_CONFIG, load_model
     from components.model.evaluate import evaluate
@@ -134,6 +136,7 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
     assert "temperature" not in json.loads((root / "clf" / MODEL_CONFIG).read_text())  # the trained folder is untouched
 
 
+@pytest.mark.slow
 def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(prepared):
     """The reference is the training and validation images' features + projected embeddings; the
     service's own embedding of one of them, projected with the saved projection, lands on its row."""
@@ -166,6 +169,7 @@ def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(p
         assert np.allclose(got, ref.loc[k, pcs].to_numpy(dtype=float), atol=1e-3), (k, got)
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_after_an_interruption(prepared):
     cfg, ds, split, root = prepared
     two = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"epochs": 2})})
@@ -185,6 +189,7 @@ def test_checkpoint_resume_continues_after_an_interruption(prepared):
     assert [h["epoch"] for h in out["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_lp_ft_probe_trains_the_head_alone_then_fine_tunes_everything(prepared):
     """The probe epoch leaves every backbone tensor (batch-norm statistics included) as the ImageNet weights
     had it and moves the head at probe_lr; the fine-tune epoch after it moves the backbone."""
@@ -222,6 +227,7 @@ def test_lp_ft_probe_trains_the_head_alone_then_fine_tunes_everything(prepared):
     assert out["history"][1]["phase"] == "train"
 
 
+@pytest.mark.slow
 def test_detector_trains_offline_and_reports_map(prepared):
     from components.model.train_detector import train_detector
 

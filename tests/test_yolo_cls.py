@@ -11,9 +11,10 @@ from PIL import Image
 
 from components.model.classifier import TrainingError, check_backbone
 
-pytestmark = pytest.mark.slow
+# the tests that train or serve are marked slow one by one; the others run in `make test-fast`
 
 
+@pytest.mark.slow
 def test_a_yolo_classifier_goes_through_train_evaluate_register_and_serve(tmp_path, cfg, gated, monkeypatch):
     from components.model import registry
     from components.model.evaluate import evaluate
