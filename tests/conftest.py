@@ -59,6 +59,17 @@ def gated_dataset(root: Path, synthetic_source: Path, cfg) -> tuple[Path, Path]:
     return ds, prep / "split" / "split.parquet"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_path_started_early(request, tmp_path_factory):
+    """The user's path (tests/test_user_path.py: a fresh clone and two demos, about ten minutes of one process) starts
+    with the session when it is selected, so that it runs beside the rest of the suite; its test reads the record."""
+    if any(item.nodeid.startswith("tests/test_user_path.py") for item in request.session.items):
+        from tests import test_user_path
+
+        test_user_path.start(tmp_path_factory.mktemp("user-path"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def cfg():
     return load_config("test")

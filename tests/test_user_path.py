@@ -34,11 +34,9 @@ def _sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None, timeout: float 
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """``git clone`` of this checkout, with the working tree's tracked and new files laid over it (what CI gets is a
-    clean clone: the same thing), ``../shared`` beside it, and its own virtual environment."""
-    top = tmp_path_factory.mktemp("user-path")
+def make_clone(top: Path) -> Path:
+    """``git clone`` of this checkout into ``top``, with the working tree's tracked and new files laid over it (what CI
+    gets is a clean clone: the same thing), ``../shared`` beside it, and its own virtual environment."""
     here = top / "main"
     _sh("git", "clone", "-q", str(ROOT), str(here), cwd=top)
     listed = _sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
@@ -68,7 +66,8 @@ def user_env(clone: Path) -> dict[str, str]:
     return {**env, "PATH": f"{clone / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin"}
 
 
-def demo(clone: Path, name: str) -> str:
+def _demo_output(clone: Path, name: str) -> tuple[int, str]:
+    """``drspot demo`` in the clone as the user runs it: its exit code and what it printed."""
     log = clone.parent / f"{name}.log"
     with open(log, "w") as f:
         proc = subprocess.run(
@@ -79,9 +78,7 @@ def demo(clone: Path, name: str) -> str:
             stderr=subprocess.STDOUT,
             timeout=DEMO_TIMEOUT_S,
         )
-    text = log.read_text()
-    assert proc.returncode == 0, f"drspot demo exited {proc.returncode}; last lines:\n{text[-6000:]}"
-    return text
+    return proc.returncode, log.read_text()
 
 
 def step(text: str, title: str) -> str:
@@ -122,12 +119,68 @@ def check_the_loop(text: str) -> dict[str, str]:
     return {"data_after": versions.group(2), "decision": gate.group(2)}
 
 
-def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
-    text = demo(clone, "demo-1")
+class UserPath:
+    """The user's path, run once: the clone, the first demo, what the user then reads (`drspot status --json`, the
+    alert file, the Bento folders), the second demo. Started by the session's first fixture (conftest: the two
+    demos, about ten minutes, run beside the rest of the suite instead of after it); the test below reads what it
+    recorded, in the order the user met it."""
+
+    def __init__(self, top: Path) -> None:
+        import threading
+
+        self.top, self.seen, self.error = top, {}, None
+        self.thread = threading.Thread(target=self._run, name="user-path", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            clone = self.seen["clone"] = make_clone(self.top)
+            self.seen["demo-1"] = _demo_output(clone, "demo-1")
+            drspot = str(clone / ".venv" / "bin" / "drspot")
+            self.seen["status"] = _sh(drspot, "status", "--json", cwd=clone, env=user_env(clone))
+            self.seen["alerts"] = (clone / ".drspot" / "alerts.jsonl").read_text()
+            self.seen["in_bentos"] = list((clone / ".drspot" / "bentoml" / "bentos").glob("*/*/src/.drspot"))
+            self.seen["demo-2"] = _demo_output(clone, "demo-2")
+        except BaseException as e:  # noqa: BLE001 - said by the test, in the main thread
+            self.error = e
+
+    def result(self) -> dict:
+        self.thread.join(timeout=2 * DEMO_TIMEOUT_S + 900)
+        assert not self.thread.is_alive(), "the user's path did not finish in time"
+        return self.seen
+
+
+STARTED: list[UserPath] = []  # the run the session started early (tests/conftest.py), if it did
+
+
+def start(top: Path) -> UserPath:
+    run = UserPath(top)
+    STARTED.append(run)
+    run.thread.start()
+    return run
+
+
+@pytest.fixture(scope="module")
+def user_path(tmp_path_factory) -> dict:
+    run = STARTED[0] if STARTED else start(tmp_path_factory.mktemp("user-path"))
+    return run.result() | {"error": run.error}
+
+
+def demo(recorded: dict, name: str) -> str:
+    """What ``drspot demo`` printed in the recorded run ``name`` (its failure, if it failed)."""
+    if name not in recorded:
+        raise recorded["error"] or AssertionError(f"{name} did not run")
+    proc_rc, text = recorded[name]
+    assert proc_rc == 0, f"drspot demo exited {proc_rc}; last lines:\n{text[-6000:]}"
+    return text
+
+
+def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(user_path):
+    clone = user_path.get("clone")
+    text = demo(user_path, "demo-1")
     first = check_the_loop(text)
-    status = json.loads(
-        _sh(str(clone / ".venv" / "bin" / "drspot"), "status", "--json", cwd=clone, env=user_env(clone))
-    )
+    if "status" not in user_path:
+        raise user_path["error"]
+    status = json.loads(user_path["status"])
     assert status["home"] == str(clone) and status["profile"] == "demo"
     log = status["prediction_log"]
     assert log["location"] == str(clone / ".drspot" / "predictions.db")
@@ -138,12 +191,12 @@ def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(clone):
     assert status["retrain"]["last"]["status"] == "retrained"
     assert status["retrain"]["last"]["data_version"] == status["data"]["version"] == f"{first['data_after']}"
     # the default alert sink works for a new user: the drift and the gate decisions are there
-    alerts = [json.loads(line) for line in (clone / ".drspot" / "alerts.jsonl").read_text().splitlines()]
+    alerts = [json.loads(line) for line in user_path["alerts"].splitlines()]
     assert {"drift", "gate"} <= {a["kind"] for a in alerts}, alerts
     assert status["alerts"]["newest"] is not None
     # nothing logged inside a Bento's own folder
-    assert not list((clone / ".drspot" / "bentoml" / "bentos").glob("*/*/src/.drspot"))
+    assert not user_path["in_bentos"]
 
-    again = demo(clone, "demo-2")
+    again = demo(user_path, "demo-2")
     assert "an earlier run's registry, models, reports and prediction log were moved to" in again
     check_the_loop(again)
