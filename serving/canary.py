@@ -145,6 +145,16 @@ def check_pair(
         except RuntimeError as e:
             why = f"the candidate did not start: {last_error(str(e))}; log {log}"
             return {**result, "passed": False, "reason": why}
+        # the candidate serves the run's own configuration (the profile the promotion runs under), not a default
+        ready = httpx.get(f"{server.url}/readyz", timeout=30).json()
+        result["served_config"] = {k: ready.get(k) for k in ("profile", "config_digest", "runtime")}
+        if ready.get("config_digest") != checked.digest():
+            return {
+                **result,
+                "passed": False,
+                "reason": f"the candidate serves profile {ready.get('profile')} (configuration "
+                f"{ready.get('config_digest')}), not the run's {cfg.profile} ({checked.digest()})",
+            }
         # 3. every canary answered; the bad inputs refused as the contract says
         answers, http_times = [], []
         for image_id, data in photos:
@@ -217,7 +227,8 @@ def check_pair(
             **result,
             "passed": True,
             "reason": f"served and answered {len(photos)} canaries and {len(BAD_INPUTS)} bad inputs as the contract "
-            f"says; probabilities within {worst:.1e} of the registered model{ratio_text}",
+            f"says; probabilities within {worst:.1e} of the registered model{ratio_text}; served under profile "
+            f"{cfg.profile} (configuration {checked.digest()}, runtime {cfg.serving.runtime})",
         }
     finally:
         if server is not None:

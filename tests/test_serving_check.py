@@ -38,12 +38,16 @@ def _candidate(deployed, registry, folder) -> str:
     return registry.register("classifier", folder, metrics, tags, root / "eval")
 
 
-def _promote(deployed, version: str) -> subprocess.CompletedProcess:
+def _promote(deployed, version: str, profile: str | None = None) -> subprocess.CompletedProcess:
+    """``drspot promote``; with ``profile``, as ``drspot --profile PROFILE promote`` and no DRSPOT_PROFILE set."""
     from tests.serving_fixtures import drspot
 
     root = deployed["root"]
     env = {**deployed["env"], "DRSPOT_SET": "gate.serving_check.enabled=true"}
     args = ("promote", "--version", version, "--dataset", str(root / "ds"), "--prepared", str(root / "prep"))
+    if profile:
+        env.pop("DRSPOT_PROFILE", None)
+        args = ("--profile", profile, *args)
     return drspot(*args, env=env)
 
 
@@ -94,7 +98,7 @@ def test_a_bento_that_does_not_serve_what_was_registered_is_not_promoted(deploye
 def test_a_sound_candidate_passes_and_becomes_champion(deployed, registry_env, tmp_path):
     registry = registry_env
     v = _candidate(deployed, registry, deployed["root"] / "clf")
-    out = _promote(deployed, v)
+    out = _promote(deployed, v, profile="test")  # the profile named on the command line, not by the environment
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = next(x for x in (out.stdout + out.stderr).splitlines() if "serving check: PASSED" in x)
     assert "served and answered 6 canaries and 4 bad inputs as the contract says; probabilities within" in line
@@ -106,3 +110,8 @@ def test_a_sound_candidate_passes_and_becomes_champion(deployed, registry_env, t
     ratio = float(line.split("probabilities within ")[1].split(", ")[1].split("x")[0])
     assert 0.2 < ratio < 5, line
     assert json.loads(json.dumps(tags))  # plain strings, readable by any MLflow client
+    # the candidate Bento ran with the promotion's own configuration (profile test), which it checked by digest,
+    # not one re-loaded from DRSPOT_PROFILE or the demo default
+    served = json.loads(tags["serving_check.config"])
+    assert served["profile"] == "test" and served["runtime"] == "torch", served
+    assert f"served under profile test (configuration {served['config_digest']}, runtime torch)" in line

@@ -453,6 +453,8 @@ def record_serving_check(kind: str, version: str, check: dict[str, Any]) -> None
     c = client()
     c.set_model_version_tag(name, version, "serving_check.result", "passed" if check["passed"] else "failed")
     c.set_model_version_tag(name, version, "serving_check.reason", check["reason"][:5000])
+    if check.get("served_config"):  # the configuration the candidate Bento was started with (profile, digest)
+        c.set_model_version_tag(name, version, "serving_check.config", json.dumps(check["served_config"]))
     if not check["passed"]:
         c.set_model_version_tag(name, version, "gate.decision", "rejected")
         c.set_model_version_tag(name, version, "gate.reason", f"serving check failed: {check['reason']}"[:5000])
