@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.drspot-installed
 
-.PHONY: setup system-deps demo demo-real test test-fast lint format bench clean
+.PHONY: setup system-deps demo demo-real test test-fast lint format bench clean clean-state
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo-real: setup
 	$(BIN)/drspot demo --real --keep-serving
 
 # Two tests need system packages: the web page's test drives Debian's Chromium through Playwright
-# (no browser download: STACK.md), the prediction-log test starts a throwaway PostgreSQL server.
+# (no browser download), the prediction-log test starts a throwaway PostgreSQL server.
 # As root (CI) missing ones are installed with apt; otherwise those tests skip, saying so.
 system-deps:
 	@{ test -x /usr/bin/chromium && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
@@ -46,5 +46,11 @@ bench: setup
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,pretrained,bench]'
 	@echo "run a benchmark: $(BIN)/python bench/<name>.py (see README)"
 
+# generated data, reports and caches; the state in .drspot/ (prediction log, alerts, Bentos) stays
 clean:
-	rm -rf .drspot raw reports .pytest_cache .ruff_cache
+	rm -rf raw reports prepared models .pytest_cache .ruff_cache
+
+# everything the project keeps, the prediction log and the registry included
+clean-state: clean
+	@echo "removing .drspot/ (prediction log, feedback, alerts, Bentos), mlflow/ (the registry) and .dvc/cache"
+	rm -rf .drspot mlflow/mlflow.db mlflow/artifacts .dvc/cache

@@ -1,112 +1,118 @@
-"""The ``drspot`` command line.
+"""The ``drspot`` command line (Typer): commands grouped by phase, help from each command's docstring, global
+options documented once, ``--version``, the nearest command suggested for a typo.
 
-Every command loads the typed configuration (``--profile``), applies the offline settings (by
-importing :mod:`components`) and calls the step in :mod:`components`; heavy libraries are
-imported inside the commands that need them, so ``drspot --help`` stays fast.
+Every command loads the typed configuration once (:func:`flows.commands.run`), applies the offline settings (by
+importing :mod:`components`) and calls its step; heavy libraries are imported inside the commands that need them,
+so ``drspot --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from typing import Annotated
+
+import typer
 
 import components  # noqa: F401  (offline settings before anything else)
-from flows.commands import data, models, monitoring, operations, serving
-from infra.config import ConfigError, load_config, load_resolved
+from flows.commands import Globals, data, models, monitoring, operations, serving
+
+HELP = """DrSpot: skin-lesion MLOps on one machine. Data gate, a YOLO detector and a timm classifier, MLflow registry
+and model gate, a BentoML endpoint, drift monitoring and the retraining flywheel.
+
+Start with `drspot demo` (the whole loop on synthetic photos), then `drspot status` and `drspot ui`.
+Global options may come before or after the command. Exit codes: 0 success, 1 a runtime failure, 2 a usage
+error, 3 a gate rejection.
+"""
+# the options that belong to every command; accepted after the command too (moved before it by main)
+GLOBAL_VALUED = ("--profile", "--params", "--config", "--set", "-S")
+
+app = typer.Typer(
+    name="drspot",
+    help=HELP,
+    no_args_is_help=True,  # bare `drspot` shows the help
+    suggest_commands=True,  # `drspot trian` -> Did you mean 'train'?
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="markdown",
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # --profile/--params are accepted before or after the command; SUPPRESS keeps a
-    # sub-command's absent option from hiding the global one.
-    common = argparse.ArgumentParser(add_help=False)
-    p = argparse.ArgumentParser(prog="drspot", description="DrSpot: skin-lesion MLOps (see README.md).")
-    for parser, default in ((common, argparse.SUPPRESS), (p, None)):
-        parser.add_argument("--profile", default=default, help="params.yaml profile (default: $DRSPOT_PROFILE or demo)")
-        parser.add_argument(
-            "--params", default=default, help="parameters file (default: params.yaml in the state home)"
-        )
-        parser.add_argument(
-            "--config",
-            default=default,
-            metavar="FILE",
-            help="a configuration resolved earlier (`drspot config`), used as it is: no profile, no DRSPOT_SET",
-        )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add = sub.add_parser
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
 
-    def add_parser(name: str, **kw):
-        return _add(name, parents=[common], **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    for group in (operations, data, models, serving, monitoring):
-        group.register(sub)
-    return p
+        print(f"drspot {version('drspot')} (Python {sys.version.split()[0]})")
+        raise typer.Exit(0)
 
 
-def resolve(args: argparse.Namespace):
-    """The run's configuration, resolved once: a resolved file (``--config``) as it is, else profile +
-    ``DRSPOT_SET`` + parameters file. Every command and flow of this run gets this object."""
-    if args.config:
-        if args.profile or args.params:
-            raise ConfigError("--config is a configuration resolved already: give it without --profile/--params")
-        return load_resolved(args.config)
-    profile = args.profile
-    if profile is None and getattr(args, "real", None) is not None and not os.environ.get("DRSPOT_PROFILE"):
-        profile = REAL_PROFILE  # `drspot demo --real`: the real-data recipe unless another profile was asked for
-    return load_config(profile, args.params)
+@app.callback()
+def options(
+    ctx: typer.Context,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="params.yaml profile: demo, test, ham10000, ...", show_default="$DRSPOT_PROFILE or demo"),
+    ] = None,
+    params: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="the parameters file", show_default="params.yaml in the state home"),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="a configuration resolved earlier (`drspot config`), used as it is"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-S",
+            "--set",
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. `-S classifier.epochs=3` (repeatable; after $DRSPOT_SET)",
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    ctx.obj = Globals(profile, params, config, list(set_ or []))
 
 
-def explicit_source(args: argparse.Namespace) -> str | None:
-    """The option or variable that chose this run's configuration, or None when it is the default profile."""
-    for option in ("config", "profile", "params"):
-        if getattr(args, option, None):
-            return f"--{option} {getattr(args, option)}"
-    for var in ("DRSPOT_CONFIG", "DRSPOT_PROFILE", "DRSPOT_PARAMS", "DRSPOT_SET"):
-        if os.environ.get(var):
-            return f"${var}={os.environ[var]}"
-    return None
+for group in (operations, data, models, serving, monitoring):
+    group.register(app)
 
 
-REAL_PROFILE = "ham10000"  # the profile `drspot demo --real` runs with by default
-
-# commands that keep no state of their own: they run without a writable state home
-STATELESS = {"config", "env"}
-# commands that read or write the prediction log: a log that cannot be used is refused before they start
-USES_LOG = {"serve", "monitor", "retrain", "demo", "import-logs"}
+def hoist(argv: list[str]) -> list[str]:
+    """Global options given after the command (``drspot config --profile test``) moved before it, where the
+    command line's parser reads them; everything after a ``--`` stays where it is."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest.extend(argv[i:])
+            break
+        name = a.split("=", 1)[0]
+        if a.startswith("-S") and len(a) > 2:  # -Skey=value
+            takes = 1
+        elif name in GLOBAL_VALUED:
+            takes = 1 if "=" in a else 2
+        else:
+            takes = 0
+        if takes:
+            front.extend(argv[i : i + takes])
+            i += takes
+            continue
+        rest.append(a)
+        i += 1
+    return front + rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    from infra.env import check_home, close_prefect, prefect_lost, unreachable
-
-    args = build_parser().parse_args(argv)
+    args = hoist(list(sys.argv[1:] if argv is None else argv)) or ["--help"]  # bare `drspot`: the help, exit 0
     try:
-        args.cfg = resolve(args)
-        args.config_source = explicit_source(args)
-        if args.command not in STATELESS:
-            check_home(args.cfg.home)
-        if args.command in USES_LOG:
-            from serving.store import check_log
-
-            check_log(args.cfg)
-        return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError, ConnectionError) as e:
-        print(f"drspot {args.command}: error: {unreachable(e) or e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a library's error: a server that did not answer is the user's setting, said so
-        if unreachable(e) is None:
-            raise
-        print(f"drspot {args.command}: error: {unreachable(e)}", file=sys.stderr)
-        if prefect_lost(e):
-            # Prefect's log and event workers would go on retrying the lost server for every line and event still
-            # queued (minutes) before the interpreter may exit: they cannot be delivered, so the command ends now
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-        return 2
-    finally:
-        close_prefect()  # while stdout is open: the command ends on its own last line
+        app(args=args, prog_name="drspot")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

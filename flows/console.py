@@ -7,20 +7,80 @@ import time
 from pathlib import Path
 
 
+def _console(stream=None):
+    """A rich console on ``stream`` (stdout): styled on a terminal, plain text elsewhere (CI logs, pipes, files),
+    where lines are not wrapped at 80 columns."""
+    from rich.console import Console
+
+    stream = stream or sys.stdout
+    tty = stream.isatty()
+    return Console(file=stream, highlight=False, width=None if tty else 200, no_color=not tty, soft_wrap=not tty)
+
+
+def table(headers: list[str], rows: list[list], title: str | None = None) -> None:
+    """Print ``rows`` under ``headers`` as aligned columns (rich): boxed on a terminal, plain columns elsewhere."""
+    from rich import box
+    from rich.table import Table
+
+    console = _console()
+    t = Table(
+        *headers,
+        title=title,
+        box=box.SIMPLE_HEAD if console.is_terminal else None,
+        show_header=True,
+        header_style="bold" if console.is_terminal else "",
+        pad_edge=False,
+    )
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    if console.is_terminal:
+        console.print(t)
+        return
+    with console.capture() as captured:  # plain columns: no padding left at the ends of the lines
+        console.print(t)
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
 def progress(label: str, total: int | None = None):
-    state = {"last": 0.0}
+    """A progress callback ``show(done, total=None)``: a rich progress bar on a terminal; elsewhere a plain line
+    at most every 5 s and at the end, so CI logs stay readable."""
+    state: dict = {"last": 0.0, "bar": None}
     tty = sys.stderr.isatty()
 
     def show(done: int, total_: int | None = total) -> None:
-        now = time.monotonic()
         final = total_ is not None and done >= total_
-        if not final and now - state["last"] < (0.2 if tty else 5.0):
+        if tty:
+            _bar(state, label, done, total_, final)
+            return
+        now = time.monotonic()
+        if not final and now - state["last"] < 5.0:
             return
         state["last"] = now
-        text = f"{label}: {done}/{total_}" if total_ else f"{label}: {done}"
-        print(("\r" if tty else "") + text, end="" if tty and not final else "\n", file=sys.stderr, flush=True)
+        print(f"{label}: {done}/{total_}" if total_ else f"{label}: {done}", file=sys.stderr, flush=True)
 
     return show
+
+
+def _bar(state: dict, label: str, done: int, total: int | None, final: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if state["bar"] is None:
+        bar = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=_console(sys.stderr),
+            auto_refresh=False,  # refreshed by each call: no thread left behind by a run that stops early
+        )
+        bar.start()
+        state["bar"], state["task"] = bar, bar.add_task(label, total=total)
+    bar = state["bar"]
+    bar.update(state["task"], completed=done, total=total)
+    bar.refresh()
+    if final:
+        bar.stop()
+        state["bar"] = None
 
 
 def report_rows(result, limit: int) -> None:

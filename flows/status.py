@@ -76,6 +76,7 @@ def models_status(cfg: Config) -> dict[str, Any]:
             entry[alias] = {
                 "version": str(mv.version),
                 "metrics": metrics,
+                "profile": mv.tags.get("profile"),  # the profile it was trained with
                 "data_version": mv.tags.get("data_version"),
                 "gate": mv.tags.get("gate.decision"),
                 "gate_reason": mv.tags.get("gate.reason"),
@@ -89,6 +90,9 @@ def serving_status(cfg: Config) -> dict[str, Any]:
 
     state = cfg.runtime.deployed
     out: dict[str, Any] = {"deployed": json.loads(state.read_text()) if state.is_file() else None}
+    if cfg.runtime.deployed_config.is_file():  # the configuration the Bento was deployed with (its first line)
+        head = cfg.runtime.deployed_config.read_text().split("\n", 1)[0]
+        out["deployed_profile"] = head.split("profile ", 1)[1].split(",")[0] if "profile " in head else None
     url = f"http://{cfg.serving.host}:{cfg.serving.port}"
     out["url"] = url
     try:
@@ -136,17 +140,21 @@ def monitor_status(cfg: Config) -> dict[str, Any]:
 
 
 def alerts_status(cfg: Config) -> dict[str, Any]:
-    """The alert file's newest alerts: how many in the last 24 h, and the newest one."""
-    import datetime as dt
-
+    """The newest alerts about the registry in force: how many in the last 24 h, and the newest one; alerts about
+    another registry (an earlier store, another tracking server) are only counted."""
     from components.monitoring import alerts
+    from infra.env import tracking_uri
 
+    uri = tracking_uri()
     recent = alerts.recent(cfg, 500)
+    ours = [a for a in recent if a.get("registry") == uri]
     day = dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)
     return {
         "file": str(alerts.alert_file(cfg)),
-        "last_24h": sum(dt.datetime.fromisoformat(a["at"]) >= day for a in recent),
-        "newest": recent[-1] if recent else None,
+        "registry": uri,
+        "last_24h": sum(dt.datetime.fromisoformat(a["at"]) >= day for a in ours),
+        "newest": ours[-1] if ours else None,
+        "other_registries": len(recent) - len(ours),
     }
 
 
@@ -253,7 +261,20 @@ def _metrics(m: dict[str, float]) -> str:
 
 
 def _model(entry: dict[str, Any] | None) -> str:
-    return f"v{entry['version']} ({_metrics(entry['metrics'])})" if entry else "none"
+    if not entry:
+        return "none"
+    trained = f"profile {entry['profile']}, " if entry.get("profile") else ""
+    data = str(entry.get("data_version") or "unversioned")[:12]
+    return f"v{entry['version']} ({trained}data {data}; {_metrics(entry['metrics'])})"
+
+
+def when(stamp: str | None) -> str:
+    """An ISO time as printed: to the second, in UTC (``2026-12-05 21:14:30 UTC``)."""
+    if not stamp:
+        return "-"
+    t = dt.datetime.fromisoformat(stamp)
+    t = t.astimezone(dt.UTC) if t.tzinfo else t
+    return t.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if t.tzinfo else "")
 
 
 Row = Callable[[str, str], None]
@@ -273,10 +294,10 @@ def _models(m: dict[str, Any], row: Row) -> None:
         return
     for kind in ("classifier", "detector"):
         e = m[kind]
-        text = f"champion {_model(e['champion'])}; challenger {_model(e['challenger'])}"
+        text = f"champion {_model(e['champion'])}"
         ch = e["challenger"]
-        if ch and ch.get("gate"):
-            text += f", gate {ch['gate']}"
+        if ch and (not e["champion"] or ch["version"] != e["champion"]["version"]):  # only a challenger that differs
+            text += f"; challenger {_model(ch)}" + (f", gate {ch['gate']}" if ch.get("gate") else "")
         row(kind, text)
     row("registry", m["tracking_uri"])
 
@@ -290,7 +311,8 @@ def _serving(v: dict[str, Any], row: Row) -> None:
         where = f"{v['url']} answering: {served} (profile {r.get('profile')}, data {r.get('data_version')})"
     else:
         where = f"no service answering at {v['url']}"
-    row("serving", f"Bento {bento}; {where}")
+    deployed = f" (deployed with profile {v['deployed_profile']})" if v.get("deployed_profile") else ""
+    row("serving", f"Bento {bento}{deployed}; {where}")
 
 
 def _log(log: dict[str, Any], row: Row) -> None:
@@ -312,7 +334,7 @@ def _monitor(mon: dict[str, Any], row: Row) -> None:
         row("monitor", "never run")
         return
     why = f": {last['reasons'][0]}" if last.get("reasons") else ""
-    row("monitor", f"last run {last['at']}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
+    row("monitor", f"last run {when(last['at'])}: {last['status'].upper()} ({last['rows']} predictions){why}"[:240])
     if last.get("quality"):
         row("quality", f"model quality at that run: {last['quality'].upper()}")
 
@@ -329,7 +351,8 @@ def _retrain(rt: dict[str, Any], row: Row) -> None:
     versions = f"data {last['data_version_before']} -> {last['data_version']}"
     row(
         "retrain",
-        f"last run {last['at']} ({last['trigger']}): {last['status']}; {versions}" + (f"; {gates}" if gates else ""),
+        f"last run {when(last['at'])} ({last['trigger']}): {last['status']}; {versions}"
+        + (f"; {gates}" if gates else ""),
     )
 
 
@@ -338,7 +361,7 @@ def _schedule(sc: dict[str, Any], row: Row) -> None:
     if not sc["answering"]:
         row("schedule", f"no Prefect server answering at {sc['server']} (start one: drspot schedule / drspot ui)")
         return
-    nxt = ", ".join(f"{r['deployment']} at {r['at']}" for r in sc["next_runs"][:4]) or "no runs scheduled"
+    nxt = ", ".join(f"{r['deployment']} at {when(r['at'])}" for r in sc["next_runs"][:4]) or "no runs scheduled"
     row("schedule", f"{sc['server']}: {len(sc['deployments'])} deployment(s); next: {nxt}")
 
 
@@ -347,18 +370,22 @@ def _approvals(ap: dict[str, Any], row: Row) -> None:
     for w in ap["waiting"]:
         row(
             "approval",
-            f"{w['kind']} v{w['version']} waits until {w['deadline']}: "
+            f"{w['kind']} v{w['version']} waits until {when(w['deadline'])}: "
             f"drspot approve {w['kind']} {w['version']} --by NAME",
         )
 
 
 def _alerts(al: dict[str, Any], row: Row) -> None:
     """The newest alert."""
+    others = f" ({al['other_registries']} about other registries not shown)" if al.get("other_registries") else ""
     if al["newest"]:
         n = al["newest"]
-        row("alerts", f"{al['last_24h']} in the last 24 h; newest {n['at']} {n['kind']}: {n['title']}"[:240])
+        row(
+            "alerts",
+            f"{al['last_24h']} in the last 24 h; newest {when(n['at'])} {n['kind']}: {n['title']}"[:240] + others,
+        )
     else:
-        row("alerts", f"none ({al['file']})")
+        row("alerts", f"none about this registry ({al['file']}){others}")
 
 
 # (part of collect()'s result, its row's name when it could not be read, what prints it)
@@ -375,12 +402,12 @@ SECTIONS = (
 )
 
 
-def render(s: dict[str, Any]) -> str:
-    """The one-screen text of :func:`collect`."""
-    lines = [f"DrSpot status: state home {s['home']} (profile {s['profile']}, configuration {s['config_digest']})"]
+def render(s: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    """The one screen of :func:`collect`: its title and its rows (name, text)."""
+    lines: list[list[str]] = []
 
     def row(name: str, text: str) -> None:
-        lines.append(f"  {name:<10} {text}")
+        lines.append([name, text])
 
     for key, name, show in SECTIONS:
         part = s[key]
@@ -388,4 +415,5 @@ def render(s: dict[str, Any]) -> str:
             row(name, part["error"] if key == "models" else f"unreadable: {part['error']}")
         else:
             show(part, row)
-    return "\n".join(lines)
+    row("command", f"resolved profile {s['profile']} (configuration {s['config_digest']}) for this status")
+    return f"DrSpot status: state home {s['home']}", lines

@@ -34,7 +34,7 @@ def start_mlflow_ui(uri: str, port: int, log: Path) -> subprocess.Popen | None:
     """``mlflow ui`` on 127.0.0.1:``port`` over the tracking store ``uri`` (reused if one answers there)."""
     if _answers(f"http://127.0.0.1:{port}/health"):
         return None
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # ~0.6 GB instead of ~3 GB (STACK.md)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # ~0.6 GB instead of ~3 GB
     cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)  # noqa: SIM115

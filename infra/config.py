@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,11 @@ PROFILES = ("demo", "test", "full")
 DEFAULT_PROFILE = "demo"
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """A value the user gave (an option, a setting) that cannot be used: ``drspot`` exits 2, as for a usage error."""
+
+
+class ConfigError(UsageError):
     """The parameters file is missing, malformed, or holds an unknown key or a wrong type."""
 
 
@@ -496,32 +501,63 @@ def _settings(text: str) -> dict[str, Any]:
     return out
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = []
+def _format(err: ValidationError, source: str, layers: Sequence[tuple[str, dict[str, Any]]] = ()) -> str:
+    """The validation errors, each blamed on the setting that gave the value: the last of ``layers`` (source,
+    nested settings) holding its key, else ``source`` (the parameters file and profile)."""
+    by_source: dict[str, list[str]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "(top level)"
+        blame = next((name for name, tree in reversed(layers) if _holds(tree, loc)), source)
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            text = f"unknown key '{key}'"
         elif e["type"] == "missing":
-            lines.append(f"missing key '{key}'")
+            text = f"missing key '{key}'"
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"key '{key}': {e['msg']} (got {shown})")
-    return f"{source}: " + "; ".join(lines)
+            text = f"key '{key}': {e['msg']} (got {shown})"
+        by_source.setdefault(blame, []).append(text)
+    return "; ".join(f"{name}: " + "; ".join(texts) for name, texts in by_source.items())
 
 
-def load_config(profile: str | None = None, path: str | Path | None = None) -> Config:
-    """Load ``params.yaml``'s ``default`` section overridden by ``profile`` and validate it.
+def _holds(tree: dict[str, Any], loc: list[str]) -> bool:
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def load_config(
+    profile: str | None = None,
+    path: str | Path | None = None,
+    sets: Sequence[str] = (),
+    notes: list[str] | None = None,
+) -> Config:
+    """Load ``params.yaml``'s ``default`` section overridden by ``profile``, then ``$DRSPOT_SET``, then ``sets``
+    (``drspot -S key=value``), and validate it.
 
     Args:
         profile: one of the file's profiles; ``$DRSPOT_PROFILE`` or ``demo`` when None.
         path: the parameters file; ``$DRSPOT_PARAMS`` or ``<project>/params.yaml`` when None.
+        sets: ``key.path=value`` settings given on the command line (values in YAML), applied last.
+        notes: where to add a line for each setting that overrides another source's (the caller warns).
 
     Raises:
-        ConfigError: naming the file, the profile and the offending key.
+        ConfigError: naming the source that was wrong (the file and profile, ``DRSPOT_SET`` or ``-S``) and the key.
     """
-    if profile is None and path is None and os.environ.get(CONFIG_ENV):
+    notes = notes if notes is not None else []
+    if profile is None and path is None and not sets and os.environ.get(CONFIG_ENV):
+        if os.environ.get("DRSPOT_SET"):
+            notes.append(f"DRSPOT_SET is ignored: {CONFIG_ENV} names a configuration resolved already")
         return load_resolved(os.environ[CONFIG_ENV], CONFIG_ENV)
     profile = profile or os.environ.get("DRSPOT_PROFILE") or DEFAULT_PROFILE
     path = Path(path) if path else default_params_path()
@@ -543,16 +579,23 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         merged = _merge(raw["default"], override, "")
     except ConfigError as e:
         raise ConfigError(f"{path} [profile {profile}]: {e}") from None
-    sets = os.environ.get("DRSPOT_SET", "")
-    try:
-        merged = _merge(merged, _settings(sets), "")
-    except ConfigError as e:
-        raise ConfigError(f"DRSPOT_SET={sets!r}: {e}") from None
+    env_sets = os.environ.get("DRSPOT_SET", "")
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for source, text in [(f"DRSPOT_SET={env_sets!r}", env_sets)] + [(f"-S {x!r}", x) for x in sets]:
+        try:
+            tree = _settings(text)
+            merged = _merge(merged, tree, "")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        for earlier, before in layers:
+            for key in sorted(_keys(tree) & _keys(before)):
+                notes.append(f"{source} overrides {key} of {earlier}")
+        layers.append((source, tree))
     merged["profile"] = profile
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format(e, f"{path} [profile {profile}]")) from None
+        raise ConfigError(_format(e, f"{path} [profile {profile}]", layers)) from None
     return cfg
 
 

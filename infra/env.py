@@ -3,7 +3,7 @@
 Importing :mod:`components` calls :func:`apply` before any heavy library is imported, so the CLI,
 the tests, DVC stages (which run the CLI) and the BentoML service all run with the same settings.
 Each library below was seen reaching for the network, or writing outside the project, without
-its setting (see ``../shared/STACK.md``).
+its setting.
 """
 
 from __future__ import annotations
@@ -157,10 +157,16 @@ def settings() -> dict[str, str]:
     return {**FIXED, **homes()}
 
 
+# what DrSpot sets for its own processes but never exports into a user's shell: they would change the user's other
+# tools there (Python's warnings for every program, Hugging Face and Ultralytics offline, every tool's telemetry)
+NOT_EXPORTED = {"PYTHONWARNINGS", "HF_HUB_OFFLINE", "YOLO_OFFLINE", "DO_NOT_TRACK"}
+
+
 def exports() -> dict[str, str]:
     """What a shell needs so that ``prefect``, ``mlflow``, ``bentoml`` and ``dvc`` typed by hand see DrSpot's state:
-    the settings in force, the state home and the tracking store (``drspot env --export``)."""
-    out = {k: os.environ.get(k) or v for k, v in settings().items()}
+    their homes and telemetry settings, the state home and the tracking store (``drspot env --export``); nothing
+    that would change the shell's other tools (:data:`NOT_EXPORTED`)."""
+    out = {k: os.environ.get(k) or v for k, v in settings().items() if k not in NOT_EXPORTED}
     out[HOME_ENV] = str(project_root())
     out["MLFLOW_TRACKING_URI"] = tracking_uri()
     for key in ("DRSPOT_DATABASE_URL", "PREFECT_API_URL", "DRSPOT_PARAMS"):

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.config import Config
+from infra.config import Config, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 PATH_COLUMNS = ("path", "image", "file", "filename")
@@ -39,6 +39,10 @@ RUN_FILE = "run.json"
 
 class BatchError(ValueError):
     """The batch cannot start: its source, its output or the models (what and where)."""
+
+
+class BatchOptionError(BatchError, UsageError):
+    """An option of the batch that cannot be used (the output's format, the language, the batch size)."""
 
 
 @dataclass(frozen=True)
@@ -293,15 +297,15 @@ def _checked_options(out: Path, batch: int, language: str | None, preprocess: st
     from serving.pipeline import PREPROCESS, KnowledgeError, resolve_language
 
     if out.suffix.lower() not in (".csv", ".parquet"):
-        raise BatchError(f"--out {out}: the output must end in .csv or .parquet")
+        raise BatchOptionError(f"--out {out}: the output must end in .csv or .parquet")
     if preprocess not in PREPROCESS:
-        raise BatchError(f"preprocess={preprocess!r}; use one of {', '.join(PREPROCESS)}")
+        raise BatchOptionError(f"preprocess={preprocess!r}; use one of {', '.join(PREPROCESS)}")
     if batch < 1:
-        raise BatchError(f"batch={batch}: at least 1")
+        raise BatchOptionError(f"batch={batch}: at least 1")
     try:
         return resolve_language(language, cfg.serving.language)
     except KnowledgeError as e:
-        raise BatchError(str(e)) from e
+        raise BatchOptionError(str(e)) from e
 
 
 def _open_parts(parts: Path, run: dict[str, Any], restart: bool) -> None:

@@ -138,7 +138,7 @@ def test_bad_sources_and_a_changed_run_are_named(deployed, tmp_path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("name,label\na.jpg,mel\n")
     r = drspot("predict", str(wrong), env=env)
-    assert r.returncode == 2
+    assert r.returncode == 1  # a runtime failure: the list cannot be read
     assert "no column naming the photos (path / image / file / filename); its columns are name, label" in r.stderr
     r = drspot("predict", str(folder), "--out", str(tmp_path / "x.txt"), env=env)
     assert r.returncode == 2 and "the output must end in .csv or .parquet" in r.stderr
@@ -149,6 +149,6 @@ def test_bad_sources_and_a_changed_run_are_named(deployed, tmp_path):
     parts.mkdir()
     (parts / "run.json").write_text(json.dumps({"models": {"classifier": "drspot-classifier/99"}}))
     r = drspot("predict", str(folder), "--out", str(tmp_path / "old.csv"), env=env)
-    assert r.returncode == 2 and f"{parts} holds an unfinished run with other source, models" in r.stderr
+    assert r.returncode == 1 and f"{parts} holds an unfinished run with other source, models" in r.stderr
     r = drspot("predict", str(folder), "--out", str(tmp_path / "old.csv"), "--restart", env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -342,7 +342,7 @@ def test_unknown_kind_and_missing_source(tmp_path, cfg):
         ingest("ham10000", tmp_path / "nope.csv", tmp_path / "ds", cfg)
 
 
-def test_cli_ingest_error_exits_2_with_message(drspot_cli, tmp_path):
+def test_cli_ingest_error_exits_1_with_message(drspot_cli, tmp_path):
     out = drspot_cli("ingest", "ham10000", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "ds"))
-    assert out.returncode == 2
+    assert out.returncode == 1
     assert "source not found" in out.stderr and "nope.csv" in out.stderr

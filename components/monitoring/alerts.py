@@ -42,6 +42,7 @@ def send(cfg, kind: str, title: str, detail: dict[str, Any] | None = None, sever
         "title": title,
         "detail": detail or {},
         "project": str(cfg.home),
+        "registry": _registry(),  # the model registry it speaks of (`drspot status` counts this registry's only)
         "delivery": {},
     }
     if kind not in a.kinds:
@@ -54,6 +55,12 @@ def send(cfg, kind: str, title: str, detail: dict[str, Any] | None = None, sever
         record["delivery"]["event"] = _event(record)
     _append(alert_file(cfg), record)
     return record
+
+
+def _registry() -> str:
+    from infra.env import tracking_uri
+
+    return tracking_uri()
 
 
 def _text(record: dict[str, Any]) -> str:

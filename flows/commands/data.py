@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
+import typer
+
+from flows.commands import DATA, invoke
 from flows.console import progress, report_rows
 
 
@@ -13,7 +17,7 @@ def _kv(text: str) -> dict[str, str]:
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected NAME=CLASS pairs separated by commas, got {part!r}")
+            raise typer.BadParameter(f"expected NAME=CLASS pairs separated by commas, got {part!r}")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -96,38 +100,115 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add this group's commands to the ``drspot`` parser's sub-commands."""
-    i = sub.add_parser("ingest", help="turn a data source into a dataset (images + manifest.parquet)")
-    i.add_argument("kind", choices=["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder", "feedback"])
-    i.add_argument("source", type=Path, help="the source file or folder (synthetic: where the set is generated)")
-    i.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
-    i.add_argument("--append", action="store_true", help="keep the rows already in --out and add these")
-    i.add_argument("--images", type=Path, action="append", help="image folder (ham10000, isic; repeatable)")
-    i.add_argument("--class-map", type=_kv, help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)")
-    i.add_argument("--ham-metadata", type=Path, help="HAM10000 metadata CSV to join by ISIC id (yolo)")
-    i.add_argument(
-        "--boxes", type=Path, help="lesion boxes CSV: image_id,x_min,y_min,x_max,y_max, normalised (ham10000)"
-    )
-    i.add_argument("--label-source", choices=["yolo", "metadata"], help="which label wins when joined (yolo)")
-    i.add_argument("--lesion-csv", type=Path, help="CSV with image,lesion_id columns (isic)")
-    i.add_argument("--id-prefix", help="image id prefix (medmnist; default from the file name)")
-    g = i.add_argument_group("synthetic")
-    g.add_argument("--no-generate", action="store_true", help="ingest SOURCE as it is; do not (re)generate it")
-    g.add_argument("--shifted", action="store_true", help="render through the shifted 'other camera'")
-    g.add_argument("--seed", type=int, help="generator seed (default: params seed)")
-    g.add_argument("--n-lesions", type=int, help="lesions to draw (default: params)")
-    for fault in ("exact-duplicates", "near-duplicates", "corrupt", "unknown-labels", "tiny"):
-        g.add_argument(f"--{fault}", type=int, metavar="N", help=f"planted {fault.replace('-', ' ')} (default: params)")
-    i.set_defaults(func=cmd_ingest)
+Kind = Literal["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder", "feedback"]
+DatasetArg = Annotated[Path, typer.Argument(help="dataset folder (images + manifest.parquet)", show_default=False)]
+PreparedOpt = Annotated[
+    Path | None,
+    typer.Option(help="the data gate's output folder", show_default="paths.prepared/<dataset name>"),
+]
 
-    for step, text in (
-        ("validate", "GX suite over the manifest + image checks; quarantine bad rows"),
-        ("dedup", "exact + near-duplicate groups (pHash, verified), lesion links, label conflicts"),
-        ("split", "stratified, grouped, leakage-free split with a frozen test set"),
-        ("prepare", "validate -> dedup -> split as a Prefect flow (DVC stages for the project dataset)"),
+
+def _planted(what: str):
+    return typer.Option(metavar="N", help=f"planted {what}", show_default="params", rich_help_panel="Synthetic")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``drspot``."""
+
+    @app.command(rich_help_panel=DATA)
+    def ingest(
+        ctx: typer.Context,
+        kind: Annotated[Kind, typer.Argument(help="what the source is", show_default=False)],
+        source: Annotated[
+            Path, typer.Argument(help="the source file or folder (synthetic: where the set is generated)")
+        ],
+        out: Annotated[Path, typer.Option(help="the dataset folder to write")],
+        append: Annotated[bool, typer.Option(help="keep the rows already in --out and add these")] = False,
+        images: Annotated[
+            list[Path] | None, typer.Option(metavar="DIR", help="image folder (ham10000, isic; repeatable)")
+        ] = None,
+        class_map: Annotated[
+            dict | None,
+            typer.Option(parser=_kv, metavar="A=a,B=b", help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)"),
+        ] = None,
+        ham_metadata: Annotated[
+            Path | None, typer.Option(metavar="CSV", help="HAM10000 metadata CSV to join by ISIC id (yolo)")
+        ] = None,
+        boxes: Annotated[
+            Path | None,
+            typer.Option(metavar="CSV", help="lesion boxes CSV: image_id,x_min,y_min,x_max,y_max, normalised"),
+        ] = None,
+        label_source: Annotated[
+            Literal["yolo", "metadata"] | None, typer.Option(help="which label wins when joined (yolo)")
+        ] = None,
+        lesion_csv: Annotated[
+            Path | None, typer.Option(metavar="CSV", help="CSV with image,lesion_id columns (isic)")
+        ] = None,
+        id_prefix: Annotated[
+            str | None, typer.Option(help="image id prefix (medmnist)", show_default="from the file name")
+        ] = None,
+        no_generate: Annotated[
+            bool,
+            typer.Option(
+                "--no-generate", help="ingest SOURCE as it is; do not (re)generate it", rich_help_panel="Synthetic"
+            ),
+        ] = False,
+        shifted: Annotated[
+            bool, typer.Option(help="render through the shifted 'other camera'", rich_help_panel="Synthetic")
+        ] = False,
+        seed: Annotated[
+            int | None, typer.Option(help="generator seed", show_default="params seed", rich_help_panel="Synthetic")
+        ] = None,
+        n_lesions: Annotated[
+            int | None, typer.Option(help="lesions to draw", show_default="params", rich_help_panel="Synthetic")
+        ] = None,
+        exact_duplicates: Annotated[int | None, _planted("exact duplicates")] = None,
+        near_duplicates: Annotated[int | None, _planted("near duplicates")] = None,
+        corrupt: Annotated[int | None, _planted("corrupt files")] = None,
+        unknown_labels: Annotated[int | None, _planted("unknown labels")] = None,
+        tiny: Annotated[int | None, _planted("tiny images")] = None,
+    ) -> None:
+        """Turn a data source into a dataset: images + manifest.parquet + ingest_report.json.
+
+        Reads SOURCE as KIND, keeps every good row and lists every problem (by check, with the row) in the
+        report; rows that only the data gate can judge are kept for it.
+
+        **Example:** `drspot ingest synthetic raw/ --out data/` (generates a synthetic set with planted faults)
+        """
+        invoke(ctx, cmd_ingest, locals())
+
+    for step, doc, example in (
+        (
+            "validate",
+            "Validate a dataset: the Great Expectations suite over the manifest and image checks; bad rows are "
+            "quarantined, with the check and the row.",
+            "drspot validate data/",
+        ),
+        (
+            "dedup",
+            "Find exact and near-duplicate groups (pHash, verified), lesion links and label conflicts, so that no "
+            "lesion reaches two splits.",
+            "drspot dedup data/",
+        ),
+        (
+            "split",
+            "Split stratified and grouped by lesion, leakage-free, with a frozen test set.",
+            "drspot split data/",
+        ),
+        (
+            "prepare",
+            "The data gate as one Prefect flow: validate -> dedup -> split (DVC stages for the project dataset).",
+            "drspot prepare data/ --prepared prep/",
+        ),
     ):
-        s = sub.add_parser(step, help=text)
-        s.add_argument("dataset", type=Path, help="dataset folder (images + manifest.parquet)")
-        s.add_argument("--prepared", type=Path, help="output folder (default: paths.prepared/<dataset name>)")
-        s.set_defaults(func=cmd_prepare if step == "prepare" else _gate_step(step))
+        app.command(step, rich_help_panel=DATA)(
+            _gate_command(cmd_prepare if step == "prepare" else _gate_step(step), doc, example)
+        )
+
+
+def _gate_command(handler, doc: str, example: str):
+    def command(ctx: typer.Context, dataset: DatasetArg, prepared: PreparedOpt = None) -> None:
+        invoke(ctx, handler, {"dataset": dataset, "prepared": prepared})
+
+    command.__doc__ = f"{doc}\n\n**Example:** `{example}`"
+    return command

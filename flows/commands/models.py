@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from flows.commands import MODELS, invoke
+
+Kind = Literal["classifier", "detector"]
 
 
 def _split_manifest(args, cfg) -> tuple[Path, Path]:
@@ -125,9 +132,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_approvals(args: argparse.Namespace) -> int:
     from components.model import approval, registry
 
-    for w in approval.expire(args.cfg):
-        print(f"{registry.model_name(w['kind'])} v{w['version']}: approval timed out at {w['deadline']}: rejected")
+    expired = approval.expire(args.cfg)
     queue = approval.waiting("classifier") + approval.waiting("detector")
+    if args.json:
+        print(json.dumps({"waiting": queue, "expired_now": expired}, indent=2, default=str))
+        return 0
+    for w in expired:
+        print(f"{registry.model_name(w['kind'])} v{w['version']}: approval timed out at {w['deadline']}: rejected")
     if not queue:
         print("no challenger waits for approval")
     for w in queue:
@@ -179,62 +190,189 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add this group's commands to the ``drspot`` parser's sub-commands."""
-    for name, func, text in (
-        ("train-classifier", cmd_train_classifier, "train the timm classifier on the split's lesion crops"),
-        ("train-detector", cmd_train_detector, "train the YOLO lesion detector on the split's boxes"),
-        ("evaluate", cmd_evaluate, "evaluate on the frozen test split: metrics, CIs, calibration, plots, model card"),
-    ):
-        t = sub.add_parser(name, help=text)
-        t.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
-        t.add_argument("--prepared", type=Path, help="data-gate folder (default: paths.prepared/<dataset name>)")
-        t.add_argument("--out", type=Path, help="output folder")
-        if name == "train-classifier":
-            t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
-        if name == "evaluate":
-            t.add_argument("--model", type=Path, help="classifier folder (default: paths.models/classifier)")
-            t.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
-        t.set_defaults(func=func)
+DatasetOpt = Annotated[Path | None, typer.Argument(help="dataset folder", show_default="paths.data")]
+PreparedOpt = Annotated[
+    Path | None, typer.Option(help="the data gate's folder", show_default="paths.prepared/<dataset name>")
+]
+KindOpt = Annotated[Kind, typer.Option(help="which model")]
+KindArg = Annotated[Kind, typer.Argument(help="which model", show_default=False)]
 
-    cp = sub.add_parser("compare", help="train several backbones + the distilled student the same way; one table")
-    cp.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
-    cp.add_argument("--prepared", type=Path, help="data-gate folder (default: paths.prepared/<dataset name>)")
-    cp.add_argument("--out", type=Path, help="output folder (default: paths.reports/compare)")
-    cp.add_argument("--backbones", help="comma-separated timm names (default: compare.backbones)")
-    cp.add_argument("--epochs", type=int, help="epochs for every model (default: compare.epochs or classifier.epochs)")
-    cp.add_argument("--named-class", help="the class whose F1 gets a column (default: compare.named_class)")
-    cp.add_argument("--no-distill", action="store_true", help="skip the distilled student")
-    cp.set_defaults(func=cmd_compare)
-    tr = sub.add_parser("train", help="the train flow: prepare -> train both -> evaluate -> register -> gate")
-    tr.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data, through DVC)")
-    tr.set_defaults(func=cmd_train)
-    r = sub.add_parser("register", help="register the trained models in MLflow with lineage; alias challenger")
-    r.add_argument("dataset", type=Path, nargs="?", help="dataset folder (default: paths.data)")
-    r.add_argument("--prepared", type=Path, help="data-gate folder")
-    r.add_argument("--model", type=Path, help="classifier folder (default: paths.models/classifier)")
-    r.add_argument("--detector", type=Path, help="detector folder (default: paths.models/detector)")
-    r.add_argument("--report", type=Path, help="evaluation folder (default: paths.reports/evaluation)")
-    r.set_defaults(func=cmd_register)
-    pr = sub.add_parser("promote", help="run the gate on the challenger; promote it to champion if it passes")
-    pr.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
-    pr.add_argument("--version", help="model version (default: the one aliased challenger)")
-    pr.add_argument("--dataset", help="dataset whose split re-judges a champion from older data (default: paths.data)")
-    pr.add_argument("--prepared", type=Path, help="data-gate folder")
-    pr.set_defaults(func=cmd_promote)
-    ap_ = sub.add_parser("approvals", help="the challengers waiting for a person's approval (gate.approval)")
-    ap_.set_defaults(func=cmd_approvals)
-    for verb, text in (("approve", "promote the challenger waiting for approval"), ("reject", "reject it")):
-        a = sub.add_parser(verb, help=text)
-        a.add_argument("kind", choices=["classifier", "detector"])
-        a.add_argument("version", nargs="?", help="the waiting version (checked: another is refused)")
-        a.add_argument("--by", required=True, help="who decides (recorded on the model version)")
-        if verb == "approve":
-            a.add_argument("--no-deploy", action="store_true", help="do not build the Bento (retrain.deploy)")
-            a.set_defaults(func=cmd_approve)
-        else:
-            a.add_argument("--reason", help="why (recorded on the model version)")
-            a.set_defaults(func=cmd_reject)
-    rb = sub.add_parser("rollback", help="move champion back to the previous champion")
-    rb.add_argument("--kind", choices=["classifier", "detector"], default="classifier")
-    rb.set_defaults(func=cmd_rollback)
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``drspot``."""
+
+    @app.command(rich_help_panel=MODELS)
+    def train(
+        ctx: typer.Context,
+        dataset: Annotated[
+            Path | None, typer.Argument(help="dataset folder", show_default="paths.data, through DVC")
+        ] = None,
+    ) -> None:
+        """The train flow: prepare -> train both models -> evaluate -> register -> gate (-> champion).
+
+        Each step is a Prefect task; DVC restores what is cached. A challenger becomes champion only when it
+        beats the serving one (the model gate).
+
+        **Example:** `drspot train` (the project dataset), `drspot -S classifier.epochs=3 train data/`
+        """
+        invoke(ctx, cmd_train, locals())
+
+    @app.command("train-classifier", rich_help_panel=MODELS)
+    def train_classifier(
+        ctx: typer.Context,
+        dataset: DatasetOpt = None,
+        prepared: PreparedOpt = None,
+        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/classifier")] = None,
+        no_resume: Annotated[
+            bool, typer.Option("--no-resume", help="ignore a checkpoint left by an interrupted run")
+        ] = False,
+    ) -> None:
+        """Train the timm classifier on the split's lesion crops (resumes an interrupted run).
+
+        **Example:** `drspot train-classifier data/ --out models/classifier`
+        """
+        invoke(ctx, cmd_train_classifier, locals())
+
+    @app.command("train-detector", rich_help_panel=MODELS)
+    def train_detector(
+        ctx: typer.Context,
+        dataset: DatasetOpt = None,
+        prepared: PreparedOpt = None,
+        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/detector")] = None,
+    ) -> None:
+        """Train the YOLO lesion detector on the split's boxes.
+
+        **Example:** `drspot train-detector data/`
+        """
+        invoke(ctx, cmd_train_detector, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def evaluate(
+        ctx: typer.Context,
+        dataset: DatasetOpt = None,
+        prepared: PreparedOpt = None,
+        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/evaluation")] = None,
+        model: Annotated[
+            Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
+        ] = None,
+        detector: Annotated[
+            Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")
+        ] = None,
+    ) -> None:
+        """Evaluate on the frozen test split: metrics with 95% intervals, calibration, plots, a model card.
+
+        **Example:** `drspot evaluate data/` (writes report.html and model_card.md)
+        """
+        invoke(ctx, cmd_evaluate, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def compare(
+        ctx: typer.Context,
+        dataset: DatasetOpt = None,
+        prepared: PreparedOpt = None,
+        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/compare")] = None,
+        backbones: Annotated[
+            str | None,
+            typer.Option(metavar="A,B", help="timm names, comma-separated", show_default="compare.backbones"),
+        ] = None,
+        epochs: Annotated[
+            int | None,
+            typer.Option(help="epochs for every model", show_default="compare.epochs or classifier.epochs"),
+        ] = None,
+        named_class: Annotated[
+            str | None, typer.Option(help="the class whose F1 gets a column", show_default="compare.named_class")
+        ] = None,
+        no_distill: Annotated[bool, typer.Option("--no-distill", help="skip the distilled student")] = False,
+    ) -> None:
+        """Train several backbones and a distilled student the same way; one table, one MLflow run each.
+
+        **Example:** `drspot compare data/ --backbones resnet18,mobilenetv3_small_100 --epochs 2`
+        """
+        invoke(ctx, cmd_compare, locals())
+
+    @app.command("register", rich_help_panel=MODELS)
+    def register_(
+        ctx: typer.Context,
+        dataset: DatasetOpt = None,
+        prepared: PreparedOpt = None,
+        model: Annotated[
+            Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
+        ] = None,
+        detector: Annotated[
+            Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")
+        ] = None,
+        report: Annotated[
+            Path | None, typer.Option(help="evaluation folder", show_default="paths.reports/evaluation")
+        ] = None,
+    ) -> None:
+        """Register the trained models in MLflow with their lineage (data version, git commit, params); alias
+        challenger.
+
+        **Example:** `drspot register data/`
+        """
+        invoke(ctx, cmd_register, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def promote(
+        ctx: typer.Context,
+        kind: KindOpt = "classifier",
+        version: Annotated[str | None, typer.Option(help="model version", show_default="the challenger")] = None,
+        dataset: Annotated[
+            str | None,
+            typer.Option(help="dataset whose split re-judges a champion from older data", show_default="paths.data"),
+        ] = None,
+        prepared: PreparedOpt = None,
+    ) -> None:
+        """Run the model gate on a challenger; it becomes champion only if it beats the serving one.
+
+        Exits 3 when the gate rejects it (the champion stays).
+
+        **Example:** `drspot promote --kind classifier --version 4`
+        """
+        invoke(ctx, cmd_promote, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def approvals(
+        ctx: typer.Context, json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False
+    ) -> None:
+        """The challengers waiting for a person's approval (gate.approval), with their deadlines.
+
+        **Example:** `drspot approvals --json`
+        """
+        invoke(ctx, cmd_approvals, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def approve(
+        ctx: typer.Context,
+        kind: KindArg,
+        version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
+        by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
+        no_deploy: Annotated[bool, typer.Option("--no-deploy", help="do not build the Bento (retrain.deploy)")] = False,
+    ) -> None:
+        """Promote the challenger waiting for approval, and deploy it.
+
+        **Example:** `drspot approve classifier 5 --by dr.kim`
+        """
+        invoke(ctx, cmd_approve, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def reject(
+        ctx: typer.Context,
+        kind: KindArg,
+        version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
+        by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
+        reason: Annotated[str | None, typer.Option(help="why (recorded on the model version)")] = None,
+    ) -> None:
+        """Reject the challenger waiting for approval; the champion is unchanged.
+
+        **Example:** `drspot reject classifier 5 --by dr.kim --reason "worse on melanoma"`
+        """
+        invoke(ctx, cmd_reject, locals())
+
+    @app.command(rich_help_panel=MODELS)
+    def rollback(ctx: typer.Context, kind: KindOpt = "classifier") -> None:
+        """Move the champion back to the previous champion (a running `drspot serve` follows after a deploy).
+
+        **Example:** `drspot rollback --kind detector`
+        """
+        invoke(ctx, cmd_rollback, locals())

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Annotated
 
+import typer
+
+from flows.commands import MONITORING, invoke
 from flows.console import quality_lines
 
 
@@ -11,12 +16,20 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     from components.monitoring import alerts
 
     shown = alerts.recent(args.cfg, args.last)
+    if args.json:
+        print(json.dumps(shown, indent=2, default=str))
+        return 0
     if not shown:
         print(f"no alerts in {alerts.alert_file(args.cfg)}")
+        return 0
+    from flows.console import table
+    from flows.status import when
+
+    rows = []
     for a in shown:
         failed = [f"{k} {v}" for k, v in a.get("delivery", {}).items() if str(v).startswith("failed")]
-        note = f"  [{'; '.join(failed)}]" if failed else ""
-        print(f"{a['at']}  {a['kind']:<14} {a['severity']:<8} {a['title']}{note}")
+        rows.append([when(a["at"]), a["kind"], a["severity"], a["title"] + (f"  [{'; '.join(failed)}]" if failed else "")])
+    table(["at", "kind", "severity", "alert"], rows)
     return 0
 
 
@@ -52,18 +65,53 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add this group's commands to the ``drspot`` parser's sub-commands."""
-    al = sub.add_parser("alerts", help="the newest alerts (alerts.file), with any sink that failed")
-    al.add_argument("--last", type=int, default=20)
-    al.set_defaults(func=cmd_alerts)
-    mo = sub.add_parser("monitor", help="drift of logged predictions against the champion's training reference")
-    win = mo.add_mutually_exclusive_group()
-    win.add_argument("--since", help="ISO time: predictions logged since then (e.g. 2026-11-21T00:00:00+00:00)")
-    win.add_argument("--last", type=int, help="the newest N predictions (default: monitor.last)")
-    mo.set_defaults(func=cmd_monitor)
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``drspot``."""
 
-    rt = sub.add_parser("retrain", help="the flywheel: confirmed feedback -> data gate -> new DVC version -> train")
-    rt.add_argument("--min-new", type=int, default=1, help="retrain only if at least N new confirmed cases (default 1)")
-    rt.add_argument("--no-deploy", action="store_true", help="do not build a Bento when a model is promoted")
-    rt.set_defaults(func=cmd_retrain)
+    @app.command(rich_help_panel=MONITORING)
+    def monitor(
+        ctx: typer.Context,
+        since: Annotated[
+            str | None,
+            typer.Option(metavar="ISO-TIME", help="predictions logged since then, e.g. 2026-11-21T00:00:00+00:00"),
+        ] = None,
+        last: Annotated[
+            int | None, typer.Option(metavar="N", help="the newest N predictions", show_default="monitor.last")
+        ] = None,
+    ) -> None:
+        """Drift of the logged predictions against the champion's training reference (Evidently), and the model's
+        quality on confirmed cases with a label-free estimate beside it.
+
+        **Example:** `drspot monitor --last 500`
+        """
+        if since is not None and last is not None:
+            raise typer.BadParameter("give --since or --last, not both", param_hint="--since/--last")
+        invoke(ctx, cmd_monitor, locals())
+
+    @app.command(rich_help_panel=MONITORING)
+    def retrain(
+        ctx: typer.Context,
+        min_new: Annotated[int, typer.Option(metavar="N", help="retrain only with at least N new confirmed cases")] = 1,
+        no_deploy: Annotated[
+            bool, typer.Option("--no-deploy", help="do not build a Bento when a model is promoted")
+        ] = False,
+    ) -> None:
+        """The flywheel: confirmed cases -> data gate -> new DVC data version -> train -> gate -> deploy.
+
+        Resumes a run that was killed, from the step it was killed in.
+
+        **Example:** `drspot retrain --min-new 50`
+        """
+        invoke(ctx, cmd_retrain, locals())
+
+    @app.command(rich_help_panel=MONITORING)
+    def alerts(
+        ctx: typer.Context,
+        last: Annotated[int, typer.Option(metavar="N", help="how many of the newest alerts")] = 20,
+        json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    ) -> None:
+        """The newest alerts of this project (alerts.file), with any sink that failed to deliver.
+
+        **Example:** `drspot alerts --last 5`
+        """
+        invoke(ctx, cmd_alerts, locals())

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from flows.commands import OPERATIONS, invoke
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -21,7 +27,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    import os
     import shlex
 
     from infra.env import exports, settings
@@ -30,7 +35,14 @@ def cmd_env(args: argparse.Namespace) -> int:
         for k, v in sorted(exports().items()):
             print(f"export {k}={shlex.quote(v)}")
         return 0
-    print(json.dumps({k: os.environ.get(k) for k in settings()}, indent=2, sort_keys=True))
+    seen = {k: os.environ.get(k) for k in sorted(settings())}
+    if args.json:
+        print(json.dumps(seen, indent=2, sort_keys=True))
+        return 0
+    from flows.console import table
+
+    table(["setting", "value in force"], [[k, v if v is not None else "(unset)"] for k, v in seen.items()])
+    print('\na shell that sees this project with prefect, mlflow, bentoml and dvc: eval "$(drspot env --export)"')
     return 0
 
 
@@ -38,7 +50,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flows.status import collect, render
 
     s = collect(args.cfg)
-    print(json.dumps(s, indent=2, default=str) if args.json else render(s))
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    from flows.console import table
+
+    title, rows = render(s)
+    print(title)
+    table(["part", "how it stands"], rows)
     return 0
 
 
@@ -49,14 +68,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    from flows.console import table
     from infra import stack
 
     home = args.cfg.home
     if args.action == "up":
         rec = stack.up(home)
-        for name, svc in rec["services"].items():
-            where = svc.get("url") or svc.get("endpoint") or f"work pool {svc.get('pool')}"
-            print(f"{name:<13} {where:<40} pid {svc['pid']}  log {svc['log']}")
+        rows = [
+            [name, svc.get("url") or svc.get("endpoint") or f"work pool {svc.get('pool')}", svc["pid"], svc["log"]]
+            for name, svc in rec["services"].items()
+        ]
+        table(["service", "where", "pid", "log"], rows)
         print(f"\npoint DrSpot at it:  source {stack.stack_dir(home) / 'stack.env'}")
         print("  " + "\n  ".join(f"{k}={v}" for k, v in rec["env"].items() if "SECRET" not in k))
         print("stop it:  drspot stack down")
@@ -67,8 +89,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
         st = stack.status(home)
         if not st["services"]:
             print(st["note"])
-        for name, s in st["services"].items():
-            print(f"{name:<13} pid {s['pid']}: {'answering' if s['answering'] else 'NOT answering'}")
+        rows = [[n, s["pid"], "answering" if s["answering"] else "NOT answering"] for n, s in st["services"].items()]
+        if rows:
+            table(["service", "pid", "state"], rows)
         return 0 if all(s["answering"] for s in st["services"].values()) else 1
     return 0
 
@@ -93,49 +116,111 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_real_demo(args.cfg, real_source(args.cfg, args.real or None), keep_serving=args.keep_serving)
 
 
-def register(sub) -> None:
-    """Add this group's commands to the ``drspot`` parser's sub-commands."""
-    c = sub.add_parser("config", help="print the resolved configuration (profile + DRSPOT_SET + params.yaml)")
-    c.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    c.add_argument("--write", action="store_true", help="write it where dvc.yaml's stages read it (.drspot/run/)")
-    c.set_defaults(func=cmd_config)
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
-    e = sub.add_parser("env", help="print the offline/telemetry settings in force")
-    e.add_argument(
-        "--export", action="store_true", help='shell lines: eval "$(drspot env --export)" gives a shell the project'
-    )
-    e.set_defaults(func=cmd_env)
 
-    st = sub.add_parser("status", help="where everything is and how it stands: data, models, service, log, flows")
-    st.add_argument("--json", action="store_true", help="print JSON for machines")
-    st.set_defaults(func=cmd_status)
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``drspot``."""
 
-    u = sub.add_parser("ui", help="the Prefect UI and the MLflow UI on the project's own stores (Ctrl-C stops)")
-    u.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI/API port (default 4200)")
-    u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
-    u.set_defaults(func=cmd_ui)
+    @app.command(rich_help_panel=OPERATIONS)
+    def demo(
+        ctx: typer.Context,
+        real: Annotated[
+            bool, typer.Option("--real", help="real dermoscopy (HAM10000) instead, with profile ham10000")
+        ] = False,
+        data: Annotated[
+            Path | None,
+            typer.Argument(
+                metavar="DIR", help="with --real: the HAM10000 folder", show_default="../shared/data/ham10000_200x150"
+            ),
+        ] = None,
+        keep_serving: Annotated[bool, typer.Option(help="with --real: leave the service up at serving.port")] = False,
+    ) -> None:
+        """Run the whole loop on the embedded defaults: data, gate, training, registry, deployment, serving,
+        monitoring and the flywheel, as numbered steps.
 
-    sk = sub.add_parser(
-        "stack", help="the production topology on this machine: PostgreSQL, S3, MLflow and Prefect servers"
-    )
-    sk.add_argument("action", choices=["up", "down", "status"])
-    sk.set_defaults(func=cmd_stack)
-    sc = sub.add_parser("schedule", help="serve the flows: monitor, nightly retrain, drift/feedback triggers")
-    sc.add_argument("--port", type=int, default=4200, help="local Prefect server port when PREFECT_API_URL is unset")
-    sc.add_argument(
-        "--pool",
-        help="instead of serving: register the deployments on PREFECT_API_URL's server for the workers of this "
-        "process work pool (created if missing), and exit",
-    )
-    sc.set_defaults(func=cmd_schedule)
+        **Example:** `drspot demo` (synthetic, ~10 min), `drspot demo --real --keep-serving` (HAM10000, ~40 min)
+        """
+        if data is not None and not real:
+            raise typer.BadParameter("a data folder is for --real: drspot demo --real DIR", param_hint="DIR")
+        invoke(ctx, cmd_demo, {"real": (str(data) if data else "") if real else None, "keep_serving": keep_serving})
 
-    d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
-    d.add_argument(
-        "--real",
-        nargs="?",
-        const="",
-        metavar="DIR",
-        help="real dermoscopy instead: the HAM10000 folder (default ../shared/data/ham10000_200x150), profile ham10000",
-    )
-    d.add_argument("--keep-serving", action="store_true", help="with --real: leave the service up at serving.port")
-    d.set_defaults(func=cmd_demo)
+    @app.command(rich_help_panel=OPERATIONS)
+    def status(ctx: typer.Context, json_: JsonOpt = False) -> None:
+        """Where everything is and how it stands: data, models, the service, the prediction log, flows, alerts.
+
+        **Example:** `drspot status`
+        """
+        invoke(ctx, cmd_status, locals())
+
+    @app.command(rich_help_panel=OPERATIONS)
+    def ui(
+        ctx: typer.Context,
+        prefect_port: Annotated[int, typer.Option(help="Prefect UI/API port")] = 4200,
+        mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+    ) -> None:
+        """The Prefect UI and the MLflow UI on the project's own stores (Ctrl-C stops both).
+
+        **Example:** `drspot ui`, then open http://127.0.0.1:4200 and http://127.0.0.1:5000
+        """
+        invoke(ctx, cmd_ui, locals())
+
+    @app.command(rich_help_panel=OPERATIONS)
+    def config(
+        ctx: typer.Context,
+        json_: Annotated[bool, typer.Option("--json", help="print JSON instead of YAML")] = False,
+        write: Annotated[bool, typer.Option(help="write it where dvc.yaml's stages read it (.drspot/run/)")] = False,
+    ) -> None:
+        """Print the resolved configuration: params.yaml's defaults, the profile, $DRSPOT_SET and -S, in that order.
+
+        **Example:** `drspot -S classifier.epochs=3 config --profile test`
+        """
+        invoke(ctx, cmd_config, locals())
+
+    @app.command(rich_help_panel=OPERATIONS)
+    def env(
+        ctx: typer.Context,
+        json_: JsonOpt = False,
+        export: Annotated[
+            bool, typer.Option(help='shell lines for prefect, mlflow, bentoml and dvc: eval "$(drspot env --export)"')
+        ] = False,
+    ) -> None:
+        """The offline, telemetry and library-home settings DrSpot runs its libraries with.
+
+        **Example:** `drspot env`, `eval "$(drspot env --export)"; mlflow models list`
+        """
+        invoke(ctx, cmd_env, locals())
+
+    @app.command(rich_help_panel=OPERATIONS)
+    def stack(
+        ctx: typer.Context,
+        action: Annotated[
+            Literal["up", "down", "status"],
+            typer.Argument(help="start the services, stop them, or say whether each answers"),
+        ],
+    ) -> None:
+        """The production topology on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers, a worker.
+
+        `status` exits 1 when a service does not answer.
+
+        **Example:** `drspot stack up`, then `source .drspot/stack/stack.env`
+        """
+        invoke(ctx, cmd_stack, locals())
+
+    @app.command(rich_help_panel=OPERATIONS)
+    def schedule(
+        ctx: typer.Context,
+        port: Annotated[int, typer.Option(help="local Prefect server port when PREFECT_API_URL is unset")] = 4200,
+        pool: Annotated[
+            str | None,
+            typer.Option(
+                help="instead of serving: register the deployments for the workers of this process work pool "
+                "(created if missing) on PREFECT_API_URL's server, and exit"
+            ),
+        ] = None,
+    ) -> None:
+        """Serve the flows on a schedule: monitor, nightly retrain, and the drift and feedback triggers.
+
+        **Example:** `drspot schedule` (Ctrl-C stops), `drspot schedule --pool drspot`
+        """
+        invoke(ctx, cmd_schedule, locals())
