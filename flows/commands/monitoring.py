@@ -28,7 +28,8 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     rows = []
     for a in shown:
         failed = [f"{k} {v}" for k, v in a.get("delivery", {}).items() if str(v).startswith("failed")]
-        rows.append([when(a["at"]), a["kind"], a["severity"], a["title"] + (f"  [{'; '.join(failed)}]" if failed else "")])
+        note = f"  [{'; '.join(failed)}]" if failed else ""
+        rows.append([when(a["at"]), a["kind"], a["severity"], a["title"] + note])
     table(["at", "kind", "severity", "alert"], rows)
     return 0
 
