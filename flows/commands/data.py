@@ -112,71 +112,69 @@ def _planted(what: str):
     return typer.Option(metavar="N", help=f"planted {what}", show_default="params", rich_help_panel="Synthetic")
 
 
+def ingest(
+    ctx: typer.Context,
+    kind: Annotated[Kind, typer.Argument(help="what the source is", show_default=False)],
+    source: Annotated[Path, typer.Argument(help="the source file or folder (synthetic: where the set is generated)")],
+    out: Annotated[Path, typer.Option(help="the dataset folder to write")],
+    append: Annotated[bool, typer.Option(help="keep the rows already in --out and add these")] = False,
+    images: Annotated[
+        list[Path] | None, typer.Option(metavar="DIR", help="image folder (ham10000, isic; repeatable)")
+    ] = None,
+    class_map: Annotated[
+        dict | None,
+        typer.Option(parser=_kv, metavar="A=a,B=b", help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)"),
+    ] = None,
+    ham_metadata: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="HAM10000 metadata CSV to join by ISIC id (yolo)")
+    ] = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option(metavar="CSV", help="lesion boxes CSV: image_id,x_min,y_min,x_max,y_max, normalised"),
+    ] = None,
+    label_source: Annotated[
+        Literal["yolo", "metadata"] | None, typer.Option(help="which label wins when joined (yolo)")
+    ] = None,
+    lesion_csv: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,lesion_id columns (isic)")
+    ] = None,
+    id_prefix: Annotated[
+        str | None, typer.Option(help="image id prefix (medmnist)", show_default="from the file name")
+    ] = None,
+    no_generate: Annotated[
+        bool,
+        typer.Option(
+            "--no-generate", help="ingest SOURCE as it is; do not (re)generate it", rich_help_panel="Synthetic"
+        ),
+    ] = False,
+    shifted: Annotated[
+        bool, typer.Option(help="render through the shifted 'other camera'", rich_help_panel="Synthetic")
+    ] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="generator seed", show_default="params seed", rich_help_panel="Synthetic")
+    ] = None,
+    n_lesions: Annotated[
+        int | None, typer.Option(help="lesions to draw", show_default="params", rich_help_panel="Synthetic")
+    ] = None,
+    exact_duplicates: Annotated[int | None, _planted("exact duplicates")] = None,
+    near_duplicates: Annotated[int | None, _planted("near duplicates")] = None,
+    corrupt: Annotated[int | None, _planted("corrupt files")] = None,
+    unknown_labels: Annotated[int | None, _planted("unknown labels")] = None,
+    tiny: Annotated[int | None, _planted("tiny images")] = None,
+) -> None:
+    """Turn a data source into a dataset: images + manifest.parquet + ingest_report.json.
+
+    Reads SOURCE as KIND, keeps every good row and lists every problem (by check, with the row) in the
+    report; rows that only the data gate can judge are kept for it.
+
+    **Example:** `drspot ingest synthetic raw/ --out data/` (generates a synthetic set with planted faults)
+    """
+    invoke(ctx, cmd_ingest, locals())
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``drspot``."""
-
-    @app.command(rich_help_panel=DATA)
-    def ingest(
-        ctx: typer.Context,
-        kind: Annotated[Kind, typer.Argument(help="what the source is", show_default=False)],
-        source: Annotated[
-            Path, typer.Argument(help="the source file or folder (synthetic: where the set is generated)")
-        ],
-        out: Annotated[Path, typer.Option(help="the dataset folder to write")],
-        append: Annotated[bool, typer.Option(help="keep the rows already in --out and add these")] = False,
-        images: Annotated[
-            list[Path] | None, typer.Option(metavar="DIR", help="image folder (ham10000, isic; repeatable)")
-        ] = None,
-        class_map: Annotated[
-            dict | None,
-            typer.Option(parser=_kv, metavar="A=a,B=b", help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)"),
-        ] = None,
-        ham_metadata: Annotated[
-            Path | None, typer.Option(metavar="CSV", help="HAM10000 metadata CSV to join by ISIC id (yolo)")
-        ] = None,
-        boxes: Annotated[
-            Path | None,
-            typer.Option(metavar="CSV", help="lesion boxes CSV: image_id,x_min,y_min,x_max,y_max, normalised"),
-        ] = None,
-        label_source: Annotated[
-            Literal["yolo", "metadata"] | None, typer.Option(help="which label wins when joined (yolo)")
-        ] = None,
-        lesion_csv: Annotated[
-            Path | None, typer.Option(metavar="CSV", help="CSV with image,lesion_id columns (isic)")
-        ] = None,
-        id_prefix: Annotated[
-            str | None, typer.Option(help="image id prefix (medmnist)", show_default="from the file name")
-        ] = None,
-        no_generate: Annotated[
-            bool,
-            typer.Option(
-                "--no-generate", help="ingest SOURCE as it is; do not (re)generate it", rich_help_panel="Synthetic"
-            ),
-        ] = False,
-        shifted: Annotated[
-            bool, typer.Option(help="render through the shifted 'other camera'", rich_help_panel="Synthetic")
-        ] = False,
-        seed: Annotated[
-            int | None, typer.Option(help="generator seed", show_default="params seed", rich_help_panel="Synthetic")
-        ] = None,
-        n_lesions: Annotated[
-            int | None, typer.Option(help="lesions to draw", show_default="params", rich_help_panel="Synthetic")
-        ] = None,
-        exact_duplicates: Annotated[int | None, _planted("exact duplicates")] = None,
-        near_duplicates: Annotated[int | None, _planted("near duplicates")] = None,
-        corrupt: Annotated[int | None, _planted("corrupt files")] = None,
-        unknown_labels: Annotated[int | None, _planted("unknown labels")] = None,
-        tiny: Annotated[int | None, _planted("tiny images")] = None,
-    ) -> None:
-        """Turn a data source into a dataset: images + manifest.parquet + ingest_report.json.
-
-        Reads SOURCE as KIND, keeps every good row and lists every problem (by check, with the row) in the
-        report; rows that only the data gate can judge are kept for it.
-
-        **Example:** `drspot ingest synthetic raw/ --out data/` (generates a synthetic set with planted faults)
-        """
-        invoke(ctx, cmd_ingest, locals())
-
+    app.command("ingest", rich_help_panel=DATA)(ingest)
     for step, doc, example in (
         (
             "validate",

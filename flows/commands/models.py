@@ -198,181 +198,188 @@ KindOpt = Annotated[Kind, typer.Option(help="which model")]
 KindArg = Annotated[Kind, typer.Argument(help="which model", show_default=False)]
 
 
+def train(
+    ctx: typer.Context,
+    dataset: Annotated[
+        Path | None, typer.Argument(help="dataset folder", show_default="paths.data, through DVC")
+    ] = None,
+) -> None:
+    """The train flow: prepare -> train both models -> evaluate -> register -> gate (-> champion).
+
+    Each step is a Prefect task; DVC restores what is cached. A challenger becomes champion only when it
+    beats the serving one (the model gate).
+
+    **Example:** `drspot train` (the project dataset), `drspot -S classifier.epochs=3 train data/`
+    """
+    invoke(ctx, cmd_train, locals())
+
+
+def train_classifier(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    prepared: PreparedOpt = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/classifier")] = None,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="ignore a checkpoint left by an interrupted run")
+    ] = False,
+) -> None:
+    """Train the timm classifier on the split's lesion crops (resumes an interrupted run).
+
+    **Example:** `drspot train-classifier data/ --out models/classifier`
+    """
+    invoke(ctx, cmd_train_classifier, locals())
+
+
+def train_detector(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    prepared: PreparedOpt = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/detector")] = None,
+) -> None:
+    """Train the YOLO lesion detector on the split's boxes.
+
+    **Example:** `drspot train-detector data/`
+    """
+    invoke(ctx, cmd_train_detector, locals())
+
+
+def evaluate(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    prepared: PreparedOpt = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/evaluation")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
+    ] = None,
+    detector: Annotated[Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")] = None,
+) -> None:
+    """Evaluate on the frozen test split: metrics with 95% intervals, calibration, plots, a model card.
+
+    **Example:** `drspot evaluate data/` (writes report.html and model_card.md)
+    """
+    invoke(ctx, cmd_evaluate, locals())
+
+
+def compare(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    prepared: PreparedOpt = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/compare")] = None,
+    backbones: Annotated[
+        str | None,
+        typer.Option(metavar="A,B", help="timm names, comma-separated", show_default="compare.backbones"),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="epochs for every model", show_default="compare.epochs or classifier.epochs"),
+    ] = None,
+    named_class: Annotated[
+        str | None, typer.Option(help="the class whose F1 gets a column", show_default="compare.named_class")
+    ] = None,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="skip the distilled student")] = False,
+) -> None:
+    """Train several backbones and a distilled student the same way; one table, one MLflow run each.
+
+    **Example:** `drspot compare data/ --backbones resnet18,mobilenetv3_small_100 --epochs 2`
+    """
+    invoke(ctx, cmd_compare, locals())
+
+
+def register_(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    prepared: PreparedOpt = None,
+    model: Annotated[
+        Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
+    ] = None,
+    detector: Annotated[Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="evaluation folder", show_default="paths.reports/evaluation")
+    ] = None,
+) -> None:
+    """Register the trained models in MLflow with their lineage (data version, git commit, params); alias
+    challenger.
+
+    **Example:** `drspot register data/`
+    """
+    invoke(ctx, cmd_register, locals())
+
+
+def promote(
+    ctx: typer.Context,
+    kind: KindOpt = "classifier",
+    version: Annotated[str | None, typer.Option(help="model version", show_default="the challenger")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="dataset whose split re-judges a champion from older data", show_default="paths.data"),
+    ] = None,
+    prepared: PreparedOpt = None,
+) -> None:
+    """Run the model gate on a challenger; it becomes champion only if it beats the serving one.
+
+    Exits 3 when the gate rejects it (the champion stays).
+
+    **Example:** `drspot promote --kind classifier --version 4`
+    """
+    invoke(ctx, cmd_promote, locals())
+
+
+def approvals(
+    ctx: typer.Context, json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False
+) -> None:
+    """The challengers waiting for a person's approval (gate.approval), with their deadlines.
+
+    **Example:** `drspot approvals --json`
+    """
+    invoke(ctx, cmd_approvals, locals())
+
+
+def approve(
+    ctx: typer.Context,
+    kind: KindArg,
+    version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
+    by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
+    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="do not build the Bento (retrain.deploy)")] = False,
+) -> None:
+    """Promote the challenger waiting for approval, and deploy it.
+
+    **Example:** `drspot approve classifier 5 --by dr.kim`
+    """
+    invoke(ctx, cmd_approve, locals())
+
+
+def reject(
+    ctx: typer.Context,
+    kind: KindArg,
+    version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
+    by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
+    reason: Annotated[str | None, typer.Option(help="why (recorded on the model version)")] = None,
+) -> None:
+    """Reject the challenger waiting for approval; the champion is unchanged.
+
+    **Example:** `drspot reject classifier 5 --by dr.kim --reason "worse on melanoma"`
+    """
+    invoke(ctx, cmd_reject, locals())
+
+
+def rollback(ctx: typer.Context, kind: KindOpt = "classifier") -> None:
+    """Move the champion back to the previous champion (a running `drspot serve` follows after a deploy).
+
+    **Example:** `drspot rollback --kind detector`
+    """
+    invoke(ctx, cmd_rollback, locals())
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``drspot``."""
-
-    @app.command(rich_help_panel=MODELS)
-    def train(
-        ctx: typer.Context,
-        dataset: Annotated[
-            Path | None, typer.Argument(help="dataset folder", show_default="paths.data, through DVC")
-        ] = None,
-    ) -> None:
-        """The train flow: prepare -> train both models -> evaluate -> register -> gate (-> champion).
-
-        Each step is a Prefect task; DVC restores what is cached. A challenger becomes champion only when it
-        beats the serving one (the model gate).
-
-        **Example:** `drspot train` (the project dataset), `drspot -S classifier.epochs=3 train data/`
-        """
-        invoke(ctx, cmd_train, locals())
-
-    @app.command("train-classifier", rich_help_panel=MODELS)
-    def train_classifier(
-        ctx: typer.Context,
-        dataset: DatasetOpt = None,
-        prepared: PreparedOpt = None,
-        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/classifier")] = None,
-        no_resume: Annotated[
-            bool, typer.Option("--no-resume", help="ignore a checkpoint left by an interrupted run")
-        ] = False,
-    ) -> None:
-        """Train the timm classifier on the split's lesion crops (resumes an interrupted run).
-
-        **Example:** `drspot train-classifier data/ --out models/classifier`
-        """
-        invoke(ctx, cmd_train_classifier, locals())
-
-    @app.command("train-detector", rich_help_panel=MODELS)
-    def train_detector(
-        ctx: typer.Context,
-        dataset: DatasetOpt = None,
-        prepared: PreparedOpt = None,
-        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.models/detector")] = None,
-    ) -> None:
-        """Train the YOLO lesion detector on the split's boxes.
-
-        **Example:** `drspot train-detector data/`
-        """
-        invoke(ctx, cmd_train_detector, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def evaluate(
-        ctx: typer.Context,
-        dataset: DatasetOpt = None,
-        prepared: PreparedOpt = None,
-        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/evaluation")] = None,
-        model: Annotated[
-            Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
-        ] = None,
-        detector: Annotated[
-            Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")
-        ] = None,
-    ) -> None:
-        """Evaluate on the frozen test split: metrics with 95% intervals, calibration, plots, a model card.
-
-        **Example:** `drspot evaluate data/` (writes report.html and model_card.md)
-        """
-        invoke(ctx, cmd_evaluate, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def compare(
-        ctx: typer.Context,
-        dataset: DatasetOpt = None,
-        prepared: PreparedOpt = None,
-        out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/compare")] = None,
-        backbones: Annotated[
-            str | None,
-            typer.Option(metavar="A,B", help="timm names, comma-separated", show_default="compare.backbones"),
-        ] = None,
-        epochs: Annotated[
-            int | None,
-            typer.Option(help="epochs for every model", show_default="compare.epochs or classifier.epochs"),
-        ] = None,
-        named_class: Annotated[
-            str | None, typer.Option(help="the class whose F1 gets a column", show_default="compare.named_class")
-        ] = None,
-        no_distill: Annotated[bool, typer.Option("--no-distill", help="skip the distilled student")] = False,
-    ) -> None:
-        """Train several backbones and a distilled student the same way; one table, one MLflow run each.
-
-        **Example:** `drspot compare data/ --backbones resnet18,mobilenetv3_small_100 --epochs 2`
-        """
-        invoke(ctx, cmd_compare, locals())
-
-    @app.command("register", rich_help_panel=MODELS)
-    def register_(
-        ctx: typer.Context,
-        dataset: DatasetOpt = None,
-        prepared: PreparedOpt = None,
-        model: Annotated[
-            Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
-        ] = None,
-        detector: Annotated[
-            Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")
-        ] = None,
-        report: Annotated[
-            Path | None, typer.Option(help="evaluation folder", show_default="paths.reports/evaluation")
-        ] = None,
-    ) -> None:
-        """Register the trained models in MLflow with their lineage (data version, git commit, params); alias
-        challenger.
-
-        **Example:** `drspot register data/`
-        """
-        invoke(ctx, cmd_register, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def promote(
-        ctx: typer.Context,
-        kind: KindOpt = "classifier",
-        version: Annotated[str | None, typer.Option(help="model version", show_default="the challenger")] = None,
-        dataset: Annotated[
-            str | None,
-            typer.Option(help="dataset whose split re-judges a champion from older data", show_default="paths.data"),
-        ] = None,
-        prepared: PreparedOpt = None,
-    ) -> None:
-        """Run the model gate on a challenger; it becomes champion only if it beats the serving one.
-
-        Exits 3 when the gate rejects it (the champion stays).
-
-        **Example:** `drspot promote --kind classifier --version 4`
-        """
-        invoke(ctx, cmd_promote, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def approvals(
-        ctx: typer.Context, json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False
-    ) -> None:
-        """The challengers waiting for a person's approval (gate.approval), with their deadlines.
-
-        **Example:** `drspot approvals --json`
-        """
-        invoke(ctx, cmd_approvals, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def approve(
-        ctx: typer.Context,
-        kind: KindArg,
-        version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
-        by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
-        no_deploy: Annotated[bool, typer.Option("--no-deploy", help="do not build the Bento (retrain.deploy)")] = False,
-    ) -> None:
-        """Promote the challenger waiting for approval, and deploy it.
-
-        **Example:** `drspot approve classifier 5 --by dr.kim`
-        """
-        invoke(ctx, cmd_approve, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def reject(
-        ctx: typer.Context,
-        kind: KindArg,
-        version: Annotated[str | None, typer.Argument(help="the waiting version (another is refused)")] = None,
-        by: Annotated[str, typer.Option(help="who decides (recorded on the model version)")] = ...,
-        reason: Annotated[str | None, typer.Option(help="why (recorded on the model version)")] = None,
-    ) -> None:
-        """Reject the challenger waiting for approval; the champion is unchanged.
-
-        **Example:** `drspot reject classifier 5 --by dr.kim --reason "worse on melanoma"`
-        """
-        invoke(ctx, cmd_reject, locals())
-
-    @app.command(rich_help_panel=MODELS)
-    def rollback(ctx: typer.Context, kind: KindOpt = "classifier") -> None:
-        """Move the champion back to the previous champion (a running `drspot serve` follows after a deploy).
-
-        **Example:** `drspot rollback --kind detector`
-        """
-        invoke(ctx, cmd_rollback, locals())
+    app.command("train", rich_help_panel=MODELS)(train)
+    app.command("train-classifier", rich_help_panel=MODELS)(train_classifier)
+    app.command("train-detector", rich_help_panel=MODELS)(train_detector)
+    app.command("evaluate", rich_help_panel=MODELS)(evaluate)
+    app.command("compare", rich_help_panel=MODELS)(compare)
+    app.command("register", rich_help_panel=MODELS)(register_)
+    app.command("promote", rich_help_panel=MODELS)(promote)
+    app.command("approvals", rich_help_panel=MODELS)(approvals)
+    app.command("approve", rich_help_panel=MODELS)(approve)
+    app.command("reject", rich_help_panel=MODELS)(reject)
+    app.command("rollback", rich_help_panel=MODELS)(rollback)

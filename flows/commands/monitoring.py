@@ -66,53 +66,56 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def monitor(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="ISO-TIME", help="predictions logged since then, e.g. 2026-11-21T00:00:00+00:00"),
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option(metavar="N", help="the newest N predictions", show_default="monitor.last")
+    ] = None,
+) -> None:
+    """Drift of the logged predictions against the champion's training reference (Evidently), and the model's
+    quality on confirmed cases with a label-free estimate beside it.
+
+    **Example:** `drspot monitor --last 500`
+    """
+    if since is not None and last is not None:
+        raise typer.BadParameter("give --since or --last, not both", param_hint="--since/--last")
+    invoke(ctx, cmd_monitor, locals())
+
+
+def retrain(
+    ctx: typer.Context,
+    min_new: Annotated[int, typer.Option(metavar="N", help="retrain only with at least N new confirmed cases")] = 1,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="do not build a Bento when a model is promoted")
+    ] = False,
+) -> None:
+    """The flywheel: confirmed cases -> data gate -> new DVC data version -> train -> gate -> deploy.
+
+    Resumes a run that was killed, from the step it was killed in.
+
+    **Example:** `drspot retrain --min-new 50`
+    """
+    invoke(ctx, cmd_retrain, locals())
+
+
+def alerts(
+    ctx: typer.Context,
+    last: Annotated[int, typer.Option(metavar="N", help="how many of the newest alerts")] = 20,
+    json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+) -> None:
+    """The newest alerts of this project (alerts.file), with any sink that failed to deliver.
+
+    **Example:** `drspot alerts --last 5`
+    """
+    invoke(ctx, cmd_alerts, locals())
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``drspot``."""
-
-    @app.command(rich_help_panel=MONITORING)
-    def monitor(
-        ctx: typer.Context,
-        since: Annotated[
-            str | None,
-            typer.Option(metavar="ISO-TIME", help="predictions logged since then, e.g. 2026-11-21T00:00:00+00:00"),
-        ] = None,
-        last: Annotated[
-            int | None, typer.Option(metavar="N", help="the newest N predictions", show_default="monitor.last")
-        ] = None,
-    ) -> None:
-        """Drift of the logged predictions against the champion's training reference (Evidently), and the model's
-        quality on confirmed cases with a label-free estimate beside it.
-
-        **Example:** `drspot monitor --last 500`
-        """
-        if since is not None and last is not None:
-            raise typer.BadParameter("give --since or --last, not both", param_hint="--since/--last")
-        invoke(ctx, cmd_monitor, locals())
-
-    @app.command(rich_help_panel=MONITORING)
-    def retrain(
-        ctx: typer.Context,
-        min_new: Annotated[int, typer.Option(metavar="N", help="retrain only with at least N new confirmed cases")] = 1,
-        no_deploy: Annotated[
-            bool, typer.Option("--no-deploy", help="do not build a Bento when a model is promoted")
-        ] = False,
-    ) -> None:
-        """The flywheel: confirmed cases -> data gate -> new DVC data version -> train -> gate -> deploy.
-
-        Resumes a run that was killed, from the step it was killed in.
-
-        **Example:** `drspot retrain --min-new 50`
-        """
-        invoke(ctx, cmd_retrain, locals())
-
-    @app.command(rich_help_panel=MONITORING)
-    def alerts(
-        ctx: typer.Context,
-        last: Annotated[int, typer.Option(metavar="N", help="how many of the newest alerts")] = 20,
-        json_: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
-    ) -> None:
-        """The newest alerts of this project (alerts.file), with any sink that failed to deliver.
-
-        **Example:** `drspot alerts --last 5`
-        """
-        invoke(ctx, cmd_alerts, locals())
+    app.command("monitor", rich_help_panel=MONITORING)(monitor)
+    app.command("retrain", rich_help_panel=MONITORING)(retrain)
+    app.command("alerts", rich_help_panel=MONITORING)(alerts)

@@ -119,108 +119,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
 
+def demo(
+    ctx: typer.Context,
+    real: Annotated[
+        bool, typer.Option("--real", help="real dermoscopy (HAM10000) instead, with profile ham10000")
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DIR", help="with --real: the HAM10000 folder", show_default="../shared/data/ham10000_200x150"
+        ),
+    ] = None,
+    keep_serving: Annotated[bool, typer.Option(help="with --real: leave the service up at serving.port")] = False,
+) -> None:
+    """Run the whole loop on the embedded defaults: data, gate, training, registry, deployment, serving,
+    monitoring and the flywheel, as numbered steps.
+
+    **Example:** `drspot demo` (synthetic, ~10 min), `drspot demo --real --keep-serving` (HAM10000, ~40 min)
+    """
+    if data is not None and not real:
+        raise typer.BadParameter("a data folder is for --real: drspot demo --real DIR", param_hint="DIR")
+    invoke(ctx, cmd_demo, {"real": (str(data) if data else "") if real else None, "keep_serving": keep_serving})
+
+
+def status(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Where everything is and how it stands: data, models, the service, the prediction log, flows, alerts.
+
+    **Example:** `drspot status`
+    """
+    invoke(ctx, cmd_status, locals())
+
+
+def ui(
+    ctx: typer.Context,
+    prefect_port: Annotated[int, typer.Option(help="Prefect UI/API port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+) -> None:
+    """The Prefect UI and the MLflow UI on the project's own stores (Ctrl-C stops both).
+
+    **Example:** `drspot ui`, then open http://127.0.0.1:4200 and http://127.0.0.1:5000
+    """
+    invoke(ctx, cmd_ui, locals())
+
+
+def config(
+    ctx: typer.Context,
+    json_: Annotated[bool, typer.Option("--json", help="print JSON instead of YAML")] = False,
+    write: Annotated[bool, typer.Option(help="write it where dvc.yaml's stages read it (.drspot/run/)")] = False,
+) -> None:
+    """Print the resolved configuration: params.yaml's defaults, the profile, $DRSPOT_SET and -S, in that order.
+
+    **Example:** `drspot -S classifier.epochs=3 config --profile test`
+    """
+    invoke(ctx, cmd_config, locals())
+
+
+def env(
+    ctx: typer.Context,
+    json_: JsonOpt = False,
+    export: Annotated[
+        bool, typer.Option(help='shell lines for prefect, mlflow, bentoml and dvc: eval "$(drspot env --export)"')
+    ] = False,
+) -> None:
+    """The offline, telemetry and library-home settings DrSpot runs its libraries with.
+
+    **Example:** `drspot env`, `eval "$(drspot env --export)"; mlflow models list`
+    """
+    invoke(ctx, cmd_env, locals())
+
+
+def stack(
+    ctx: typer.Context,
+    action: Annotated[
+        Literal["up", "down", "status"],
+        typer.Argument(help="start the services, stop them, or say whether each answers"),
+    ],
+) -> None:
+    """The production topology on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers, a worker.
+
+    `status` exits 1 when a service does not answer.
+
+    **Example:** `drspot stack up`, then `source .drspot/stack/stack.env`
+    """
+    invoke(ctx, cmd_stack, locals())
+
+
+def schedule(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="local Prefect server port when PREFECT_API_URL is unset")] = 4200,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="instead of serving: register the deployments for the workers of this process work pool "
+            "(created if missing) on PREFECT_API_URL's server, and exit"
+        ),
+    ] = None,
+) -> None:
+    """Serve the flows on a schedule: monitor, nightly retrain, and the drift and feedback triggers.
+
+    **Example:** `drspot schedule` (Ctrl-C stops), `drspot schedule --pool drspot`
+    """
+    invoke(ctx, cmd_schedule, locals())
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``drspot``."""
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def demo(
-        ctx: typer.Context,
-        real: Annotated[
-            bool, typer.Option("--real", help="real dermoscopy (HAM10000) instead, with profile ham10000")
-        ] = False,
-        data: Annotated[
-            Path | None,
-            typer.Argument(
-                metavar="DIR", help="with --real: the HAM10000 folder", show_default="../shared/data/ham10000_200x150"
-            ),
-        ] = None,
-        keep_serving: Annotated[bool, typer.Option(help="with --real: leave the service up at serving.port")] = False,
-    ) -> None:
-        """Run the whole loop on the embedded defaults: data, gate, training, registry, deployment, serving,
-        monitoring and the flywheel, as numbered steps.
-
-        **Example:** `drspot demo` (synthetic, ~10 min), `drspot demo --real --keep-serving` (HAM10000, ~40 min)
-        """
-        if data is not None and not real:
-            raise typer.BadParameter("a data folder is for --real: drspot demo --real DIR", param_hint="DIR")
-        invoke(ctx, cmd_demo, {"real": (str(data) if data else "") if real else None, "keep_serving": keep_serving})
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def status(ctx: typer.Context, json_: JsonOpt = False) -> None:
-        """Where everything is and how it stands: data, models, the service, the prediction log, flows, alerts.
-
-        **Example:** `drspot status`
-        """
-        invoke(ctx, cmd_status, locals())
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def ui(
-        ctx: typer.Context,
-        prefect_port: Annotated[int, typer.Option(help="Prefect UI/API port")] = 4200,
-        mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
-    ) -> None:
-        """The Prefect UI and the MLflow UI on the project's own stores (Ctrl-C stops both).
-
-        **Example:** `drspot ui`, then open http://127.0.0.1:4200 and http://127.0.0.1:5000
-        """
-        invoke(ctx, cmd_ui, locals())
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def config(
-        ctx: typer.Context,
-        json_: Annotated[bool, typer.Option("--json", help="print JSON instead of YAML")] = False,
-        write: Annotated[bool, typer.Option(help="write it where dvc.yaml's stages read it (.drspot/run/)")] = False,
-    ) -> None:
-        """Print the resolved configuration: params.yaml's defaults, the profile, $DRSPOT_SET and -S, in that order.
-
-        **Example:** `drspot -S classifier.epochs=3 config --profile test`
-        """
-        invoke(ctx, cmd_config, locals())
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def env(
-        ctx: typer.Context,
-        json_: JsonOpt = False,
-        export: Annotated[
-            bool, typer.Option(help='shell lines for prefect, mlflow, bentoml and dvc: eval "$(drspot env --export)"')
-        ] = False,
-    ) -> None:
-        """The offline, telemetry and library-home settings DrSpot runs its libraries with.
-
-        **Example:** `drspot env`, `eval "$(drspot env --export)"; mlflow models list`
-        """
-        invoke(ctx, cmd_env, locals())
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def stack(
-        ctx: typer.Context,
-        action: Annotated[
-            Literal["up", "down", "status"],
-            typer.Argument(help="start the services, stop them, or say whether each answers"),
-        ],
-    ) -> None:
-        """The production topology on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers, a worker.
-
-        `status` exits 1 when a service does not answer.
-
-        **Example:** `drspot stack up`, then `source .drspot/stack/stack.env`
-        """
-        invoke(ctx, cmd_stack, locals())
-
-    @app.command(rich_help_panel=OPERATIONS)
-    def schedule(
-        ctx: typer.Context,
-        port: Annotated[int, typer.Option(help="local Prefect server port when PREFECT_API_URL is unset")] = 4200,
-        pool: Annotated[
-            str | None,
-            typer.Option(
-                help="instead of serving: register the deployments for the workers of this process work pool "
-                "(created if missing) on PREFECT_API_URL's server, and exit"
-            ),
-        ] = None,
-    ) -> None:
-        """Serve the flows on a schedule: monitor, nightly retrain, and the drift and feedback triggers.
-
-        **Example:** `drspot schedule` (Ctrl-C stops), `drspot schedule --pool drspot`
-        """
-        invoke(ctx, cmd_schedule, locals())
+    app.command("demo", rich_help_panel=OPERATIONS)(demo)
+    app.command("status", rich_help_panel=OPERATIONS)(status)
+    app.command("ui", rich_help_panel=OPERATIONS)(ui)
+    app.command("config", rich_help_panel=OPERATIONS)(config)
+    app.command("env", rich_help_panel=OPERATIONS)(env)
+    app.command("stack", rich_help_panel=OPERATIONS)(stack)
+    app.command("schedule", rich_help_panel=OPERATIONS)(schedule)

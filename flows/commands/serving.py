@@ -119,76 +119,80 @@ def cmd_import_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy(
+    ctx: typer.Context,
+    no_build: Annotated[bool, typer.Option("--no-build", help="only copy the models (serve from source)")] = False,
+) -> None:
+    """Copy the champions into the Bento model store (ONNX export checked against PyTorch) and build the Bento.
+
+    A running `drspot serve` switches to the new Bento without downtime.
+
+    **Example:** `drspot deploy`
+    """
+    invoke(ctx, cmd_deploy, locals())
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="bind address", show_default="serving.host: 127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(help="port", show_default="serving.port: 3000")] = None,
+    source: Annotated[bool, typer.Option("--source", help="serve serving/service.py from this checkout")] = False,
+    bento: Annotated[
+        str | None, typer.Option(metavar="TAG", help="serve this Bento instead of the deployed one")
+    ] = None,
+    no_follow: Annotated[
+        bool, typer.Option("--no-follow", help="keep this Bento: do not switch to newly deployed ones")
+    ] = False,
+) -> None:
+    """Serve the deployed Bento: the web page, `/predict`, the stream and camera endpoints, reports, review.
+
+    Without --profile/--config it serves the configuration the Bento was deployed with (`/readyz` says which).
+
+    **Example:** `drspot serve --port 3000`, then open http://127.0.0.1:3000/
+    """
+    invoke(ctx, cmd_serve, locals())
+
+
+def predict(
+    ctx: typer.Context,
+    source: Annotated[
+        Path, typer.Argument(help="a folder of photos, a CSV with a path column, or one photo", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option(help="a .csv (UTF-8 with BOM) or .parquet file")] = Path("predictions.csv"),
+    batch: Annotated[int, typer.Option(min=1, help="photos per model call")] = 16,
+    language: Annotated[
+        str | None,
+        typer.Option(help="language of the guidance column: en, ko, vi", show_default="serving.language"),
+    ] = None,
+    preprocess: Annotated[
+        Literal["none", "color_constancy", "clahe"], typer.Option(help="colour correction before the models")
+    ] = "none",
+    restart: Annotated[bool, typer.Option(help="discard an unfinished run's batches and start over")] = False,
+) -> None:
+    """Score photos offline with the champions into CSV or Parquet (resumable: an interrupted run goes on).
+
+    **Example:** `drspot predict photos/ --out scores.parquet`
+    """
+    invoke(ctx, cmd_predict, locals())
+
+
+def import_logs(
+    ctx: typer.Context,
+    logs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="SQLite logs to import", show_default="every one in the Bento store"),
+    ] = None,
+) -> None:
+    """Import prediction logs that earlier versions left inside Bento folders (idempotent).
+
+    **Example:** `drspot import-logs`
+    """
+    invoke(ctx, cmd_import_logs, {"logs": logs or []})
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``drspot``."""
-
-    @app.command(rich_help_panel=SERVING)
-    def deploy(
-        ctx: typer.Context,
-        no_build: Annotated[bool, typer.Option("--no-build", help="only copy the models (serve from source)")] = False,
-    ) -> None:
-        """Copy the champions into the Bento model store (ONNX export checked against PyTorch) and build the Bento.
-
-        A running `drspot serve` switches to the new Bento without downtime.
-
-        **Example:** `drspot deploy`
-        """
-        invoke(ctx, cmd_deploy, locals())
-
-    @app.command(rich_help_panel=SERVING)
-    def serve(
-        ctx: typer.Context,
-        host: Annotated[str | None, typer.Option(help="bind address", show_default="serving.host: 127.0.0.1")] = None,
-        port: Annotated[int | None, typer.Option(help="port", show_default="serving.port: 3000")] = None,
-        source: Annotated[bool, typer.Option("--source", help="serve serving/service.py from this checkout")] = False,
-        bento: Annotated[
-            str | None, typer.Option(metavar="TAG", help="serve this Bento instead of the deployed one")
-        ] = None,
-        no_follow: Annotated[
-            bool, typer.Option("--no-follow", help="keep this Bento: do not switch to newly deployed ones")
-        ] = False,
-    ) -> None:
-        """Serve the deployed Bento: the web page, `/predict`, the stream and camera endpoints, reports, review.
-
-        Without --profile/--config it serves the configuration the Bento was deployed with (`/readyz` says which).
-
-        **Example:** `drspot serve --port 3000`, then open http://127.0.0.1:3000/
-        """
-        invoke(ctx, cmd_serve, locals())
-
-    @app.command(rich_help_panel=SERVING)
-    def predict(
-        ctx: typer.Context,
-        source: Annotated[
-            Path, typer.Argument(help="a folder of photos, a CSV with a path column, or one photo", show_default=False)
-        ],
-        out: Annotated[Path, typer.Option(help="a .csv (UTF-8 with BOM) or .parquet file")] = Path("predictions.csv"),
-        batch: Annotated[int, typer.Option(min=1, help="photos per model call")] = 16,
-        language: Annotated[
-            str | None,
-            typer.Option(help="language of the guidance column: en, ko, vi", show_default="serving.language"),
-        ] = None,
-        preprocess: Annotated[
-            Literal["none", "color_constancy", "clahe"], typer.Option(help="colour correction before the models")
-        ] = "none",
-        restart: Annotated[bool, typer.Option(help="discard an unfinished run's batches and start over")] = False,
-    ) -> None:
-        """Score photos offline with the champions into CSV or Parquet (resumable: an interrupted run goes on).
-
-        **Example:** `drspot predict photos/ --out scores.parquet`
-        """
-        invoke(ctx, cmd_predict, locals())
-
-    @app.command("import-logs", rich_help_panel=SERVING)
-    def import_logs(
-        ctx: typer.Context,
-        logs: Annotated[
-            list[Path] | None,
-            typer.Argument(help="SQLite logs to import", show_default="every one in the Bento store"),
-        ] = None,
-    ) -> None:
-        """Import prediction logs that earlier versions left inside Bento folders (idempotent).
-
-        **Example:** `drspot import-logs`
-        """
-        invoke(ctx, cmd_import_logs, {"logs": logs or []})
+    app.command("deploy", rich_help_panel=SERVING)(deploy)
+    app.command("serve", rich_help_panel=SERVING)(serve)
+    app.command("predict", rich_help_panel=SERVING)(predict)
+    app.command("import-logs", rich_help_panel=SERVING)(import_logs)
