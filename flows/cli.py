@@ -77,8 +77,9 @@ def options(
     ctx.obj = Globals(profile, params, config, list(set_ or []))
 
 
-for group in (operations, data, models, serving, monitoring):
-    group.register(app)
+for group in (operations, data, models, serving, monitoring):  # the panels of `drspot --help`, in this order
+    for name, command in group.COMMANDS:
+        app.command(name, rich_help_panel=group.PANEL)(command)
 
 
 def hoist(argv: list[str]) -> list[str]:

@@ -172,36 +172,26 @@ def ingest(
     invoke(ctx, cmd_ingest, locals())
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``drspot``."""
-    app.command("ingest", rich_help_panel=DATA)(ingest)
-    for step, doc, example in (
-        (
-            "validate",
-            "Validate a dataset: the Great Expectations suite over the manifest and image checks; bad rows are "
-            "quarantined, with the check and the row.",
-            "drspot validate data/",
-        ),
-        (
-            "dedup",
-            "Find exact and near-duplicate groups (pHash, verified), lesion links and label conflicts, so that no "
-            "lesion reaches two splits.",
-            "drspot dedup data/",
-        ),
-        (
-            "split",
-            "Split stratified and grouped by lesion, leakage-free, with a frozen test set.",
-            "drspot split data/",
-        ),
-        (
-            "prepare",
-            "The data gate as one Prefect flow: validate -> dedup -> split (DVC stages for the project dataset).",
-            "drspot prepare data/ --prepared prep/",
-        ),
-    ):
-        app.command(step, rich_help_panel=DATA)(
-            _gate_command(cmd_prepare if step == "prepare" else _gate_step(step), doc, example)
-        )
+GATE_STEPS = (
+    (
+        "validate",
+        "Validate a dataset: the Great Expectations suite over the manifest and image checks; bad rows are "
+        "quarantined, with the check and the row.",
+        "drspot validate data/",
+    ),
+    (
+        "dedup",
+        "Find exact and near-duplicate groups (pHash, verified), lesion links and label conflicts, so that no "
+        "lesion reaches two splits.",
+        "drspot dedup data/",
+    ),
+    ("split", "Split stratified and grouped by lesion, leakage-free, with a frozen test set.", "drspot split data/"),
+    (
+        "prepare",
+        "The data gate as one Prefect flow: validate -> dedup -> split (DVC stages for the project dataset).",
+        "drspot prepare data/ --prepared prep/",
+    ),
+)
 
 
 def _gate_command(handler, doc: str, example: str):
@@ -210,3 +200,10 @@ def _gate_command(handler, doc: str, example: str):
 
     command.__doc__ = f"{doc}\n\n**Example:** `{example}`"
     return command
+
+
+PANEL = DATA
+COMMANDS = (("ingest", ingest),) + tuple(
+    (step, _gate_command(cmd_prepare if step == "prepare" else _gate_step(step), doc, example))
+    for step, doc, example in GATE_STEPS
+)

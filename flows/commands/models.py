@@ -195,6 +195,8 @@ PreparedOpt = Annotated[
     Path | None, typer.Option(help="the data gate's folder", show_default="paths.prepared/<dataset name>")
 ]
 KindOpt = Annotated[Kind, typer.Option(help="which model")]
+ModelOpt = Annotated[Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")]
+DetectorOpt = Annotated[Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")]
 KindArg = Annotated[Kind, typer.Argument(help="which model", show_default=False)]
 
 
@@ -248,10 +250,8 @@ def evaluate(
     dataset: DatasetOpt = None,
     prepared: PreparedOpt = None,
     out: Annotated[Path | None, typer.Option(help="output folder", show_default="paths.reports/evaluation")] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
-    ] = None,
-    detector: Annotated[Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")] = None,
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
 ) -> None:
     """Evaluate on the frozen test split: metrics with 95% intervals, calibration, plots, a model card.
 
@@ -289,10 +289,8 @@ def register_(
     ctx: typer.Context,
     dataset: DatasetOpt = None,
     prepared: PreparedOpt = None,
-    model: Annotated[
-        Path | None, typer.Option(help="classifier folder", show_default="paths.models/classifier")
-    ] = None,
-    detector: Annotated[Path | None, typer.Option(help="detector folder", show_default="paths.models/detector")] = None,
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
     report: Annotated[
         Path | None, typer.Option(help="evaluation folder", show_default="paths.reports/evaluation")
     ] = None,
@@ -370,16 +368,17 @@ def rollback(ctx: typer.Context, kind: KindOpt = "classifier") -> None:
     invoke(ctx, cmd_rollback, locals())
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``drspot``."""
-    app.command("train", rich_help_panel=MODELS)(train)
-    app.command("train-classifier", rich_help_panel=MODELS)(train_classifier)
-    app.command("train-detector", rich_help_panel=MODELS)(train_detector)
-    app.command("evaluate", rich_help_panel=MODELS)(evaluate)
-    app.command("compare", rich_help_panel=MODELS)(compare)
-    app.command("register", rich_help_panel=MODELS)(register_)
-    app.command("promote", rich_help_panel=MODELS)(promote)
-    app.command("approvals", rich_help_panel=MODELS)(approvals)
-    app.command("approve", rich_help_panel=MODELS)(approve)
-    app.command("reject", rich_help_panel=MODELS)(reject)
-    app.command("rollback", rich_help_panel=MODELS)(rollback)
+PANEL = MODELS
+COMMANDS = (  # (name, function): `drspot --help` lists them in this order
+    ("train", train),
+    ("train-classifier", train_classifier),
+    ("train-detector", train_detector),
+    ("evaluate", evaluate),
+    ("compare", compare),
+    ("register", register_),
+    ("promote", promote),
+    ("approvals", approvals),
+    ("approve", approve),
+    ("reject", reject),
+    ("rollback", rollback),
+)

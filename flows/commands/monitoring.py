@@ -114,8 +114,9 @@ def alerts(
     invoke(ctx, cmd_alerts, locals())
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``drspot``."""
-    app.command("monitor", rich_help_panel=MONITORING)(monitor)
-    app.command("retrain", rich_help_panel=MONITORING)(retrain)
-    app.command("alerts", rich_help_panel=MONITORING)(alerts)
+PANEL = MONITORING
+COMMANDS = (  # (name, function): `drspot --help` lists them in this order
+    ("monitor", monitor),
+    ("retrain", retrain),
+    ("alerts", alerts),
+)

@@ -222,12 +222,13 @@ def schedule(
     invoke(ctx, cmd_schedule, locals())
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``drspot``."""
-    app.command("demo", rich_help_panel=OPERATIONS)(demo)
-    app.command("status", rich_help_panel=OPERATIONS)(status)
-    app.command("ui", rich_help_panel=OPERATIONS)(ui)
-    app.command("config", rich_help_panel=OPERATIONS)(config)
-    app.command("env", rich_help_panel=OPERATIONS)(env)
-    app.command("stack", rich_help_panel=OPERATIONS)(stack)
-    app.command("schedule", rich_help_panel=OPERATIONS)(schedule)
+PANEL = OPERATIONS
+COMMANDS = (  # (name, function): `drspot --help` lists them in this order
+    ("demo", demo),
+    ("status", status),
+    ("ui", ui),
+    ("config", config),
+    ("env", env),
+    ("stack", stack),
+    ("schedule", schedule),
+)

@@ -190,9 +190,10 @@ def import_logs(
     invoke(ctx, cmd_import_logs, {"logs": logs or []})
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``drspot``."""
-    app.command("deploy", rich_help_panel=SERVING)(deploy)
-    app.command("serve", rich_help_panel=SERVING)(serve)
-    app.command("predict", rich_help_panel=SERVING)(predict)
-    app.command("import-logs", rich_help_panel=SERVING)(import_logs)
+PANEL = SERVING
+COMMANDS = (  # (name, function): `drspot --help` lists them in this order
+    ("deploy", deploy),
+    ("serve", serve),
+    ("predict", predict),
+    ("import-logs", import_logs),
+)
