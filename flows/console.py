@@ -83,6 +83,13 @@ def _bar(state: dict, label: str, done: int, total: int | None, final: bool) -> 
         state["bar"] = None
 
 
+def decision(r: dict) -> str:
+    """A word for a gate result: PROMOTED, rejected, WAITING FOR APPROVAL, or unchanged (the champion's weights)."""
+    if r.get("approval"):
+        return "WAITING FOR APPROVAL"
+    return {True: "PROMOTED", False: "rejected", None: "unchanged"}[r["promote"]]
+
+
 def report_rows(result, limit: int) -> None:
     """Print an ingest result: counts, then problems grouped by check (up to ``limit`` each)."""
     s = result.summary

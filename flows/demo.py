@@ -151,8 +151,9 @@ def _loop_start(cfg: Config, steps: Steps, ingest_step) -> tuple[dict, dict, str
     gate and the train flow. Returns (gate summary, train result, data version), or None when no model could be
     promoted to serve."""
     from components.data import gate, versioning
+    from flows.console import decision
     from flows.prepare import prepare_flow
-    from flows.train import decision, train_flow
+    from flows.train import train_flow
 
     root, data = cfg.home, cfg.resolve(cfg.paths.data)
     ingest_step(data)
@@ -216,9 +217,8 @@ def run_demo(cfg: Config) -> int:
     import httpx
 
     from components.data.ingest import ingest
-    from flows.console import progress, report_rows
+    from flows.console import decision, progress, report_rows
     from flows.retrain import retrain_flow
-    from flows.train import decision
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")

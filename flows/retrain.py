@@ -35,8 +35,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.monitoring import feedback
+from flows.console import decision
 from flows.policy import DECLARED, HOOKS, bound, checkpoint, run_config
-from flows.train import decision
 from infra.config import Config
 from infra.state import StatePaths
 

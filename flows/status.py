@@ -40,13 +40,14 @@ def data_status(cfg: Config) -> dict[str, Any]:
 
     data = cfg.resolve(cfg.paths.data)
     out: dict[str, Any] = {"path": str(data), "version": data_version(cfg.home / "data.dvc")}
+    # pq.ParquetFile, not pq.read_table: the dataset API imports pandas (0.5 s of a 1-2 s status)
     if (data / MANIFEST).is_file():
-        table = pq.read_table(data / MANIFEST, columns=["label", "source"])
+        table = pq.ParquetFile(data / MANIFEST).read(columns=["label", "source"])
         out["images"] = table.num_rows
         out["by_source"] = dict(Counter(table.column("source").to_pylist()))
     split = cfg.resolve(cfg.paths.prepared) / data.name / "split" / "split.parquet"
     if split.is_file():
-        splits = pq.read_table(split, columns=["split"]).column("split").to_pylist()
+        splits = pq.ParquetFile(split).read(columns=["split"]).column("split").to_pylist()
         out["splits"] = {k or "held out": v for k, v in sorted(Counter(splits).items(), key=lambda kv: str(kv[0]))}
     return out
 
@@ -57,31 +58,72 @@ def models_status(cfg: Config) -> dict[str, Any]:
     uri = registry.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         return {"tracking_uri": uri, "note": "no registry yet (run `drspot train`)"}
-    from mlflow.exceptions import MlflowException
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri, uri)
+    aliased = _sqlite_aliases(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if aliased is None:
+        aliased = _client_aliases(uri, [registry.model_name(k) for k in ("classifier", "detector")])
     out: dict[str, Any] = {"tracking_uri": uri}
     for kind in ("classifier", "detector"):
         name = registry.model_name(kind)
         entry: dict[str, Any] = {}
         for alias in ("champion", "challenger"):
+            found = aliased.get((name, alias))
+            if found is None:
+                entry[alias] = None
+                continue
+            version, tags = found
+            metrics = {k: float(tags[f"metric.{k}"]) for k in KEY_METRICS[kind] if f"metric.{k}" in tags}
+            entry[alias] = {
+                "version": str(version),
+                "metrics": metrics,
+                "profile": tags.get("profile"),  # the profile it was trained with
+                "data_version": tags.get("data_version"),
+                "gate": tags.get("gate.decision"),
+                "gate_reason": tags.get("gate.reason"),
+            }
+        out[kind] = entry
+    return out
+
+
+Aliases = dict[tuple[str, str], tuple[str, dict[str, str]]]  # (model, alias) -> (version, its tags)
+
+
+def _sqlite_aliases(path: str) -> Aliases | None:
+    """Every alias of a SQLite registry with its version's tags, read-only with sqlite3: importing mlflow alone
+    takes ~2 s, which would be most of `drspot status`. None when the tables are not MLflow 3's (the client
+    then reads them)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            out: Aliases = {}
+            for name, alias, version in con.execute("SELECT name, alias, version FROM registered_model_aliases"):
+                rows = con.execute(
+                    "SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?", (name, version)
+                )
+                out[(name, alias)] = (str(version), dict(rows.fetchall()))
+            return out
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def _client_aliases(uri: str, names: list[str]) -> Aliases:
+    """The champion and challenger of each model through the MLflow client (a tracking server, another store)."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, uri)
+    out: Aliases = {}
+    for name in names:
+        for alias in ("champion", "challenger"):
             try:
                 mv = client.get_model_version_by_alias(name, alias)
             except MlflowException:
-                entry[alias] = None
                 continue
-            metrics = {k: float(mv.tags[f"metric.{k}"]) for k in KEY_METRICS[kind] if f"metric.{k}" in mv.tags}
-            entry[alias] = {
-                "version": str(mv.version),
-                "metrics": metrics,
-                "profile": mv.tags.get("profile"),  # the profile it was trained with
-                "data_version": mv.tags.get("data_version"),
-                "gate": mv.tags.get("gate.decision"),
-                "gate_reason": mv.tags.get("gate.reason"),
-            }
-        out[kind] = entry
+            out[(name, alias)] = (str(mv.version), dict(mv.tags))
     return out
 
 
@@ -147,7 +189,8 @@ def alerts_status(cfg: Config) -> dict[str, Any]:
 
     uri = tracking_uri()
     recent = alerts.recent(cfg, 500)
-    ours = [a for a in recent if a.get("registry") == uri]
+    # an alert written before alerts named their registry counts as this project's
+    ours = [a for a in recent if a.get("registry", uri) == uri and a.get("project", str(cfg.home)) == str(cfg.home)]
     day = dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)
     return {
         "file": str(alerts.alert_file(cfg)),
@@ -345,7 +388,7 @@ def _retrain(rt: dict[str, Any], row: Row) -> None:
     if not last:
         row("retrain", "never run")
         return
-    from flows.train import decision
+    from flows.console import decision
 
     gates = "; ".join(f"{g['kind']} v{g['version']} {decision(g).lower()}" for g in last["gate"])
     versions = f"data {last['data_version_before']} -> {last['data_version']}"

@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from components.data.versioning import data_version
 from components.model import registry
 from components.monitoring import alerts
+from flows.console import decision
 from flows.policy import DECLARED, HOOKS, bound, checkpoint, run_config
 from flows.prepare import prepare_flow, run_stage, stage_config, uses_dvc
 from infra.config import Config
@@ -150,13 +151,6 @@ def promote_passing(
         r["champion"] = registry.champion(registry.model_name(r["kind"]))
         r["serving_check"] = check
     return check
-
-
-def decision(r: dict[str, Any]) -> str:
-    """A word for a gate result: PROMOTED, rejected, WAITING FOR APPROVAL, or unchanged (the champion's weights)."""
-    if r.get("approval"):
-        return "WAITING FOR APPROVAL"
-    return {True: "PROMOTED", False: "rejected", None: "unchanged"}[r["promote"]]
 
 
 def alert_decisions(results: list[dict[str, Any]], cfg: Config) -> None:

@@ -114,7 +114,8 @@ def _versions(n: int) -> list[str]:
 
 
 def test_a_passing_challenger_waits_for_a_person_then_is_approved(cfg):
-    from flows.train import decision, promote_passing
+    from flows.console import decision
+    from flows.train import promote_passing
 
     v1, v2, v3 = _versions(3)
     registry.set_champion(registry.CLASSIFIER, v1)

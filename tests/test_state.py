@@ -208,3 +208,62 @@ def test_the_real_demo_names_what_its_data_folder_lacks(drspot_cli, tmp_path):
     assert out.returncode == 1
     assert f"{tmp_path / 'ham'} lacks HAM10000_metadata.csv, lesion_boxes.csv" in out.stderr
     assert "drspot demo --real DIR" in out.stderr
+
+
+def _entry(version: str, macro_auc: float, profile: str = "ham10000") -> dict:
+    return {
+        "version": version,
+        "metrics": {"macro_auc": macro_auc},
+        "profile": profile,
+        "data_version": "e790fe25a8f3c1d2.dir",
+        "gate": "promoted",
+        "gate_reason": "",
+    }
+
+
+def test_status_names_the_champions_own_profile_and_a_challenger_only_when_it_differs():
+    from flows.status import render
+
+    s = {
+        "home": "/p",
+        "profile": "demo",
+        "config_digest": "abc",
+        "data": {"path": "/p/data", "version": "v1"},
+        "models": {
+            "tracking_uri": "sqlite:///p/mlflow.db",
+            "classifier": {"champion": _entry("3", 0.9), "challenger": _entry("3", 0.9)},
+            "detector": {"champion": _entry("1", 0.8), "challenger": _entry("2", 0.7, "demo")},
+        },
+        "serving": {"deployed": {"bento": "drspot:x"}, "deployed_profile": "ham10000", "url": "u", "answering": False},
+        "prediction_log": {"location": "/p/log.db", "predictions": 0},
+        "monitor": {"last": {"at": "2026-12-05T21:14:30.123456+00:00", "status": "drift", "rows": 5, "reasons": []}},
+        "retrain": {"last": None},
+        "schedule": {"answering": False, "server": "s"},
+        "approvals": {"waiting": []},
+        "alerts": {"newest": None, "file": "/p/a.jsonl", "other_registries": 2},
+    }
+    title, rows = render(s)
+    text = dict(rows)
+    assert title == "DrSpot status: state home /p"
+    assert text["classifier"] == "champion v3 (profile ham10000, data e790fe25a8f3; macro_auc 0.900)"  # no repeat
+    assert "; challenger v2 (profile demo, data e790fe25a8f3; macro_auc 0.700), gate promoted" in text["detector"]
+    assert "deployed with profile ham10000" in text["serving"]
+    assert text["monitor"].startswith("last run 2026-12-05 21:14:30 UTC: DRIFT")  # to the second
+    assert text["alerts"] == "none about this registry (/p/a.jsonl) (2 about other registries not shown)"
+
+
+def test_status_counts_the_alerts_of_the_registry_in_force(tmp_path, monkeypatch, cfg):
+    from flows.status import alerts_status
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////now/mlflow.db")
+    here = cfg.at(tmp_path)
+    path = tmp_path / here.alerts.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = "2026-12-05T21:00:00+00:00"
+    records = [
+        {"at": now, "kind": "gate", "title": "old", "registry": "sqlite:////before/mlflow.db"},
+        {"at": now, "kind": "drift", "title": "ours", "registry": "sqlite:////now/mlflow.db"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = alerts_status(here)
+    assert s["newest"]["title"] == "ours" and s["other_registries"] == 1
