@@ -72,6 +72,8 @@ def _bar(state: dict, label: str, done: int, total: int | None, final: bool) -> 
             TimeElapsedColumn(),
             console=_console(sys.stderr),
             auto_refresh=False,  # refreshed by each call: no thread left behind by a run that stops early
+            redirect_stdout=False,  # what the command prints goes where it would without the bar
+            redirect_stderr=False,
         )
         bar.start()
         state["bar"], state["task"] = bar, bar.add_task(label, total=total)
