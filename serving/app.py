@@ -124,12 +124,36 @@ async def json_object(request: Request, invalid: str = "invalid request") -> dic
     not an object)."""
     body = await read_body(request)
     try:
-        spec = json.loads(body)
+        spec = json.loads(body, parse_constant=_not_json)
+    except RecursionError as e:  # arrays or objects nested thousands deep
+        raise InputError(400, "malformed JSON", "nested too deeply", "json") from e
     except ValueError as e:
         raise InputError(400, "malformed JSON", str(e), "json") from e
+    if _too_deep(spec, MAX_JSON_DEPTH):  # every reader below recurses (validation, logging, the answer's encoder)
+        raise InputError(400, "malformed JSON", f"nested too deeply (more than {MAX_JSON_DEPTH} levels)", "json")
     if not isinstance(spec, dict):
         raise InputError(422, invalid, "send a JSON object", "invalid")
     return spec
+
+
+MAX_JSON_DEPTH = 16  # DrSpot's deepest request (frames -> frame -> box) is 4 levels
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists or objects more than ``limit`` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _not_json(word: str) -> None:
+    """NaN, Infinity and -Infinity, which Python's json accepts and JSON does not (a frame time of NaN)."""
+    raise ValueError(f"{word} is not a JSON number")
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -148,7 +172,8 @@ def require_reviewer(request: Request, what: str) -> None:
     if not key:
         raise InputError(503, f"{what} disabled", f"no reviewer key is configured: set {S.feedback_key_env}", "no_key")
     given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-    if not given or not hmac.compare_digest(given, key):
+    # as bytes: compare_digest refuses str with non-ASCII characters (a header of any bytes is a wrong key, not a 500)
+    if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode("utf-8")):
         raise InputError(401, "unauthorised", "a valid reviewer key in the X-API-Key header is required", "auth")
 
 

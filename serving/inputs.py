@@ -108,6 +108,8 @@ def read_image(data: bytes, s: Serving) -> Upload:
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             fmt, (w, h), frames = probe.format or "unknown", probe.size, getattr(probe, "n_frames", 1)
+            if fmt == "MPO":  # a phone's JPEG with a gain or depth map after it (MPF): its primary image is the photo
+                fmt, frames = "JPEG", 1
     except Image.DecompressionBombError as e:
         raise InputError(422, "image has too many pixels", str(e), "too_many_pixels") from e
     except Exception as e:

@@ -87,6 +87,21 @@ def test_a_retrain_killed_at_each_step_resumes_without_duplicates(dvc_project, c
             log.add_feedback(rid, r["label"], "dr.kill")
             confirmed.append(rid)
 
+    # one Prefect server for the nine runs (each would start a temporary one: ~10 s apiece), stopped by process id
+    from flows.schedule import start_local_server
+    from serving.launch import free_port
+
+    url, server = start_local_server(free_port(), tmp_path / "prefect-server.log")
+    env["PREFECT_API_URL"] = url
+    try:
+        _kill_at_each_step_then_resume(env, root, tmp_path, confirmed, monkeypatch, cfg)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+def _kill_at_each_step_then_resume(env, root, tmp_path, confirmed, monkeypatch, cfg) -> None:
     drspot = str(Path(sys.executable).parent / "drspot")
     for step in STEPS:
         rc, out = _retrain(drspot, {**env, "DRSPOT_KILL_AT": step}, root, tmp_path / f"killed-{step}.log")

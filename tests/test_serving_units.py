@@ -10,6 +10,7 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+from fastapi import Request  # at module level: the test routes' annotations are resolved from here
 from PIL import Image
 
 from serving.inputs import InputError, check_length, from_base64, read_image
@@ -126,3 +127,54 @@ def test_the_pdf_report_and_the_batch_csv_of_a_logged_row():
         [{"request_id": "0123abcd", "label": "mel", "guidance": "Bác sĩ"}], ["request_id", "label", "guidance"]
     )
     assert text.startswith(b"\xef\xbb\xbf") and b"\r\n" in text and "Bác sĩ".encode() in text
+
+
+def test_a_phones_mpo_jpeg_is_read_as_its_primary_photo(cfg):
+    """Most current phones write JPEGs with an MPF block (a gain or depth map after the photo): Pillow opens them
+    as MPO with two frames; the photo is the first."""
+    photo = Image.new("RGB", (320, 240), (180, 120, 100))
+    buf = io.BytesIO()
+    photo.save(buf, "MPO", save_all=True, append_images=[Image.new("L", (160, 120), 0).convert("RGB")])
+    up = read_image(buf.getvalue(), cfg.serving)
+    assert up.format == "JPEG" and up.decoded.rgb.size == (320, 240)
+    assert not any("animated" in n for n in up.decoded.notes)
+    assert abs(np.asarray(up.decoded.rgb)[120, 160].astype(int) - (180, 120, 100)).max() <= 3
+
+
+def test_hostile_json_and_keys_get_a_4xx_not_a_500(cfg, monkeypatch):
+    from fastapi import APIRouter
+
+    from serving.app import app, json_object, require_reviewer
+
+    monkeypatch.setenv(cfg.serving.feedback_key_env, "the-key")
+    router = APIRouter()
+
+    @router.post("/_test/json")
+    async def body(request: Request):
+        return await json_object(request)
+
+    @router.get("/_test/key")
+    async def key(request: Request):
+        require_reviewer(request, "review")
+        return {"ok": True}
+
+    app.include_router(router)
+    transport = httpx.ASGITransport(app=app)
+
+    async def call():
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            nested = await client.post("/_test/json", content=b"[" * 100_000 + b"]" * 100_000)
+            nan = await client.post("/_test/json", content=b'{"frames": [{"t": NaN}]}')
+            inf = await client.post("/_test/json", content=b'{"t": -Infinity}')
+            non_ascii = await client.get("/_test/key", headers={"X-API-Key": "clé".encode("latin-1")})
+            right = await client.get("/_test/key", headers={"X-API-Key": "the-key"})
+            return nested, nan, inf, non_ascii, right
+
+    import anyio
+
+    nested, nan, inf, non_ascii, right = anyio.run(call)
+    assert nested.status_code == 400 and nested.json()["detail"].startswith("nested too deeply")
+    assert nan.status_code == 400 and "NaN is not a JSON number" in nan.json()["detail"]
+    assert inf.status_code == 400 and "-Infinity is not a JSON number" in inf.json()["detail"]
+    assert non_ascii.status_code == 401 and non_ascii.json()["error"] == "unauthorised"
+    assert right.status_code == 200

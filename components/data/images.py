@@ -62,7 +62,7 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: 
         if max_pixels is not None and w * h > max_pixels:
             raise ImageError("too_many_pixels", f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
         notes = []
-        if getattr(im, "n_frames", 1) > 1:
+        if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":  # MPO: a JPEG photo with its gain/depth maps
             notes.append(f"animated ({im.n_frames} frames): first frame used")
         try:
             im.seek(0)
