@@ -166,14 +166,9 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 def require_reviewer(request: Request, what: str) -> None:
     """A reviewer's key in ``X-API-Key`` (or ``Authorization: Bearer``), or a 401 / 503 that says what is missing."""
-    import hmac
-
-    key = os.environ.get(S.feedback_key_env)
-    if not key:
+    if not os.environ.get(S.feedback_key_env):
         raise InputError(503, f"{what} disabled", f"no reviewer key is configured: set {S.feedback_key_env}", "no_key")
-    given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-    # as bytes: compare_digest refuses str with non-ASCII characters (a header of any bytes is a wrong key, not a 500)
-    if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode("utf-8")):
+    if not has_reviewer_key(request):
         raise InputError(401, "unauthorised", "a valid reviewer key in the X-API-Key header is required", "auth")
 
 
@@ -192,6 +187,24 @@ def options(preprocess: str, compare: Any, language: str | None) -> tuple[str, b
     return preprocess, flag in ("true", "1"), lang
 
 
+# what /readyz says only to a caller with the reviewer key: where the state and the patients' data live
+PRIVATE_READY = ("state_home", "prediction_log", "images_dir")
+
+
+def _has_reviewer_key(scope) -> bool:
+    """Whether the request (its ASGI scope) carries the configured reviewer key (``X-API-Key`` or a bearer token)."""
+    import hmac
+
+    key = os.environ.get(S.feedback_key_env)
+    headers = dict(scope.get("headers") or [])
+    given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+    return bool(key and given and hmac.compare_digest(given, key.encode("utf-8")))
+
+
+def has_reviewer_key(request: Request) -> bool:
+    return _has_reviewer_key(request.scope)
+
+
 class ReadyzWithVersions:
     """BentoML's /readyz says only "ready"; DrSpot's also names the models it serves."""
 
@@ -201,7 +214,8 @@ class ReadyzWithVersions:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] == "/readyz" and scope["method"] == "GET":
             ready = bool(READY)
-            body = json.dumps({"ready": ready, **READY} if ready else {"ready": False, "detail": "models loading"})
+            shown = READY if _has_reviewer_key(scope) else {k: v for k, v in READY.items() if k not in PRIVATE_READY}
+            body = json.dumps({"ready": ready, **shown} if ready else {"ready": False, "detail": "models loading"})
             await send(
                 {
                     "type": "http.response.start",

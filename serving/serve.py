@@ -33,6 +33,11 @@ HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", 
 HOP |= {"transfer-encoding", "upgrade", "content-length", "host"}
 
 
+# BentoML's routes that only the service itself calls: the batched model stage (its items are not checked as
+# uploads are: no format allowlist, no pixel budget, nothing logged)
+INTERNAL = ("/infer",)
+
+
 class Backend:
     """One ``bentoml serve`` process of one Bento on a free loopback port, with the requests it holds."""
 
@@ -181,6 +186,11 @@ class Front:
         from serving.inputs import InputError, check_length
 
         s = self.cfg.serving
+        if request.path.rstrip("/") in INTERNAL or request.path.startswith(tuple(f"{r}/" for r in INTERNAL)):
+            return web.json_response(
+                {"error": "not found", "detail": f"{request.path} is internal to the service and not served here"},
+                status=404,
+            )
         try:
             check_length(request.headers.get("content-length"), s)
             body = await request.read()
@@ -205,11 +215,15 @@ class Front:
                     return web.Response(status=r.status, body=payload, headers=out)
             except aiohttp.ClientConnectionError as e:
                 # the backend went away under this request (stopped after a switch, or died): once more on the
-                # current one; requests are idempotent up to the prediction log, which is written after the answer
-                if attempt == 1 or self.current is backend:
+                # current one, unless it may have reached the backend already: a POST that did may have been
+                # answered and logged, and a replay would log it twice (a refused connection never reached it)
+                reached = not isinstance(e, aiohttp.ClientConnectorError)
+                replay = request.method in ("GET", "HEAD", "OPTIONS") or not reached
+                if attempt == 1 or self.current is backend or not replay:
                     return web.json_response(
                         {"error": "service unavailable", "detail": f"the model service did not answer: {e}"},
                         status=503,
+                        headers={"Retry-After": "1"},
                     )
             finally:
                 backend.inflight -= 1

@@ -150,11 +150,42 @@ def check_log(cfg: Config) -> str:
     return url
 
 
+def _private_dir(folder: Path) -> None:
+    """``folder`` and the parents it needs, created owner-only (0700): stored photos are health data."""
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, owner-only, all or nothing: each writer its own temporary file (two identical uploads
+    at once must not share one), synced, then renamed over; a rename that lands on the same content is success."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class PredictionLog:
     def __init__(self, url: str, images_dir: Path | None = None) -> None:
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("sqlite:///"):  # health data: the log and its WAL files are the owner's alone
+            db = Path(url[len("sqlite:///") :])
+            db.parent.mkdir(parents=True, exist_ok=True)
+            if not db.exists():
+                db.touch(mode=0o600)
+            for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                if f.exists():
+                    f.chmod(0o600)
         # a server that does not answer fails within CONNECT_TIMEOUT_S instead of hanging the caller
         args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
         self.engine = create_engine(url, pool_pre_ping=True, connect_args=args)
@@ -182,10 +213,9 @@ class PredictionLog:
         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}.get(fmt, "bin")
         path = self.images_dir / sha256[:2] / f"{sha256}.{ext}"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            _private_dir(self.images_dir)
+            _private_dir(path.parent)
+            _write_atomically(path, data)
         return str(path)
 
     def record(self, row: dict[str, Any]) -> None:

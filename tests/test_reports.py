@@ -13,6 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.serving_fixtures import API_KEY
+
 pytestmark = pytest.mark.slow
 BOM = b"\xef\xbb\xbf"
 
@@ -128,7 +130,8 @@ def _inked(page, bitmap, scale: float, text: str) -> float:
 def test_the_pdf_report_renders_the_label_photo_and_korean_text(server, deployed):
     data = _photos(deployed)[1].read_bytes()
     answer = _predict(server, data, language="ko")
-    r = httpx.get(f"{server.url}/report/{answer['request_id']}.pdf", params={"language": "ko"}, timeout=60)
+    url = f"{server.url}/report/{answer['request_id']}.pdf"
+    r = httpx.get(url, params={"language": "ko"}, headers={"X-API-Key": API_KEY}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
     assert r.content.startswith(b"%PDF-")
     pdf, page = _pdf_page(r.content)
@@ -145,6 +148,12 @@ def test_the_pdf_report_renders_the_label_photo_and_korean_text(server, deployed
     # the photo (stored by this test server) with its boxes
     images = list(page.get_objects(filter=[3]))  # FPDF_PAGEOBJ_IMAGE
     assert len(images) == 1
+    pdf.close()
+    # without the reviewer key: the result, not the photo (patient data)
+    anonymous = httpx.get(url, params={"language": "en"}, timeout=60)
+    pdf, page = _pdf_page(anonymous.content)
+    assert anonymous.status_code == 200 and not list(page.get_objects(filter=[3]))
+    assert "shown only with the reviewer key" in _pdf_text(anonymous.content)
     pdf.close()
 
 
@@ -184,10 +193,15 @@ def test_patient_fields_are_printed_and_stored_only_with_consent(server, deploye
         assert kept.scalar() == 0
     assert b"P-4711-nc" not in _stored_bytes(deployed["root"])
     assert "P-4711-nc" not in _pdf_text(httpx.get(url, timeout=60).content)
-    # with consent: kept, and every later report of the request shows them
-    r = httpx.post(url, json={"patient": {**patient, "patient_id": "P-4711-ok"}, "consent": True}, timeout=60)
+    # with consent: kept, and every later report of the request shows them to a reviewer; storing needs the key
+    consented = {"patient": {**patient, "patient_id": "P-4711-ok"}, "consent": True}
+    refused = httpx.post(url, json=consented, timeout=60)
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorised"
+    key = {"X-API-Key": API_KEY}
+    r = httpx.post(url, json=consented, headers=key, timeout=60)
     assert r.status_code == 200
-    assert "P-4711-ok" in _pdf_text(httpx.get(url, timeout=60).content)
+    assert "P-4711-ok" in _pdf_text(httpx.get(url, headers=key, timeout=60).content)
+    assert "P-4711-ok" not in _pdf_text(httpx.get(url, timeout=60).content)  # a request id alone shows no identity
     with eng.connect() as c:
         fields = c.execute(text("select fields from patients where request_id = :r"), {"r": answer["request_id"]})
         assert json.loads(fields.scalar())["patient_id"] == "P-4711-ok"

@@ -108,8 +108,10 @@ def test_predict_answers_the_contract_and_logs_it(server, deployed):
     assert row["image_path"] == str(stored) and stored.read_bytes() == img
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["ready"] and ready["models"] == d["models"]
+    assert not {"state_home", "prediction_log", "images_dir"} & set(ready)  # no paths for an anonymous probe
     assert httpx.get(f"{server.url}/healthz").status_code == 200
-    # the state home `drspot serve` handed over, never the Bento's own folder
+    # the state home `drspot serve` handed over, never the Bento's own folder (shown with the reviewer key)
+    ready = httpx.get(f"{server.url}/readyz", headers={"X-API-Key": API_KEY}).json()
     root = deployed["root"]
     assert ready["state_home"] == str(root) and ready["prediction_log"] == str(root / ".drspot" / "predictions.db")
     assert ready["images_dir"] == str(root / ".drspot" / "images") and ready["profile"] == "test"
@@ -208,6 +210,17 @@ def test_wrong_content_type_and_missing_field(server):
     assert r.status_code == 422 and r.json()["error"] == "missing field 'image'" and "photo" in r.json()["detail"]
     r = _post(server, _jpeg(), preprocess="sepia")
     assert r.status_code == 422 and "color_constancy" in r.json()["detail"]
+
+
+def test_the_services_internal_batch_route_is_not_reachable_through_the_front(server):
+    """``/infer`` is BentoML's batched model stage: its items skip every upload check (format, pixel budget, log)."""
+    import base64
+
+    item = json.dumps({"image": base64.b64encode(_jpeg()).decode(), "preprocess": "none"})
+    for path in ("/infer", "/infer/", "/infer/x"):
+        r = httpx.post(f"{server.url}{path}", json={"items": [item]}, timeout=30)
+        assert r.status_code == 404 and "internal to the service" in r.json()["detail"], (path, r.text[:300])
+    assert _post(server, _jpeg()).status_code == 200  # the public route still answers
 
 
 @pytest.mark.parametrize(

@@ -107,3 +107,26 @@ def test_feedback_for_an_unknown_request_is_refused_by_the_database(log):
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         log.record(_row("dup"))
         log.record(_row("dup"))  # a request id is logged once
+
+
+def test_identical_photos_stored_at_once_give_one_owner_only_file_and_no_failure(tmp_path):
+    """16 writers of the same 8 MB photo at the same moment (two identical uploads with `store_images` on): each
+    writes its own temporary file and renames it over, so none fails and one whole file remains, owner-only."""
+    import hashlib
+    import stat
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = PredictionLog(f"sqlite:///{tmp_path / 'state' / 'log.db'}", tmp_path / "state" / "images")
+    data = os.urandom(8 * 1024 * 1024)
+    sha = hashlib.sha256(data).hexdigest()
+    with ThreadPoolExecutor(16) as pool:
+        paths = list(pool.map(lambda _: store.store_image(sha, data, "JPEG"), range(16)))
+    assert len(set(paths)) == 1
+    folder = tmp_path / "state" / "images" / sha[:2]
+    assert [p.name for p in folder.iterdir()] == [f"{sha}.jpg"]  # no temporary file left
+    stored = folder / f"{sha}.jpg"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == sha
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    for d in (folder, tmp_path / "state" / "images"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert stat.S_IMODE((tmp_path / "state" / "log.db").stat().st_mode) == 0o600  # the log is health data too

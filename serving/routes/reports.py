@@ -1,5 +1,8 @@
-"""The report routes: the PDF of one logged prediction (patient fields kept only with consent) and the CSV of a
-batch, one row per lesion."""
+"""The report routes: the PDF of one logged prediction and the CSV of a batch, one row per lesion.
+
+Patient data is behind the reviewer key: a report shows the stored photo and the patient fields kept with consent
+only to a caller with the key, and only a caller with the key stores (or replaces) a patient's identity. Without
+it, a report carries the result alone (and the fields the caller sent in that same request, printed, not kept)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 
 from components.model.evaluate import DISCLAIMER
 from components.monitoring.quality import reported
-from serving.app import MAX_CSV_IDS, REQUESTS, S, json_object, options
+from serving.app import MAX_CSV_IDS, REQUESTS, S, has_reviewer_key, json_object, options, require_reviewer
 from serving.inputs import InputError
 
 router = APIRouter()
@@ -25,18 +28,20 @@ def _logged_row(svc: Any, request_id: str) -> dict[str, Any]:
     return row
 
 
-def _pdf(svc: Any, row: dict[str, Any], language: str, patient: dict[str, str] | None) -> bytes:
+def _pdf(svc: Any, row: dict[str, Any], language: str, patient: dict[str, str] | None, photo_ok: bool) -> bytes:
     from serving.inputs import assess
     from serving.patient_report import pdf
     from serving.pipeline import guidance
 
     p = svc.pipeline
     photo, note = None, None
-    if row["image_path"] and Path(row["image_path"]).is_file():
+    if not photo_ok:
+        note = "shown only with the reviewer key (X-API-Key): the photo is patient data"
+    elif row["image_path"] and Path(row["image_path"]).is_file():
         photo = Path(row["image_path"]).read_bytes()
     else:  # .get: this runs in a worker thread while the event loop may evict the photo
         photo = svc.photos.get(row["request_id"])
-    if photo is None:
+    if photo is None and note is None:
         note = (
             "not stored (serving.store_images is off) and no longer among the "
             f"{S.report_photos} recent photos kept in memory"
@@ -56,7 +61,7 @@ def _pdf(svc: Any, row: dict[str, Any], language: str, patient: dict[str, str] |
     )
 
 
-async def _report(svc: Any, request_id: str, language: str | None, patient: Any, consent: Any):
+async def _report(request: Request, svc: Any, request_id: str, language: str | None, patient: Any, consent: Any):
     from fastapi.responses import Response
 
     from serving.patient_report import ReportError, check_patient
@@ -68,12 +73,15 @@ async def _report(svc: Any, request_id: str, language: str | None, patient: Any,
         fields = check_patient(patient)
     except ReportError as e:
         raise InputError(422, "invalid patient fields", str(e), "patient") from e
+    reviewer = has_reviewer_key(request)
+    if fields and consent:  # storing (or replacing) a patient's identity is a reviewer's act
+        require_reviewer(request, "storing patient fields")
     row = await anyio.to_thread.run_sync(_logged_row, svc, request_id)
     if fields and consent:
         await anyio.to_thread.run_sync(svc.log.keep_patient, request_id, fields)
-    elif not fields:  # a plain GET shows what was kept with consent, if anything
+    elif not fields and reviewer:  # a reviewer's GET shows what was kept with consent, if anything
         fields = await anyio.to_thread.run_sync(svc.log.patient, request_id) or {}
-    body = await anyio.to_thread.run_sync(_pdf, svc, row, lang, fields)
+    body = await anyio.to_thread.run_sync(_pdf, svc, row, lang, fields, reviewer)
     REQUESTS.labels(endpoint="/report", status="200").inc()
     return Response(
         body,
@@ -147,15 +155,18 @@ async def report_csv_post(request: Request, svc: Any = Depends(get_current_servi
 
 
 @router.get("/report/{request_id}.pdf")
-async def report_pdf(request_id: str, language: str | None = None, svc: Any = Depends(get_current_service)):
-    """The PDF report of a logged prediction (with patient fields kept under consent, if any)."""
-    return await _report(svc, request_id, language, None, None)
+async def report_pdf(
+    request: Request, request_id: str, language: str | None = None, svc: Any = Depends(get_current_service)
+):
+    """The PDF report of a logged prediction; with the reviewer key, also the photo and the patient fields kept
+    under consent."""
+    return await _report(request, svc, request_id, language, None, None)
 
 
 @router.post("/report/{request_id}.pdf")
 async def report_pdf_post(request: Request, request_id: str, svc: Any = Depends(get_current_service)):
     """The PDF report with patient fields: ``{"patient": {"name", "patient_id", "birth_date", "sex", "notes"},
     "consent": false, "language": ...}``. The fields are printed; they are stored (and shown in later reports of
-    this request) only with ``"consent": true``."""
+    this request to a reviewer) only with ``"consent": true`` and the reviewer key."""
     spec = await json_object(request)
-    return await _report(svc, request_id, spec.get("language"), spec.get("patient"), spec.get("consent"))
+    return await _report(request, svc, request_id, spec.get("language"), spec.get("patient"), spec.get("consent"))
