@@ -366,14 +366,23 @@ def import_log(source: str | Path, into: PredictionLog) -> dict[str, int]:
     counts = dict.fromkeys(
         ("predictions", "predictions_present", "feedback", "feedback_present", "images", "images_missing"), 0
     )
+    counts |= {"patients": 0, "patients_present": 0}
     try:
-        with src.connect() as conn:
-            rows = [dict(r) for r in conn.execute(select(predictions)).mappings()]
-            confirmations = [dict(r) for r in conn.execute(select(feedback).order_by(feedback.c.id)).mappings()]
+        with src.connect() as conn:  # a log of any earlier schema: the columns it has (later ones stay null)
+            rows = [dict(r) for r in conn.execute(_select_present(src, predictions)).mappings()]
+            confirmations = [
+                dict(r) for r in conn.execute(_select_present(src, feedback).order_by(feedback.c.id)).mappings()
+            ]
+            kept = (
+                [dict(r) for r in conn.execute(_select_present(src, patients)).mappings()]
+                if _has(src, "patients")
+                else []
+            )
     finally:
         src.dispose()
     with into.engine.connect() as conn:
         have = set(conn.execute(select(predictions.c.request_id)).scalars())
+        have_patients = set(conn.execute(select(patients.c.request_id)).scalars())
         seen = {
             (r.request_id, r.confirmed_label, r.reviewer, _naive(r.created_at))
             for r in conn.execute(
@@ -401,13 +410,31 @@ def import_log(source: str | Path, into: PredictionLog) -> dict[str, int]:
             continue
         seen.add(key)
         new_feedback.append({k: v for k, v in f.items() if k != "id"})
+    new_patients = [p for p in kept if p["request_id"] not in have_patients]  # a patient kept there stays as it is
+    counts["patients_present"] = len(kept) - len(new_patients)
     with into.engine.begin() as conn:  # one transaction: an interrupted import leaves nothing half-copied
         if new_rows:
             conn.execute(insert(predictions), new_rows)
         if new_feedback:
             conn.execute(insert(feedback), new_feedback)
-    counts["predictions"], counts["feedback"] = len(new_rows), len(new_feedback)
+        if new_patients:
+            conn.execute(insert(patients), new_patients)
+    counts["predictions"], counts["feedback"], counts["patients"] = len(new_rows), len(new_feedback), len(new_patients)
     return counts
+
+
+def _has(engine, table: str) -> bool:
+    from sqlalchemy import inspect
+
+    return inspect(engine).has_table(table)
+
+
+def _select_present(engine, table: Table):
+    """``SELECT`` of ``table``'s columns that the database at ``engine`` has (an older log lacks later ones)."""
+    from sqlalchemy import inspect
+
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    return select(*[c for c in table.columns if c.name in present])
 
 
 def _naive(t: dt.datetime | None) -> dt.datetime | None:

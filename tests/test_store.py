@@ -130,3 +130,47 @@ def test_identical_photos_stored_at_once_give_one_owner_only_file_and_no_failure
     for d in (folder, tmp_path / "state" / "images"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     assert stat.S_IMODE((tmp_path / "state" / "log.db").stat().st_mode) == 0o600  # the log is health data too
+
+
+def test_a_log_written_before_the_variants_and_box_columns_imports_with_its_patients(tmp_path):
+    """`drspot import-logs` (and so every `drspot deploy`) reads a log of an earlier schema: predictions without
+    ``variants``, feedback without ``box``; its ``patients`` rows come along; a second import copies nothing."""
+    import sqlite3
+
+    from serving.store import import_log
+
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.executescript(
+        """
+        CREATE TABLE predictions (request_id VARCHAR(64) PRIMARY KEY, created_at DATETIME NOT NULL,
+          image_sha256 VARCHAR(64) NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, format VARCHAR(16),
+          quality JSON NOT NULL, embedding JSON NOT NULL, lesions JSON NOT NULL, label VARCHAR(32), confidence FLOAT,
+          malignant_probability FLOAT, risk VARCHAR(16), fallback BOOLEAN NOT NULL, fallback_reason VARCHAR(500),
+          preprocess VARCHAR(32), classifier_version VARCHAR(128), detector_version VARCHAR(128),
+          image_path VARCHAR(500));
+        CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id VARCHAR(64) NOT NULL,
+          confirmed_label VARCHAR(32) NOT NULL, reviewer VARCHAR(200) NOT NULL, created_at DATETIME NOT NULL);
+        CREATE TABLE patients (request_id VARCHAR(64) PRIMARY KEY, fields JSON NOT NULL,
+          consented_at DATETIME NOT NULL);
+        INSERT INTO predictions VALUES ('r-old', '2026-11-20 10:00:00', 'ab', 64, 48, 'JPEG', '{}', '[0.1]', '[]',
+          'nv', 0.9, 0.1, 'low', 0, NULL, 'none', 'drspot-classifier/1', 'drspot-detector/1', NULL);
+        INSERT INTO feedback (request_id, confirmed_label, reviewer, created_at)
+          VALUES ('r-old', 'mel', 'dr.a', '2026-11-20 11:00:00');
+        INSERT INTO patients VALUES ('r-old', '{"name": "A. Patient"}', '2026-11-20 10:05:00');
+        """
+    )
+    con.commit()
+    con.close()
+    into = PredictionLog(f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "images")
+    counts = import_log(old, into)
+    assert (counts["predictions"], counts["feedback"], counts["patients"]) == (1, 1, 1), counts
+    row = into.get("r-old")
+    assert row["label"] == "nv" and row["variants"] is None
+    assert into.patient("r-old") == {"name": "A. Patient"}
+    with into.engine.connect() as c:
+        confirmed = c.execute(sqlalchemy.text("SELECT confirmed_label, box FROM feedback")).all()
+    assert [tuple(r) for r in confirmed] == [("mel", None)]
+    again = import_log(old, into)
+    assert (again["predictions"], again["feedback"], again["patients"]) == (0, 0, 0)
+    assert (again["predictions_present"], again["feedback_present"], again["patients_present"]) == (1, 1, 1)

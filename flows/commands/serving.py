@@ -113,7 +113,7 @@ def cmd_import_logs(args: argparse.Namespace) -> int:
             f"{src}: {n['predictions']} predictions, {n['feedback']} confirmations, {n['images']} images imported "
             f"({n['predictions_present']} predictions and {n['feedback_present']} confirmations were there already"
             + (f"; {n['images_missing']} stored images missing at the source" if n["images_missing"] else "")
-            + ")"
+            + f"); {n['patients']} patients' consented fields"
         )
     print(f"prediction log: {describe(args.cfg)}")
     return 0
