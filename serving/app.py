@@ -121,7 +121,12 @@ async def multipart_image(request: Request, alternative: str) -> bytes:
 
 async def json_object(request: Request, invalid: str = "invalid request") -> dict[str, Any]:
     """A JSON object body, or the 4xx that says what was wrong with it (``invalid``: the title when it is JSON but
-    not an object)."""
+    not an object). Only a body that says it is JSON is read as JSON (a form or a text body is refused: 415)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise InputError(
+            415, "wrong content type", f"got {ctype or 'no content type'}; send application/json", "content_type"
+        )
     body = await read_body(request)
     try:
         spec = json.loads(body, parse_constant=_not_json)

@@ -105,6 +105,7 @@ class Front:
         self.failed: set[str] = set()
         self.switching = False
         self.session = None
+        self.inflight = 0  # requests this front holds now (serving.max_inflight)
 
     def _start(self, bento: str) -> Backend:
         name = bento.replace(":", "_")
@@ -180,10 +181,7 @@ class Front:
         return True
 
     async def handle(self, request):
-        import aiohttp
         from aiohttp import web
-
-        from serving.inputs import InputError, check_length
 
         s = self.cfg.serving
         if request.path.rstrip("/") in INTERNAL or request.path.startswith(tuple(f"{r}/" for r in INTERNAL)):
@@ -191,6 +189,25 @@ class Front:
                 {"error": "not found", "detail": f"{request.path} is internal to the service and not served here"},
                 status=404,
             )
+        if self.inflight >= s.max_inflight:  # memory and CPU are bounded by configuration, not by the callers
+            return web.json_response(
+                {"error": "busy", "detail": f"{self.inflight} requests in flight (serving.max_inflight); retry"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        self.inflight += 1
+        try:
+            return await self._forward(request)
+        finally:
+            self.inflight -= 1
+
+    async def _forward(self, request):
+        import aiohttp
+        from aiohttp import web
+
+        from serving.inputs import InputError, check_length
+
+        s = self.cfg.serving
         try:
             check_length(request.headers.get("content-length"), s)
             body = await request.read()

@@ -501,3 +501,20 @@ def test_a_plain_drspot_serve_serves_the_configuration_the_bento_was_deployed_wi
     finally:
         s.stop()
     assert ready["profile"] == "demo" and ready["config_source"] == "--profile demo", ready
+
+
+def test_requests_beyond_the_front_s_limit_get_503_with_retry_after(deployed, tmp_path):
+    """`serving.max_inflight` bounds what the front holds: past it a caller is told to retry, nothing queues."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**deployed["env"], "DRSPOT_SET": "serving.max_inflight=2"}
+    s = Server(env, tmp_path / "busy.log", "--no-follow")
+    try:
+        photo = _jpeg((640, 480))
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: _post(s, photo), range(12)))
+    finally:
+        s.stop()
+    busy = [r for r in answers if r.status_code == 503]
+    assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"] == "busy" for r in busy)
+    assert {r.status_code for r in answers} <= {200, 503} and any(r.status_code == 200 for r in answers)

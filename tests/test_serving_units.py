@@ -163,16 +163,19 @@ def test_hostile_json_and_keys_get_a_4xx_not_a_500(cfg, monkeypatch):
 
     async def call():
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            nested = await client.post("/_test/json", content=b"[" * 100_000 + b"]" * 100_000)
-            nan = await client.post("/_test/json", content=b'{"frames": [{"t": NaN}]}')
-            inf = await client.post("/_test/json", content=b'{"t": -Infinity}')
+            as_json = {"content-type": "application/json"}
+            nested = await client.post("/_test/json", content=b"[" * 100_000 + b"]" * 100_000, headers=as_json)
+            nan = await client.post("/_test/json", content=b'{"frames": [{"t": NaN}]}', headers=as_json)
+            inf = await client.post("/_test/json", content=b'{"t": -Infinity}', headers=as_json)
+            form = await client.post("/_test/json", content=b'{"t": 1}', headers={"content-type": "text/plain"})
             non_ascii = await client.get("/_test/key", headers={"X-API-Key": "clé".encode("latin-1")})
             right = await client.get("/_test/key", headers={"X-API-Key": "the-key"})
-            return nested, nan, inf, non_ascii, right
+            return nested, nan, inf, form, non_ascii, right
 
     import anyio
 
-    nested, nan, inf, non_ascii, right = anyio.run(call)
+    nested, nan, inf, form, non_ascii, right = anyio.run(call)
+    assert form.status_code == 415 and form.json()["detail"] == "got text/plain; send application/json"
     assert nested.status_code == 400 and nested.json()["detail"].startswith("nested too deeply")
     assert nan.status_code == 400 and "NaN is not a JSON number" in nan.json()["detail"]
     assert inf.status_code == 400 and "-Infinity is not a JSON number" in inf.json()["detail"]
