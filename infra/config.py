@@ -307,6 +307,7 @@ class Serving(_Strict):
     follow_s: float = Field(gt=0)
     drain_s: float = Field(ge=0)
     max_inflight: int = Field(ge=1)
+    body_timeout_s: float = Field(gt=0)
     max_batch_size: int = Field(ge=1)
     max_latency_ms: int = Field(ge=1)
 

@@ -210,7 +210,13 @@ class Front:
         s = self.cfg.serving
         try:
             check_length(request.headers.get("content-length"), s)
-            body = await request.read()
+            # a client that sends its body slowly (or never) holds a slot for body_timeout_s at most
+            body = await asyncio.wait_for(request.read(), timeout=s.body_timeout_s)
+        except TimeoutError:
+            return web.json_response(
+                {"error": "request timeout", "detail": f"the body did not arrive within {s.body_timeout_s:g} s"},
+                status=408,
+            )
         except InputError as e:  # the service's own refusal, in its own words, before the body is read
             return web.json_response(e.body(), status=e.status)
         except web.HTTPRequestEntityTooLarge:
