@@ -102,7 +102,8 @@ class Front:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.first = bento
         self.current: Backend | None = None
-        self.failed: set[str] = set()
+        # Bentos that did not start: tried again with backoff (attempts, next try on the monotonic clock, why)
+        self.failed: dict[str, dict[str, Any]] = {}
         self.switching = False
         self.session = None
         self.inflight = 0  # requests this front holds now (serving.max_inflight)
@@ -150,12 +151,36 @@ class Front:
                         f"  backend {self.current.bento} exited {self.current.proc.returncode}; restarting", flush=True
                     )
                     await self.switch(self.current.bento)
-                elif wanted and wanted != self.current.bento and wanted not in self.failed:
+                elif wanted and wanted != self.current.bento and self._may_try(wanted):
                     await self.switch(wanted)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001  (the front keeps serving whatever goes wrong here)
                 print(f"  follow: {type(e).__name__}: {e}", flush=True)
+
+    def _may_try(self, bento: str) -> bool:
+        f = self.failed.get(bento)
+        return f is None or time.monotonic() >= f["next_try"]
+
+    def _failed(self, bento: str, why: str, serving: str) -> None:
+        """Record a Bento that did not start: retried after 30 s, 60 s, ... up to 15 min; alerted the first time."""
+        f = self.failed.setdefault(bento, {"attempts": 0})
+        f["attempts"] += 1
+        wait = min(30 * 2 ** (f["attempts"] - 1), 900)
+        f.update(next_try=time.monotonic() + wait, reason=why[:500], retry_in_s=wait)
+        print(f"  {bento} did not start ({why}); still serving {serving}; next try in {wait} s", flush=True)
+        if f["attempts"] == 1:
+            from components.monitoring import alerts
+
+            try:
+                alerts.send(
+                    self.cfg,
+                    "serving",
+                    f"Bento {bento} did not start; still serving {serving}",
+                    {"bento": bento, "reason": why[:2000], "serving": serving},
+                )
+            except Exception as e:  # noqa: BLE001  (an alert that cannot be sent must not stop the front)
+                print(f"  alert not sent: {type(e).__name__}: {e}", flush=True)
 
     async def switch(self, bento: str) -> bool:
         """Start ``bento``, route to it once ready, drain and stop the old backend. False: the old one stays."""
@@ -166,9 +191,9 @@ class Front:
             ready = await new.ready(self.session, self.cfg.gate.serving_check.start_timeout_s)
         except RuntimeError as e:
             new.stop()
-            self.failed.add(bento)
-            print(f"  {bento} did not start ({e}); still serving {old.bento}", flush=True)
+            self._failed(bento, str(e), old.bento)
             return False
+        self.failed.pop(bento, None)
         self.current = new  # from here on every new request goes to the new backend
         print(f"  switched to {bento} ({ready.get('models')}); draining {old.bento}", flush=True)
         deadline = time.monotonic() + self.cfg.serving.drain_s
@@ -235,6 +260,8 @@ class Front:
                     if r.content_type == "text/event-stream":  # streamed answers pass event by event
                         return await self._relay(request, r, out)
                     payload = await r.read()
+                    if request.path == "/readyz" and r.status == 200 and self.failed:
+                        payload = self._with_failures(payload)
                     return web.Response(status=r.status, body=payload, headers=out)
             except aiohttp.ClientConnectionError as e:
                 # the backend went away under this request (stopped after a switch, or died): once more on the
@@ -251,6 +278,22 @@ class Front:
             finally:
                 backend.inflight -= 1
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _with_failures(self, payload: bytes) -> bytes:
+        """/readyz with the Bentos this front could not start (and when it tries each again)."""
+        try:
+            ready = json.loads(payload)
+        except ValueError:
+            return payload
+        now = time.monotonic()
+        left = {b: round(max(0.0, f["next_try"] - now)) for b, f in self.failed.items()}
+        ready["front"] = {
+            "failed_bentos": {
+                b: {"attempts": f["attempts"], "reason": f["reason"], "next_try_in_s": left[b]}
+                for b, f in self.failed.items()
+            }
+        }
+        return json.dumps(ready).encode()
 
     @staticmethod
     async def _relay(request, r, headers: dict[str, str]):

@@ -118,6 +118,11 @@ def test_a_new_champion_reaches_the_running_service_without_a_failed_request(dep
             time.sleep(1)
         said = next(x for x in (tmp_path / "serve.log").read_text().splitlines() if f"{bad_bento} did not start" in x)
         assert "its startup failed: " in said and "Error" in said and f"still serving {new_bento}" in said
+        assert "next try in 30 s" in said  # tried again with backoff, not given up on
+        failed = httpx.get(f"{server.url}/readyz").json()["front"]["failed_bentos"][bad_bento]
+        assert failed["attempts"] == 1 and 0 <= failed["next_try_in_s"] <= 30 and "startup failed" in failed["reason"]
+        raised = [json.loads(x) for x in (root / ".drspot" / "alerts.jsonl").read_text().splitlines()]
+        assert any(a["kind"] == "serving" and bad_bento in a["title"] for a in raised), raised[-3:]
         r = httpx.post(f"{server.url}/predict", files={"image": ("p.jpg", photo, "image/jpeg")}, timeout=60)
         assert r.status_code == 200 and r.json()["models"]["classifier"] == new
         assert bad_bento not in _bentos_running()

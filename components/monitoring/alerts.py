@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-KINDS = ("drift", "quality", "gate", "flow_failed", "nightly_missed")
+KINDS = ("drift", "quality", "gate", "flow_failed", "nightly_missed", "serving")
 EVENT_PREFIX = "drspot.alert."
 
 
