@@ -314,11 +314,43 @@ def up(home: Path) -> dict[str, Any]:
     except BaseException:
         _stop_all(started)
         raise
-    state.write_text(json.dumps(record, indent=2))
-    (folder / "stack.env").write_text("".join(f"export {k}={v}\n" for k, v in record["env"].items()))
-    os.chmod(state, 0o600)
-    os.chmod(folder / "stack.env", 0o600)
+    _identify(started)
+    _write_private(state, json.dumps(record, indent=2))
+    _write_private(folder / "stack.env", "".join(f"export {k}={v}\n" for k, v in record["env"].items()))
     return record
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` at ``path``, owner-only from its first byte (credentials: never world-readable, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _identify(services: dict[str, Any]) -> None:
+    """Record each started process's start time beside its id: `stack down` signals a process only while the id
+    still names the process it started (an id reused by another program after a reboot is left alone)."""
+    import psutil
+
+    for s in services.values():
+        try:
+            s["started_at"] = psutil.Process(s["pid"]).create_time()
+        except psutil.Error:
+            s["started_at"] = None
+
+
+def _ours(s: dict[str, Any]) -> bool:
+    """Whether the recorded process id still names the process ``up`` started (recorded without a start time:
+    assumed, as before)."""
+    import psutil
+
+    if s.get("started_at") is None:
+        return True
+    try:
+        return abs(psutil.Process(s["pid"]).create_time() - s["started_at"]) < 1
+    except psutil.Error:
+        return False
 
 
 def restart_object_store(home: Path) -> dict[str, Any]:
@@ -333,7 +365,8 @@ def restart_object_store(home: Path) -> dict[str, Any]:
     rec["services"]["object_store"] = start_object_store(
         folder / "seaweedfs", rec["s3_key"], rec["s3_secret"], old["ports"]
     )
-    state.write_text(json.dumps(rec, indent=2))
+    _identify({"object_store": rec["services"]["object_store"]})
+    _write_private(state, json.dumps(rec, indent=2))
     return rec
 
 
@@ -365,6 +398,9 @@ def _stop_all(services: dict[str, Any]) -> list[str]:
     for name in ("worker", "prefect", "mlflow", "object_store", "postgres"):
         s = services.get(name)
         if not s:
+            continue
+        if name != "postgres" and not _ours(s):  # its id now names another program: nothing of ours to stop
+            stopped.append(f"{name} (already gone)")
             continue
         if name == "postgres":
             subprocess.run(s["stop"], capture_output=True)

@@ -352,3 +352,27 @@ def test_runuser_is_found_without_sbin_on_the_path(monkeypatch):
         pytest.skip("util-linux's runuser is not installed")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert Path(_runuser()).name == "runuser" and Path(_runuser()).is_file()
+
+
+def test_stack_down_signals_only_the_processes_it_started(tmp_path):
+    """A recorded process id that now names another program (its start time differs) is left alone."""
+    from infra.stack import _identify, _ours, _stop_all, _write_private
+
+    # `mine` outside this process's children (as `stack up`'s services are for `stack down`): init reaps it
+    mine = int(subprocess.check_output(["sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo $!"], text=True))
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    services = {"mlflow": {"pid": mine}, "prefect": {"pid": stranger.pid}}
+    _identify(services)
+    services["prefect"]["started_at"] -= 3600  # as if the id had been reused since `stack up` recorded it
+    assert _ours(services["mlflow"]) and not _ours(services["prefect"])
+    try:
+        assert _stop_all(services) == ["prefect (already gone)", "mlflow"]
+        assert not _ours(services["mlflow"]) and stranger.poll() is None  # mine stopped, the stranger still runs
+    finally:
+        stranger.kill()
+        stranger.wait()
+    record = tmp_path / "stack.json"
+    record.write_text("old")
+    record.chmod(0o644)
+    _write_private(record, '{"s3_secret": "x"}')
+    assert oct(record.stat().st_mode & 0o777) == "0o600" and record.read_text() == '{"s3_secret": "x"}'
