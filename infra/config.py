@@ -361,7 +361,7 @@ class Alerts(_Strict):
     file: str
     webhook_url: str | None
     prefect_blocks: list[str]
-    kinds: list[Literal["drift", "quality", "gate", "flow_failed", "nightly_missed"]]
+    kinds: list[Literal["drift", "quality", "gate", "flow_failed", "nightly_missed", "serving"]]
     timeout_s: float = Field(gt=0)
     nightly_grace_h: float = Field(gt=0)
 

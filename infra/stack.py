@@ -94,17 +94,29 @@ def _pg_bindir() -> str:
 
 
 def _pg_folder(home: Path) -> Path:
-    """Where the stack's PostgreSQL cluster lives: under ``.drspot/stack``, except as root, where the server runs as
-    the ``postgres`` user, who may not enter the project's folder: then a folder of its own in the temp directory,
-    one per project (so ``up`` after ``down`` finds the same databases)."""
-    if os.geteuid() != 0:
-        return stack_dir(home) / "postgres"
+    """Where the stack's PostgreSQL cluster lives: under ``.drspot/stack``. As root the server runs as the
+    ``postgres`` user: when that user cannot reach the project's folder (a home under /root), a folder of its own
+    under /var/lib/drspot (one per project, so ``up`` after ``down`` finds the same databases), never the temp
+    directory (emptied at boot, and a name anyone could take first)."""
+    inside = stack_dir(home) / "postgres"
+    if os.geteuid() != 0 or _postgres_reaches(inside.parent):
+        return inside
     import hashlib
-    import tempfile
 
-    return (
-        Path(tempfile.gettempdir()) / f"drspot-postgres-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]}"
-    )
+    return Path("/var/lib/drspot") / f"postgres-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]}"
+
+
+def _postgres_reaches(folder: Path) -> bool:
+    """Whether the ``postgres`` user may pass through every folder above ``folder`` (as root)."""
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return False
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+    done = subprocess.run([_runuser(), "-u", "postgres", "--", "test", "-x", str(probe)], capture_output=True)
+    return done.returncode == 0
 
 
 def _runuser() -> str:
@@ -115,23 +127,43 @@ def _runuser() -> str:
     raise StackError("as root PostgreSQL must run as the postgres user, and `runuser` (util-linux) was not found")
 
 
-def start_postgres(folder: Path, port: int) -> dict[str, Any]:
-    """A PostgreSQL cluster in ``folder`` on 127.0.0.1:``port`` with the stack's databases (trust auth, loopback)."""
+PG_ROLE = "drspot"  # the stack's services connect as this owner role, never as the superuser
+PG_DATABASES = ("mlflow", "prefect", "drspot")
+PG_HBA = (  # what initdb -A scram-sha-256 writes, and what a legacy trust cluster is given
+    "# DrSpot's stack: passwords (scram-sha-256) for every connection\n"
+    "local all all scram-sha-256\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+    "host all all ::1/128 scram-sha-256\n"
+)
+
+
+def start_postgres(folder: Path, port: int, secrets_file: Path) -> dict[str, Any]:
+    """A PostgreSQL cluster in ``folder`` on 127.0.0.1:``port`` with the stack's databases: password authentication
+    (scram-sha-256) for every connection, the superuser's and the ``drspot`` role's passwords generated once and
+    kept owner-only in ``secrets_file``; ``drspot`` owns the databases and is not a superuser; the socket in a 0700
+    folder. A cluster an earlier DrSpot made with ``trust`` is moved to passwords in place (its data kept)."""
     bindir = _pg_bindir()
     as_user = [_runuser(), "-u", "postgres", "--"] if os.geteuid() == 0 else []
     folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o755)
-    if as_user:  # as root the server runs as `postgres`, which must own its folder
-        shutil.chown(folder, "postgres")
+    os.chmod(folder, 0o700)
+    socket = folder / "socket"
+    socket.mkdir(mode=0o700, exist_ok=True)
+    if as_user:  # as root the server runs as `postgres`, which must own its folders
+        for f in (folder, socket):
+            shutil.chown(f, "postgres")
+    secrets_ = _pg_secrets(secrets_file)
+    legacy = (folder / "db" / "PG_VERSION").is_file() and not secrets_.get("initialised")
     if not (folder / "db" / "PG_VERSION").is_file():
-        done = subprocess.run(
-            [*as_user, f"{bindir}/initdb", "-D", f"{folder}/db", "-A", "trust", "-U", "postgres"],
-            capture_output=True,
-            text=True,
-        )
+        pwfile = folder / "pwfile"
+        _write_private(pwfile, secrets_["superuser"] + "\n")
+        if as_user:
+            shutil.chown(pwfile, "postgres")
+        cmd = [f"{bindir}/initdb", "-D", f"{folder}/db", "-A", "scram-sha-256", "-U", "postgres", f"--pwfile={pwfile}"]
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True)
+        pwfile.unlink(missing_ok=True)
         if done.returncode != 0:
             raise StackError(f"initdb failed in {folder}: {(done.stderr or done.stdout).strip()[-800:]}")
-    opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    opts = f"-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c password_encryption=scram-sha-256"
     log = folder / "postgres.log"
     done = subprocess.run(
         [*as_user, f"{bindir}/pg_ctl", "-D", f"{folder}/db", "-o", opts, "-l", str(log), "-w", "start"],
@@ -141,20 +173,58 @@ def start_postgres(folder: Path, port: int) -> dict[str, Any]:
     if done.returncode != 0:
         raise StackError(f"PostgreSQL did not start: {done.stderr.strip() or done.stdout.strip()}\n{_tail(log)}")
     pid = int((folder / "db" / "postmaster.pid").read_text().split()[0])
-    import psycopg
-
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as conn:
-        have = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
-        for db in ("mlflow", "prefect", "drspot"):
-            if db not in have:
-                conn.execute(f"CREATE DATABASE {db}")
+    _pg_roles(folder, port, secrets_, legacy)
+    secrets_["initialised"] = True
+    _write_private(secrets_file, json.dumps(secrets_))
     return {
         "pid": pid,
         "port": port,
-        "url": f"postgresql://postgres@127.0.0.1:{port}",
+        "url": f"postgresql://{PG_ROLE}:{secrets_['drspot']}@127.0.0.1:{port}",
         "log": str(log),
         "stop": [*as_user, f"{bindir}/pg_ctl", "-D", f"{folder}/db", "-m", "fast", "stop"],
     }
+
+
+def _pg_secrets(path: Path) -> dict[str, Any]:
+    """The cluster's passwords (generated the first time; the same cluster keeps them across ``down`` / ``up``)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"superuser": secrets.token_urlsafe(24), "drspot": secrets.token_urlsafe(24)}
+
+
+def _pg_roles(folder: Path, port: int, pw: dict[str, Any], legacy: bool) -> None:
+    """The ``drspot`` owner role and its databases; a legacy ``trust`` cluster gets passwords and scram first."""
+    import psycopg
+    from psycopg import sql as pgsql
+
+    su = f"postgresql://postgres:{pw['superuser']}@127.0.0.1:{port}"
+    sql, lit, ident = pgsql.SQL, pgsql.Literal, pgsql.Identifier
+    if legacy:  # an earlier DrSpot's cluster: trust until its pg_hba.conf is replaced here
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+            conn.execute(sql("ALTER ROLE postgres PASSWORD {}").format(lit(pw["superuser"])))
+            hba = conn.execute("SHOW hba_file").fetchone()[0]
+            Path(hba).write_text(PG_HBA)
+            conn.execute("SELECT pg_reload_conf()")
+    with psycopg.connect(f"{su}/postgres", autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,)).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(
+            sql(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                ident(PG_ROLE), lit(pw["drspot"])
+            )
+        )
+        have = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+        for db in PG_DATABASES:
+            if db not in have:
+                conn.execute(sql("CREATE DATABASE {} OWNER {}").format(ident(db), ident(PG_ROLE)))
+            else:
+                conn.execute(sql("ALTER DATABASE {} OWNER TO {}").format(ident(db), ident(PG_ROLE)))
+    if legacy:  # tables an earlier stack created as the superuser: usable by the owner role
+        for db in PG_DATABASES:
+            with psycopg.connect(f"{su}/{db}", autocommit=True) as conn:
+                for what in ("TABLES", "SEQUENCES"):
+                    conn.execute(f"GRANT ALL ON ALL {what} IN SCHEMA public TO {PG_ROLE}")
+                conn.execute(f"GRANT ALL ON SCHEMA public TO {PG_ROLE}")
 
 
 # ---------------------------------------------------------------- the object store
@@ -217,12 +287,12 @@ def start_mlflow(folder: Path, pg_url: str, s3: dict[str, Any], key: str, secret
         "AWS_ACCESS_KEY_ID": key,
         "AWS_SECRET_ACCESS_KEY": secret,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # 2 processes and ~0.6 GB instead of 13 and ~3 GB
+        # in the environment, not the command line, which any local account can read (ps): it holds the password
+        "MLFLOW_BACKEND_STORE_URI": f"{pg_url.replace('postgresql://', 'postgresql+psycopg2://')}/mlflow",
     }
     cmd = [
         _bin("mlflow"),
         "server",
-        "--backend-store-uri",
-        f"{pg_url.replace('postgresql://', 'postgresql+psycopg2://')}/mlflow",
         "--artifacts-destination",
         "s3://mlflow/artifacts",
         "--host",
@@ -305,7 +375,7 @@ def up(home: Path) -> dict[str, Any]:
     started: dict[str, Any] = {}
     record: dict[str, Any] = {"home": str(home), "services": started, "s3_key": key, "s3_secret": secret}
     try:
-        started["postgres"] = start_postgres(_pg_folder(home), free_port())
+        started["postgres"] = start_postgres(_pg_folder(home), free_port(), folder / "postgres.secret.json")
         started["object_store"] = start_object_store(folder / "seaweedfs", key, secret)
         started["mlflow"] = start_mlflow(folder, started["postgres"]["url"], started["object_store"], key, secret)
         started["prefect"] = start_prefect(folder, started["postgres"]["url"])

@@ -65,6 +65,31 @@ def test_stack_up_prints_each_service_and_every_one_answers(stack_home):
     assert st.returncode == 0 and st.stdout.count("answering") == 5 and "NOT" not in st.stdout, st.stdout
 
 
+def test_postgresql_wants_a_password_and_drspot_is_not_its_superuser(stack_home):
+    """No `trust`: the superuser without its password is refused; the services connect as an owner role that is
+    not a superuser; the cluster is outside the temp directory, owner-only; no password is printed."""
+    import psycopg
+
+    from infra.stack import _pg_folder
+
+    home, env, rec, out = stack_home
+    pg = rec["services"]["postgres"]
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg['port']}/postgres", connect_timeout=5).close()
+    with psycopg.connect(f"{pg['url']}/drspot", connect_timeout=5) as conn:
+        user, superuser = conn.execute(
+            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'drspot'").fetchone()[0]
+    assert (user, superuser, owner) == ("drspot", False, "drspot")
+    folder = _pg_folder(home)
+    assert not str(folder).startswith("/tmp/") and oct(folder.stat().st_mode & 0o777) == "0o700"
+    password = pg["url"].split(":")[2].split("@")[0]
+    assert password not in out and password not in (home / ".drspot" / "stack" / "mlflow.log").read_text()
+    secret = home / ".drspot" / "stack" / "postgres.secret.json"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+
+
 def test_the_object_store_enforces_its_credentials(stack_home):
     from botocore.exceptions import ClientError
 

@@ -73,14 +73,20 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     home = args.cfg.home
     if args.action == "up":
+        from serving.store import redact
+
         rec = stack.up(home)
-        rows = [
-            [name, svc.get("url") or svc.get("endpoint") or f"work pool {svc.get('pool')}", svc["pid"], svc["log"]]
-            for name, svc in rec["services"].items()
-        ]
+
+        def shown(v: str) -> str:  # a database URL without its password
+            return redact(v) if "@" in v and "://" in v else v
+
+        rows = []
+        for name, svc in rec["services"].items():
+            where = svc.get("url") or svc.get("endpoint") or f"work pool {svc.get('pool')}"
+            rows.append([name, shown(where), svc["pid"], svc["log"]])
         table(["service", "where", "pid", "log"], rows)
         print(f"\npoint DrSpot at it:  source {stack.stack_dir(home) / 'stack.env'}")
-        print("  " + "\n  ".join(f"{k}={v}" for k, v in rec["env"].items() if "SECRET" not in k))
+        print("  " + "\n  ".join(f"{k}={shown(v)}" for k, v in rec["env"].items() if "SECRET" not in k))
         print("stop it:  drspot stack down")
     elif args.action == "down":
         stopped = stack.down(home)
