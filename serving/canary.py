@@ -100,7 +100,6 @@ def check_pair(
     candidate's log is kept under ``<reports>/serving_check/``.
     Returns ``{"passed": bool, "reason": str, ...figures}``; never raises for a failing candidate.
     """
-    import httpx
 
     import mlflow
     from components.model import registry
@@ -146,38 +145,12 @@ def check_pair(
             why = f"the candidate did not start: {last_error(str(e))}; log {log}"
             return {**result, "passed": False, "reason": why}
         # the candidate serves the run's own configuration (the profile the promotion runs under), not a default
-        ready = httpx.get(f"{server.url}/readyz", timeout=30).json()
-        result["served_config"] = {k: ready.get(k) for k in ("profile", "config_digest", "runtime")}
-        if ready.get("config_digest") != checked.digest():
-            return {
-                **result,
-                "passed": False,
-                "reason": f"the candidate serves profile {ready.get('profile')} (configuration "
-                f"{ready.get('config_digest')}), not the run's {cfg.profile} ({checked.digest()})",
-            }
+        why = _served_config(server.url, checked, result)
         # 3. every canary answered; the bad inputs refused as the contract says
         answers, http_times = [], []
-        for image_id, data in photos:
-            t0 = time.perf_counter()
-            r = httpx.post(f"{server.url}/predict", files={"image": (image_id, data, "image/jpeg")}, timeout=120)
-            http_times.append(time.perf_counter() - t0)
-            if r.status_code != 200 or not r.json().get("lesions"):
-                return {
-                    **result,
-                    "passed": False,
-                    "reason": f"canary {image_id}: HTTP {r.status_code} {r.text[:300]}",
-                }
-            answers.append((image_id, data, r.json()))
-        for name, (body, fname, ctype, want) in BAD_INPUTS.items():
-            body = body if body is not None else (_bomb() if name == "decompression bomb" else _tiny())
-            r = httpx.post(f"{server.url}/predict", files={"image": (fname, body, ctype)}, timeout=60)
-            if r.status_code != want:
-                return {
-                    **result,
-                    "passed": False,
-                    "reason": f"bad input '{name}': HTTP {r.status_code} where the contract says {want}: "
-                    f"{r.text[:300]}",
-                }
+        why = why or _canaries(server.url, photos, answers, http_times) or _bad_inputs(server.url)
+        if why:
+            return {**result, "passed": False, "reason": why}
         # 4. the served probabilities agree with the registered MLflow model on the same photo and box
         import pandas as pd
 
@@ -236,6 +209,46 @@ def check_pair(
         for f in folders.values():
             shutil.rmtree(f.parent.parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _served_config(url: str, checked: Config, result: dict[str, Any]) -> str | None:
+    """Why the candidate does not serve ``checked`` (its /readyz profile and digest), or None."""
+    import httpx
+
+    ready = httpx.get(f"{url}/readyz", timeout=30).json()
+    result["served_config"] = {k: ready.get(k) for k in ("profile", "config_digest", "runtime")}
+    if ready.get("config_digest") == checked.digest():
+        return None
+    return (
+        f"the candidate serves profile {ready.get('profile')} (configuration {ready.get('config_digest')}), "
+        f"not the run's {checked.profile} ({checked.digest()})"
+    )
+
+
+def _canaries(url: str, photos, answers: list, http_times: list[float]) -> str | None:
+    """Send every canary photo; each answer (and its round trip) is appended; why one failed, or None."""
+    import httpx
+
+    for image_id, data in photos:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/predict", files={"image": (image_id, data, "image/jpeg")}, timeout=120)
+        http_times.append(time.perf_counter() - t0)
+        if r.status_code != 200 or not r.json().get("lesions"):
+            return f"canary {image_id}: HTTP {r.status_code} {r.text[:300]}"
+        answers.append((image_id, data, r.json()))
+    return None
+
+
+def _bad_inputs(url: str) -> str | None:
+    """Send every bad input; why one was not refused as the contract says, or None."""
+    import httpx
+
+    for name, (body, fname, ctype, want) in BAD_INPUTS.items():
+        body = body if body is not None else (_bomb() if name == "decompression bomb" else _tiny())
+        r = httpx.post(f"{url}/predict", files={"image": (fname, body, ctype)}, timeout=60)
+        if r.status_code != want:
+            return f"bad input '{name}': HTTP {r.status_code} where the contract says {want}: {r.text[:300]}"
+    return None
 
 
 def _env(cfg: Config) -> dict[str, str]:
