@@ -143,3 +143,25 @@ def test_the_help_starts_fast():
     code = "import sys, flows.cli; print([m for m in ('torch', 'mlflow', 'prefect', 'bentoml') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,profile,real",
+    [
+        (["demo"], "demo", None),
+        (["demo", "--real"], "ham10000", ""),
+        (["demo", "--real", "/data/ham"], "ham10000", "/data/ham"),
+        (["--profile", "test", "demo", "--real"], "test", ""),
+    ],
+)
+def test_the_real_demo_runs_the_real_data_recipe_unless_a_profile_is_named(argv, profile, real, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.commands import operations
+
+    seen = {}
+    monkeypatch.setattr(operations, "cmd_demo", lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.delenv("DRSPOT_PROFILE", raising=False)
+    out = CliRunner().invoke(app, hoist(argv), prog_name="drspot")
+    assert out.exit_code == 0, out.output
+    assert seen["cfg"].profile == profile and seen["real"] == real

@@ -58,7 +58,7 @@ def resolve(args: argparse.Namespace, notes: list[str]):
     env_profile = os.environ.get("DRSPOT_PROFILE")
     if profile and env_profile and env_profile != profile:
         notes.append(f"--profile {profile} overrides DRSPOT_PROFILE={env_profile}")
-    if profile is None and getattr(args, "real", False) and not env_profile:
+    if profile is None and getattr(args, "real", None) is not None and not env_profile:
         profile = REAL_PROFILE  # `drspot demo --real`: the real-data recipe unless another profile was asked for
     if os.environ.get("DRSPOT_CONFIG") and (profile or args.params or args.sets):
         notes.append("DRSPOT_CONFIG is ignored: the command line names the configuration")
