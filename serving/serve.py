@@ -169,18 +169,21 @@ class Front:
         wait = min(30 * 2 ** (f["attempts"] - 1), 900)
         f.update(next_try=time.monotonic() + wait, reason=why[:500], retry_in_s=wait)
         print(f"  {bento} did not start ({why}); still serving {serving}; next try in {wait} s", flush=True)
-        if f["attempts"] == 1:
-            from components.monitoring import alerts
+        if f["attempts"] == 1:  # in a thread: its sinks (a webhook, Prefect's events) must not hold the requests
+            asyncio.get_running_loop().run_in_executor(None, self._alert, bento, why, serving)
 
-            try:
-                alerts.send(
-                    self.cfg,
-                    "serving",
-                    f"Bento {bento} did not start; still serving {serving}",
-                    {"bento": bento, "reason": why[:2000], "serving": serving},
-                )
-            except Exception as e:  # noqa: BLE001  (an alert that cannot be sent must not stop the front)
-                print(f"  alert not sent: {type(e).__name__}: {e}", flush=True)
+    def _alert(self, bento: str, why: str, serving: str) -> None:
+        from components.monitoring import alerts
+
+        try:
+            alerts.send(
+                self.cfg,
+                "serving",
+                f"Bento {bento} did not start; still serving {serving}",
+                {"bento": bento, "reason": why[:2000], "serving": serving},
+            )
+        except Exception as e:  # noqa: BLE001  (an alert that cannot be sent must not stop the front)
+            print(f"  alert not sent: {type(e).__name__}: {e}", flush=True)
 
     async def switch(self, bento: str) -> bool:
         """Start ``bento``, route to it once ready, drain and stop the old backend. False: the old one stays."""
