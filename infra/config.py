@@ -306,8 +306,9 @@ class Serving(_Strict):
     stability: Stability
     follow_s: float = Field(gt=0)
     drain_s: float = Field(ge=0)
-    max_inflight: int = Field(ge=1)
-    body_timeout_s: float = Field(gt=0)
+    # defaults: a configuration resolved before these keys existed (a deployed Bento's) still loads
+    max_inflight: int = Field(64, ge=1)
+    body_timeout_s: float = Field(30, gt=0)
     max_batch_size: int = Field(ge=1)
     max_latency_ms: int = Field(ge=1)
 

@@ -134,3 +134,19 @@ def test_drspot_set_overrides_keys_after_the_profile_and_rejects_unknown_ones(mo
     monkeypatch.setenv("DRSPOT_SET", "monitor.last")
     with pytest.raises(ConfigError, match="'monitor.last' is not key.path=value"):
         load_config("test")
+
+
+def test_a_configuration_resolved_before_the_front_limits_existed_still_loads(tmp_path):
+    """A Bento deployed by an earlier DrSpot recorded its resolved configuration without `serving.max_inflight` and
+    `serving.body_timeout_s`: `drspot serve` still serves it, with the limits' defaults."""
+    import yaml
+
+    from infra.config import load_resolved
+
+    old = load_config("test").as_dict()
+    for key in ("max_inflight", "body_timeout_s"):
+        old["serving"].pop(key)
+    path = tmp_path / "deployed-config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_resolved(path)
+    assert (cfg.serving.max_inflight, cfg.serving.body_timeout_s) == (64, 30)
