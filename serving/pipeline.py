@@ -30,13 +30,26 @@ PREPROCESS = ("none", "color_constancy", "clahe")
 # --- illumination / contrast correction ---------------------------------------------------------
 
 
+CC_ROWS = 256  # rows of a photo colour constancy works on at a time
+
+
 def color_constancy(rgb: Image.Image, power: int = 6) -> Image.Image:
-    """Shades-of-Grey colour constancy (Minkowski p-norm; the usual correction for dermoscopy)."""
-    a = np.asarray(rgb, dtype=np.float64)
-    illum = np.power(np.mean(np.power(a, power), axis=(0, 1)), 1 / power)
+    """Shades-of-Grey colour constancy (Minkowski p-norm; the usual correction for dermoscopy).
+
+    Computed in bands of :data:`CC_ROWS` rows: the float64 work arrays are a band's, not the photo's (a 40 MP photo
+    took ~3 GB of float64 copies at once; now its uint8 copy plus a few MB)."""
+    a = np.asarray(rgb)
+    h = a.shape[0]
+    total = np.zeros(3)
+    for top in range(0, h, CC_ROWS):
+        total += np.power(a[top : top + CC_ROWS].astype(np.float64), power).sum(axis=(0, 1))
+    illum = np.power(total / (h * a.shape[1]), 1 / power)
     illum = illum / (np.linalg.norm(illum) + 1e-9)
     gain = 1 / (illum * np.sqrt(3) + 1e-9)
-    return Image.fromarray(np.clip(a * gain, 0, 255).astype(np.uint8))
+    out = np.empty_like(a)
+    for top in range(0, h, CC_ROWS):
+        out[top : top + CC_ROWS] = np.clip(a[top : top + CC_ROWS] * gain, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def clahe(rgb: Image.Image, clip: float = 2.0, tiles: int = 8) -> Image.Image:
