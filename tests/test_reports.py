@@ -283,3 +283,14 @@ def test_bad_frame_sequences_are_refused_naming_the_frame(server, confident):
     assert r.status_code == 422 and r.json()["detail"] == 'frame 0: send {"image": "<base64>", "t": <seconds>}'
     r = httpx.post(url, json={"frames": [{"image": _b64(data), "t": i} for i in range(121)]}, timeout=60)
     assert r.status_code == 422 and r.json()["detail"] == "121 frames; at most 120 in one request"
+
+
+def test_the_frames_of_a_sequence_share_one_pixel_budget(server):
+    """Seven 6 MP frames are 42 MP together, over the 40 MP a request may decode: refused from their headers
+    before the seventh is decoded, naming the budget."""
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (180, 120, 100)).save(buf, "JPEG", quality=50)
+    frames = [{"image": _b64(buf.getvalue()), "t": i * 0.5} for i in range(7)]
+    r = httpx.post(f"{server.url}/predict/frames", json={"frames": frames}, timeout=120)
+    assert r.status_code == 422 and r.json()["error"] == "frames have too many pixels", r.text[:300]
+    assert r.json()["detail"].startswith("frame 6: the first 7 frames hold 42,000,000 pixels together")

@@ -77,6 +77,20 @@ async def predict_stream(
 
 
 @router.post("/predict/frames")
+def _header_pixels(data: bytes) -> int:
+    """Width x height from an image's header (nothing decoded); 0 when it has none (read_image then refuses it)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+            return w * h
+    except Exception:  # noqa: BLE001 - not an image: read_image says so, with the frame's index
+        return 0
+
+
 async def predict_frames(request: Request, svc: Any = Depends(get_current_service)):
     """Frames of one lesion in time order (a camera): ``{"frames": [{"image": base64, "t": seconds}, ...],
     "preprocess", "language"}``. A class is confirmed only when it holds as ``serving.stability`` says
@@ -107,10 +121,21 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
         times.append(float(f["t"]))
     preprocess, _, language = options(spec.get("preprocess", "none"), "false", spec.get("language"))
     t0 = time.perf_counter()
-    ups = []
+    ups, pixels = [], 0
     for i, f in enumerate(frames):
         try:
-            ups.append(await anyio.to_thread.run_sync(read_image, from_base64(f["image"]), svc.pipeline.serving))
+            data = from_base64(f["image"])
+            # the frames of a sequence share one pixel budget, counted from each header before it is decoded
+            pixels += _header_pixels(data)
+            if pixels > S.max_pixels:
+                raise InputError(
+                    422,
+                    "frames have too many pixels",
+                    f"the first {i + 1} frames hold {pixels:,} pixels together; the limit for a sequence is "
+                    f"{S.max_pixels:,} (serving.max_pixels): send smaller frames",
+                    "too_many_pixels",
+                )
+            ups.append(await anyio.to_thread.run_sync(read_image, data, svc.pipeline.serving))
         except InputError as e:
             raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
         if ups[-1].rgb.size != ups[0].rgb.size:
