@@ -121,6 +121,19 @@ def _monitor(cfg: Config, last: int) -> dict[str, Any]:
     return s
 
 
+def _empty_log(path: Path) -> bool:
+    """Whether the SQLite prediction log at ``path`` holds no prediction (or does not exist)."""
+    import sqlite3
+
+    if not path.is_file():
+        return True
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            return con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+
+
 def _fresh_start(cfg: Config) -> str | None:
     """Move an earlier run's state aside (never delete it), so the loop starts from nothing: the local
     MLflow store, the gate's and the evaluation's outputs, the models, the prediction log and stored
@@ -131,7 +144,8 @@ def _fresh_start(cfg: Config) -> str | None:
     root = cfg.home
     paths = [cfg.resolve(cfg.paths.prepared), cfg.resolve(cfg.paths.models), cfg.resolve(cfg.paths.reports)]
     log = Path(database_url(cfg).removeprefix("sqlite:///"))
-    paths += [log.with_name(log.name + x) for x in ("", "-wal", "-shm")]
+    if not _empty_log(log):  # the command's own check of the log made an empty one: nothing of an earlier run
+        paths += [log.with_name(log.name + x) for x in ("", "-wal", "-shm")]
     paths += [cfg.resolve(cfg.serving.images_dir), cfg.runtime.demo_traffic]
     if registry.tracking_uri() == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}":
         paths += [root / "mlflow" / "mlflow.db", root / "mlflow" / "artifacts"]

@@ -177,6 +177,7 @@ def demo(recorded: dict, name: str) -> str:
 def test_a_new_user_runs_the_demo_twice_in_a_fresh_clone(user_path):
     clone = user_path.get("clone")
     text = demo(user_path, "demo-1")
+    assert "an earlier run's" not in text  # a fresh clone has no earlier run to move aside
     first = check_the_loop(text)
     if "status" not in user_path:
         raise user_path["error"]
