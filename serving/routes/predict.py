@@ -76,7 +76,6 @@ async def predict_stream(
     )
 
 
-@router.post("/predict/frames")
 def _header_pixels(data: bytes) -> int:
     """Width x height from an image's header (nothing decoded); 0 when it has none (read_image then refuses it)."""
     import io
@@ -91,6 +90,7 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
+@router.post("/predict/frames")
 async def predict_frames(request: Request, svc: Any = Depends(get_current_service)):
     """Frames of one lesion in time order (a camera): ``{"frames": [{"image": base64, "t": seconds}, ...],
     "preprocess", "language"}``. A class is confirmed only when it holds as ``serving.stability`` says
