@@ -1,15 +1,16 @@
 """Serving throughput and latency: the raw in-process pipeline against the HTTP endpoint.
 
-Run:  .venv/bin/drspot deploy && .venv/bin/python bench/serving.py [--images 48] [--requests 96]
+Run:  .venv/bin/drspot deploy && .venv/bin/python bench/serving.py [--images 48] [--requests 96] [--out serving]
 
 In one run, on the same images (the project's data/images, else freshly generated synthetic ones):
-* raw: the in-process two-stage pipeline (decode + detector + classifier, no HTTP), one image at a
-  time, on the deployed champions;
+* raw: the in-process two-stage pipeline (decode + detector + classifier, no HTTP) on the deployed champions, one
+  image at a time and in batches of ``serving.max_batch_size`` (the most this CPU gives: the endpoint's ceiling);
 * HTTP: ``drspot serve`` of the deployed Bento, multipart POST /predict at concurrency 1, 8 and 32,
-  with BentoML adaptive batching on and off (``serving.batching``), and batching on with 2 API worker processes
+  with in-process batching on and off (``serving.batching``), and batching on with 2 API worker processes
   (``serving.workers``: each loads both models).
-Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratio and p99/p50, and writes
-bench/results/serving.json. The raw pipeline and the HTTP endpoint (batching on) also run on ONNX Runtime
+Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratios and p99/p50, and writes
+bench/results/<out>.json (keys ``raw_batched_rps`` per runtime, ``http_c8_vs_raw_batched``, ``onnx_vs_eager_raw``).
+The raw pipeline and the HTTP endpoint (batching on) also run on ONNX Runtime
 (``serving.runtime: onnx``, the exports ``drspot deploy`` wrote and checked), in the same run.
 """
 
@@ -71,8 +72,10 @@ def stats(lat: list[float], wall: float) -> dict[str, float]:
     }
 
 
-def raw(imgs: list[bytes], n: int, runtime: str = "torch") -> dict[str, float]:
-    """The in-process pipeline at batch 1 on ``runtime`` (eager PyTorch or ONNX Runtime on the deployed exports)."""
+def raw(imgs: list[bytes], n: int, runtime: str = "torch", batch: int = 1) -> dict[str, float]:
+    """The in-process pipeline on ``runtime`` (eager PyTorch or ONNX Runtime on the deployed exports), ``batch``
+    photos per model call: decode as the service does (``serving.work_side``), detector, crops, classifier. Latency
+    is per photo (a batch's time over its photos)."""
     import bentoml
 
     from components.data.images import decode
@@ -83,14 +86,14 @@ def raw(imgs: list[bytes], n: int, runtime: str = "torch") -> dict[str, float]:
     tags = json.loads(cfg.runtime.deployed.read_text())["models"]
     cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
     p = Pipeline(cm.path, dm.path, cfg)
-    for b in imgs[:4]:
-        p.analyse(decode(b).rgb)  # warm-up
+    side = cfg.serving.work_side
+    p.analyse_many([decode(b, max_side=side).rgb for b in imgs[:batch]])  # warm-up
     lat = []
     t0 = time.perf_counter()
-    for k in range(n):
+    for start in range(0, n, batch):
         t = time.perf_counter()
-        p.analyse(decode(imgs[k % len(imgs)]).rgb)
-        lat.append(time.perf_counter() - t)
+        p.analyse_many([decode(imgs[k % len(imgs)], max_side=side).rgb for k in range(start, min(start + batch, n))])
+        lat += [(time.perf_counter() - t) / min(batch, n - start)] * min(batch, n - start)
     return stats(lat, time.perf_counter() - t0)
 
 
@@ -141,75 +144,121 @@ def serve(batching: bool, workers: int, tmp: Path, runtime: str = "torch"):
     return Server(env, tmp / f"serve-{name}.log")
 
 
+HTTP_CONFIGS = (  # batching, workers, runtime
+    (True, 1, "torch"),
+    (False, 1, "torch"),
+    (True, 2, "torch"),
+    (True, 1, "onnx"),
+)
+
+
+def label(batching: bool, workers: int, runtime: str) -> str:
+    text = f"HTTP, batching {'on' if batching else 'off'}" + (f", {workers} workers" if workers > 1 else "")
+    return text + (", ONNX Runtime" if runtime == "onnx" else "")
+
+
+def measure(imgs: list[bytes], n: int) -> list[dict]:
+    batch = load_config().serving.max_batch_size
+    rows = []
+    for runtime in ("torch", "onnx"):
+        name = "" if runtime == "torch" else ", ONNX Runtime"
+        for b in (1, batch):
+            rows.append(
+                {
+                    "config": f"raw in-process (batch {b}){name}",
+                    "runtime": runtime,
+                    "batch": b,
+                    "concurrency": 1,
+                    **raw(imgs, n, runtime, b),
+                }
+            )
+            print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for batching, workers, runtime in HTTP_CONFIGS:
+            server = serve(batching, workers, Path(tmp), runtime)
+            try:
+                for c in (1, 8, 32):
+                    r = asyncio.run(load(server.url, imgs, n, c))
+                    rows.append(
+                        {
+                            "config": label(batching, workers, runtime),
+                            "workers": workers,
+                            "runtime": runtime,
+                            "concurrency": c,
+                            **r,
+                        }
+                    )
+                    print(rows[-1], flush=True)
+            finally:
+                server.stop()
+    return rows
+
+
+def summarise(rows: list[dict], n_images: int) -> dict:
+    """The keys the README and issue 24 quote: each runtime's raw batched ceiling, the endpoint over it."""
+    raw1 = {r["runtime"]: r for r in rows if r["config"].startswith("raw") and r["batch"] == 1}
+    rawb = {r["runtime"]: r for r in rows if r["config"].startswith("raw") and r["batch"] > 1}
+    base = raw1["torch"]["rps"]
+    for r in rows:
+        r["throughput_vs_raw"] = round(r["rps"] / base, 3)
+        r["p99_over_p50"] = round(r["p99_ms"] / r["p50_ms"], 2)
+        if not r["config"].startswith("raw"):
+            r["vs_raw_batched"] = round(r["rps"] / rawb[r["runtime"]]["rps"], 3)
+    at8 = {r["config"]: r for r in rows if r["concurrency"] == 8}
+    best = max(at8.values(), key=lambda r: r["rps"])
+    on = {rt: at8[label(True, 1, rt)] for rt in ("torch", "onnx")}
+    fastest = max(on, key=lambda rt: on[rt]["rps"])
+    return {
+        "rows": rows,
+        "raw_rps": base,
+        "raw_batched_rps": {rt: r["rps"] for rt, r in rawb.items()},
+        "batch_size": rawb["torch"]["batch"],
+        "http_c8_best_runtime": fastest,
+        "http_c8_vs_raw_batched": on[fastest]["vs_raw_batched"],
+        "http_c8_p99_over_p50": on[fastest]["p99_over_p50"],
+        "http_c8_batching_on": at8[label(True, 1, "torch")],
+        "http_c8_batching_off": at8[label(False, 1, "torch")],
+        "http_c8_workers_2": at8[label(True, 2, "torch")],
+        "workers_2_vs_1_at_c8": round(at8[label(True, 2, "torch")]["rps"] / on["torch"]["rps"], 3),
+        "best_at_concurrency_8": best["config"],
+        "goal": {"http_c8_vs_raw_batched": 0.8, "p99_over_p50": 2.0},
+        "meets_goal": on[fastest]["vs_raw_batched"] >= 0.8 and on[fastest]["p99_over_p50"] <= 2.0,
+        "raw_onnx_rps": raw1["onnx"]["rps"],
+        "onnx_vs_eager_raw": round(raw1["onnx"]["rps"] / base, 3),
+        "onnx_vs_eager_raw_batched": round(rawb["onnx"]["rps"] / rawb["torch"]["rps"], 3),
+        "http_c8_onnx": on["onnx"],
+        "onnx_vs_eager_http_c8": round(on["onnx"]["rps"] / on["torch"]["rps"], 3),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "images": n_images,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument(
+        "--out", default="serving", help="bench/results/<out>.json (serving_ham10000 for the real champion)"
+    )
     args = ap.parse_args()
     imgs = images(args.images)
     print(f"{len(imgs)} images, {args.requests} requests per configuration", flush=True)
-    rows = [{"config": "raw in-process (batch 1)", "concurrency": 1, **raw(imgs, args.requests)}]
-    print(rows[-1], flush=True)
-    rows.append(
-        {"config": "raw in-process (batch 1), ONNX Runtime", "concurrency": 1, **raw(imgs, args.requests, "onnx")}
-    )
-    print(rows[-1], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for batching, workers, runtime in (
-            (True, 1, "torch"),
-            (False, 1, "torch"),
-            (True, 2, "torch"),
-            (True, 1, "onnx"),
-        ):
-            server = serve(batching, workers, Path(tmp), runtime)
-            label = f"HTTP, batching {'on' if batching else 'off'}" + (f", {workers} workers" if workers > 1 else "")
-            label += ", ONNX Runtime" if runtime == "onnx" else ""
-            try:
-                for c in (1, 8, 32):
-                    r = asyncio.run(load(server.url, imgs, args.requests, c))
-                    rows.append({"config": label, "workers": workers, "runtime": runtime, "concurrency": c, **r})
-                    print(rows[-1], flush=True)
-            finally:
-                server.stop()
-    base = rows[0]["rps"]
-    for r in rows:
-        r["throughput_vs_raw"] = round(r["rps"] / base, 3)
-        r["p99_over_p50"] = round(r["p99_ms"] / r["p50_ms"], 2)
-    at8 = {r["config"]: r for r in rows if r["concurrency"] == 8}
-    best = max(at8.values(), key=lambda r: r["rps"])
-    result = {
-        "rows": rows,
-        "raw_rps": base,
-        "http_c8_batching_on": at8["HTTP, batching on"],
-        "http_c8_batching_off": at8["HTTP, batching off"],
-        "http_c8_workers_2": at8["HTTP, batching on, 2 workers"],
-        "workers_2_vs_1_at_c8": round(at8["HTTP, batching on, 2 workers"]["rps"] / at8["HTTP, batching on"]["rps"], 3),
-        "best_at_concurrency_8": best["config"],
-        "goal": {"throughput_vs_raw_at_c8": 0.8, "p99_over_p50": 2.5},
-        "meets_goal": best["throughput_vs_raw"] >= 0.8 and best["p99_over_p50"] <= 2.5,
-        "raw_onnx_rps": rows[1]["rps"],
-        "onnx_vs_eager_raw": round(rows[1]["rps"] / base, 3),
-        "http_c8_onnx": at8["HTTP, batching on, ONNX Runtime"],
-        "onnx_vs_eager_http_c8": round(
-            at8["HTTP, batching on, ONNX Runtime"]["rps"] / at8["HTTP, batching on"]["rps"], 3
-        ),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "images": len(imgs),
-    }
-    (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(result, indent=2))
-    print("\nconfig | concurrency | req/s | p50 ms | p95 ms | p99 ms | x raw | p99/p50")
-    for r in rows:
+    result = summarise(measure(imgs, args.requests), len(imgs))
+    (ROOT / "bench" / "results" / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    print("\nconfig | concurrency | req/s | p50 ms | p95 ms | p99 ms | x raw batch 1 | x raw batched | p99/p50")
+    for r in result["rows"]:
         print(
             f"{r['config']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-            f"{r['throughput_vs_raw']} | {r['p99_over_p50']}"
+            f"{r['throughput_vs_raw']} | {r.get('vs_raw_batched', '')} | {r['p99_over_p50']}"
         )
     print(
-        f"goal at concurrency 8 (>= 0.8x raw, p99 <= 2.5x p50): {'met' if result['meets_goal'] else 'NOT met'} "
-        f"by {best['config']}"
+        f"goal at concurrency 8 (the endpoint >= 0.8x the raw batched pipeline on its runtime, p99 <= 2x p50): "
+        f"{'met' if result['meets_goal'] else 'NOT met'} ({result['http_c8_best_runtime']}: "
+        f"{result['http_c8_vs_raw_batched']}x, p99/p50 {result['http_c8_p99_over_p50']})"
     )
     print(
-        f"ONNX Runtime vs eager PyTorch: raw batch 1 {result['onnx_vs_eager_raw']}x (goal >= 2), "
-        f"HTTP at concurrency 8 {result['onnx_vs_eager_http_c8']}x"
+        f"ONNX Runtime vs eager PyTorch: raw batch 1 {result['onnx_vs_eager_raw']}x, raw batched "
+        f"{result['onnx_vs_eager_raw_batched']}x, HTTP at concurrency 8 {result['onnx_vs_eager_http_c8']}x"
     )
 
 

@@ -309,6 +309,10 @@ class Serving(_Strict):
     # defaults: a configuration resolved before these keys existed (a deployed Bento's) still loads
     max_inflight: int = Field(64, ge=1)
     body_timeout_s: float = Field(30, gt=0)
+    work_side: int = Field(2048, ge=64)
+    max_connections: int = Field(256, ge=1)
+    header_timeout_s: float = Field(10, gt=0)
+    max_decode_pixels: int = Field(16_000_000, ge=1)
     max_batch_size: int = Field(ge=1)
     max_latency_ms: int = Field(ge=1)
 

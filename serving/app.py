@@ -69,7 +69,7 @@ app = FastAPI(title="DrSpot", description="Two-stage skin-lesion analysis (decis
 def refuse(e: InputError, endpoint: str) -> JSONResponse:
     REJECTIONS.labels(reason=e.reason).inc()
     REQUESTS.labels(endpoint=endpoint, status=str(e.status)).inc()
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -175,6 +175,22 @@ def require_reviewer(request: Request, what: str) -> None:
         raise InputError(503, f"{what} disabled", f"no reviewer key is configured: set {S.feedback_key_env}", "no_key")
     if not has_reviewer_key(request):
         raise InputError(401, "unauthorised", "a valid reviewer key in the X-API-Key header is required", "auth")
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (1-128 visible ASCII characters), or None; a POST sent again with the same
+    key is answered under its first request id and logged once (serving/store.py)."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 128 or not all(33 <= ord(c) <= 126 for c in key):
+        raise InputError(
+            400, "invalid idempotency key", f"{IDEMPOTENCY_HEADER}: 1 to 128 visible ASCII characters", "bad_header"
+        )
+    return key
 
 
 def options(preprocess: str, compare: Any, language: str | None) -> tuple[str, bool, str]:

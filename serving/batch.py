@@ -246,7 +246,7 @@ class Scorer:
         if ok:
             results = self.pipeline.analyse_many([correct(up.rgb, self.preprocess) for _, up in ok])
             for (k, up), result in zip(ok, results, strict=True):
-                w, h = up.rgb.size
+                w, h = up.size
                 image = {
                     "source": items[k].key,
                     "error": None,

@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from components.data.images import Decoded, ImageError, decode, quality
+from components.data.images import Decoded, ImageError, decode, jpeg_scale, quality
 from infra.config import Serving
 
 
 class InputError(Exception):
     """A request the service refuses: HTTP ``status``, a short ``error`` and a ``detail`` saying what was wrong."""
 
-    def __init__(self, status: int, error: str, detail: str, reason: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, reason: str, headers: dict | None = None) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status, self.error, self.detail, self.reason = status, error, detail, reason
+        self.headers = headers
 
     def body(self) -> dict[str, str]:
         return {"error": self.error, "detail": self.detail}
@@ -44,7 +45,17 @@ class Upload:
 
     @property
     def rgb(self) -> Image.Image:
+        """The working picture: the photo reduced to ``serving.work_side`` (boxes are normalised: both share them)."""
         return self.decoded.rgb
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The photo's own width x height (what answers report, and what their boxes refer to)."""
+        return self.decoded.size
+
+    def release(self) -> None:
+        """Drop the decoded pixels once analysed (a sequence's frames are held at once only as bytes)."""
+        self.decoded.rgb = None  # type: ignore[assignment]
 
 
 def body_limit(s: Serving) -> int:
@@ -87,6 +98,26 @@ def assess(q: dict[str, float], width: int, height: int, s: Serving) -> list[str
     if min(width, height) < 4 * s.min_side:
         warnings.append(f"low resolution: {width}x{height}; the classifier sees more detail in larger photos")
     return warnings
+
+
+def decoded_pixels(fmt: str, w: int, h: int, s: Serving) -> int:
+    """Pixels a photo of this format and header size decodes to: a JPEG at its DCT scale (``serving.work_side``), any
+    other format whole."""
+    k = jpeg_scale((w, h), s.work_side) if fmt == "JPEG" else 1
+    return -(-w // k) * -(-h // k)
+
+
+def check_decode(fmt: str, w: int, h: int, s: Serving) -> None:
+    """Refuse, from the header, a photo whose decode would take more than ``serving.max_decode_pixels``."""
+    n = decoded_pixels(fmt, w, h, s)
+    if n > s.max_decode_pixels:
+        raise InputError(
+            422,
+            "image has too many pixels",
+            f"a {w}x{h} {fmt} decodes to {n:,} pixels; the limit is {s.max_decode_pixels:,} "
+            "(serving.max_decode_pixels; JPEG decodes reduced, other formats whole): send a JPEG or a smaller image",
+            "too_many_pixels",
+        )
 
 
 def read_image(data: bytes, s: Serving) -> Upload:
@@ -132,12 +163,13 @@ def read_image(data: bytes, s: Serving) -> Upload:
             f"the header says {w}x{h} = {w * h:,} pixels; the limit is {s.max_pixels:,} (checked before decoding)",
             "too_many_pixels",
         )
+    check_decode(fmt, w, h, s)
     try:
-        decoded = decode(data, max_pixels=s.max_pixels)
+        decoded = decode(data, max_pixels=s.max_pixels, max_side=s.work_side)
     except ImageError as e:
         what = {"truncated": "image is truncated or corrupt", "too_many_pixels": "image has too many pixels"}
         raise InputError(422, what.get(e.check, "image cannot be decoded"), e.reason, e.check) from e
-    w, h = decoded.rgb.size
+    w, h = decoded.size
     if min(w, h) < s.min_side:
         raise InputError(422, "image too small", f"{w}x{h}: both sides must be at least {s.min_side} px", "too_small")
     q = quality(decoded.rgb)

@@ -36,16 +36,17 @@ CC_ROWS = 256  # rows of a photo colour constancy works on at a time
 def color_constancy(rgb: Image.Image, power: int = 6) -> Image.Image:
     """Shades-of-Grey colour constancy (Minkowski p-norm; the usual correction for dermoscopy).
 
-    Computed in bands of :data:`CC_ROWS` rows: the float64 work arrays are a band's, not the photo's (a 40 MP photo
-    took ~3 GB of float64 copies at once; now its uint8 copy plus a few MB)."""
+    Computed in float32 in bands of :data:`CC_ROWS` rows: the work arrays are a band's, not the photo's (a 40 MP photo
+    took ~3 GB of float64 copies at once; now its uint8 copy plus a few MB), on the working picture
+    (``serving.work_side``)."""
     a = np.asarray(rgb)
     h = a.shape[0]
     total = np.zeros(3)
-    for top in range(0, h, CC_ROWS):
-        total += np.power(a[top : top + CC_ROWS].astype(np.float64), power).sum(axis=(0, 1))
+    for top in range(0, h, CC_ROWS):  # float32 work (255**6 ~ 2.7e14 is well inside it), sums kept in float64
+        total += np.power(a[top : top + CC_ROWS].astype(np.float32), power).sum(axis=(0, 1), dtype=np.float64)
     illum = np.power(total / (h * a.shape[1]), 1 / power)
     illum = illum / (np.linalg.norm(illum) + 1e-9)
-    gain = 1 / (illum * np.sqrt(3) + 1e-9)
+    gain = (1 / (illum * np.sqrt(3) + 1e-9)).astype(np.float32)
     out = np.empty_like(a)
     for top in range(0, h, CC_ROWS):
         out[top : top + CC_ROWS] = np.clip(a[top : top + CC_ROWS] * gain, 0, 255).astype(np.uint8)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config import Config
+from serving.connections import Gate, listen
 
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers"}
 HOP |= {"transfer-encoding", "upgrade", "content-length", "host"}
@@ -107,6 +108,8 @@ class Front:
         self.switching = False
         self.session = None
         self.inflight = 0  # requests this front holds now (serving.max_inflight)
+        # open connections: capped, and closed when no request's headers arrive in time (serving/connections.py)
+        self.gate = Gate(cfg.serving.max_connections, cfg.serving.header_timeout_s)
 
     def _start(self, bento: str) -> Backend:
         name = bento.replace(":", "_")
@@ -224,10 +227,12 @@ class Front:
                 headers={"Retry-After": "1"},
             )
         self.inflight += 1
+        self.gate.begin(request.protocol)
         try:
             return await self._forward(request)
         finally:
             self.inflight -= 1
+            self.gate.end(request.protocol)
 
     async def _forward(self, request):
         import aiohttp
@@ -269,9 +274,11 @@ class Front:
             except aiohttp.ClientConnectionError as e:
                 # the backend went away under this request (stopped after a switch, or died): once more on the
                 # current one, unless it may have reached the backend already: a POST that did may have been
-                # answered and logged, and a replay would log it twice (a refused connection never reached it)
+                # answered and logged, and a replay would log it twice (a refused connection never reached it) -
+                # except one carrying an Idempotency-Key, which the log honours (logged once, under its first id)
                 reached = not isinstance(e, aiohttp.ClientConnectorError)
-                replay = request.method in ("GET", "HEAD", "OPTIONS") or not reached
+                safe = request.method in ("GET", "HEAD", "OPTIONS") or "Idempotency-Key" in request.headers
+                replay = safe or not reached
                 if attempt == 1 or self.current is backend or not replay:
                     return web.json_response(
                         {"error": "service unavailable", "detail": f"the model service did not answer: {e}"},
@@ -332,9 +339,35 @@ def serve(cfg: Config, bento: str, host: str, port: int, env: dict[str, str], st
     from aiohttp import web
 
     front = Front(cfg, bento, {**os.environ, **env}, state, follow)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(_run(front, host, port))
     try:
-        web.run_app(front.app(), host=host, port=port, print=None, handle_signals=True)
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
     except RuntimeError as e:
         print(f"drspot serve: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        loop.close()
     return 0
+
+
+async def _run(front: Front, host: str, port: int) -> None:
+    """aiohttp's ``run_app``, listening through the front's connection gate (its cap and header deadline)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(front.app(), handle_signals=True, access_log=None)
+    await runner.setup()  # starts the first backend (on_startup); a RuntimeError says why it did not
+    try:
+        server = await listen(runner, host, port, front.gate)
+        sweeping = asyncio.create_task(front.gate.sweeping())
+        try:
+            await asyncio.Event().wait()  # until a signal ends the loop (GracefulExit)
+        finally:
+            sweeping.cancel()
+            server.close()
+    finally:
+        await runner.cleanup()

@@ -5,16 +5,14 @@ Run with ``drspot serve`` (the Bento built by ``drspot deploy``) or, from a chec
 the Bento model store by ``drspot deploy`` (tags ``drspot-classifier`` / ``drspot-detector``).
 
 Public endpoints are a FastAPI app mounted on the service (``serving/app.py``, its routes in ``serving/routes/`` by
-concern), so every refusal is a 4xx with the contract's ``{"error", "detail"}`` body; the model stage is the
-BentoML API ``/infer``, batchable, so concurrent requests are merged by BentoML's adaptive batching
-(``serving.batching``). This module holds the service itself: the models, the batched model stage, and the steps
-every prediction route shares (analyse, answer, log).
+concern), so every refusal is a 4xx with the contract's ``{"error", "detail"}`` body; concurrent requests' pictures
+are merged into one model call in process (``serving.batching``, :mod:`serving.batcher`). This module holds the
+service itself: the models, the batched model stage, and the steps every prediction route shares (analyse, answer,
+log).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import time
 import uuid
@@ -42,9 +40,11 @@ from serving.app import (
     S,
     app,
 )
-from serving.inputs import read_image
+from serving.batcher import Batcher, Overloaded
+from serving.inputs import InputError, read_image
 from serving.pipeline import Pipeline, correct
 from serving.routes import pages, predict, reports, review
+from serving.store import KeyReused
 
 for _routes in (predict, review, reports, pages):
     app.include_router(_routes.router)
@@ -69,6 +69,13 @@ class DrSpot:
         }
         self.pipeline = Pipeline(Path(cm.path), Path(dm.path), CFG, self.versions)
         self.log = PredictionLog.from_config(CFG)
+        p = self.pipeline  # the model steps a request awaits (serving/batcher.py merges them across requests)
+        self.steps = {
+            "analyse": p.analyse_many,
+            "locate": p.locate,
+            "lesions": lambda items: p.lesions([img for img, _ in items], [plan for _, plan in items]),
+        }
+        self._batcher: Batcher | None = None
         # the last serving.report_photos photos, in memory only, for their /report PDFs (on disk: store_images)
         self.photos: OrderedDict[str, bytes] = OrderedDict()
         self.started = time.time()
@@ -99,53 +106,48 @@ class DrSpot:
             }
         )
 
-    @bentoml.api(batchable=True, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
-    def infer(self, items: list[str]) -> list[str]:
-        """The model stage over a batch: items are JSON ``{"image": base64, "preprocess": ...}``."""
-        from components.data.images import decode
+    def batcher(self) -> Batcher:
+        """The model stage's batcher, created in the worker's event loop on first use."""
+        if self._batcher is None:
+            self._batcher = Batcher(self.steps, S.max_batch_size, S.max_latency_ms)
+        return self._batcher
 
-        images = []
-        for item in items:
-            spec = json.loads(item)
-            images.append(correct(decode(base64.b64decode(spec["image"])).rgb, spec.get("preprocess", "none")))
-        return [json.dumps(r) for r in self.pipeline.analyse_many(images)]
+    async def model(self, kind: str, items: list[Any]) -> list[Any]:
+        """The pipeline's ``analyse`` / ``locate`` / ``lesions`` step over ``items``: batched with other requests'
+        when ``serving.batching`` is on (a 503 with Retry-After when the queue is over its budget), else in a
+        thread of its own."""
+        if not S.batching:
+            return await anyio.to_thread.run_sync(self.steps[kind], items)
+        try:
+            return await self.batcher().submit(kind, items)
+        except Overloaded as e:
+            raise InputError(
+                503, "busy", f"the model queue is full ({e}); retry shortly", "overloaded", {"Retry-After": "1"}
+            ) from e
 
-    async def analyse(self, data: bytes, rgb, variants: list[str]) -> list[dict[str, Any]]:
-        if S.batching:
-            import aiohttp
+    async def analyse(self, up, variants: list[str]) -> list[dict[str, Any]]:
+        """Both stages on the photo, once per correction in ``variants``."""
+        # the corrections run off the event loop (colour constancy and CLAHE are whole-picture numpy work)
+        images = await anyio.to_thread.run_sync(lambda: [correct(up.rgb, v) for v in variants])
+        return await self.model("analyse", images)
 
-            b64 = base64.b64encode(data).decode()
-            items = [json.dumps({"image": b64, "preprocess": v}) for v in variants]
-            for attempt in range(3):
-                try:
-                    out = await self.to_async.infer(items)
-                    break
-                except aiohttp.ClientConnectionError:
-                    # the service's own client reused a keep-alive connection the server was closing (idle
-                    # timeout): seen as ServerDisconnectedError, and under load as ClientOSError / "Cannot write to
-                    # closing transport" (a 500 in the demo's shifted traffic); inference is idempotent, so a retry
-                    # on a fresh connection is safe
-                    if attempt == 2:
-                        raise
-            return [json.loads(o) for o in out]
-        # the corrections too run off the event loop (colour constancy and CLAHE are whole-photo numpy work)
-        return await anyio.to_thread.run_sync(lambda: self.pipeline.analyse_many([correct(rgb, v) for v in variants]))
-
-    async def answer_photo(self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str):
+    async def answer_photo(
+        self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str, key: str | None = None
+    ):
         t0 = time.perf_counter()
         up = await anyio.to_thread.run_sync(read_image, data, self.pipeline.serving)
         t_decode = time.perf_counter() - t0
         # compare: the original beside the corrected photo (colour constancy when none was asked for)
         corrected = preprocess if preprocess != "none" else "color_constancy"
         variants = ["none", corrected] if compare else [preprocess]
-        results = await self.analyse(data, up.rgb, variants)
+        results = await self.analyse(up, variants)
         extra = self.pipeline.answer(results[-1], language)
-        response = await self.respond(up, variants, results, extra, uuid.uuid4().hex, endpoint, t0, t_decode)
+        response = await self.respond(up, variants, results, extra, uuid.uuid4().hex, endpoint, t0, t_decode, key)
         return JSONResponse(response)
 
     @staticmethod
     def image_part(up) -> dict[str, Any]:
-        w, h = up.rgb.size
+        w, h = up.size
         return {
             "sha256": up.sha256,
             "width": w,
@@ -169,11 +171,13 @@ class DrSpot:
         endpoint: str,
         t0: float,
         t_decode: float,
+        key: str | None = None,
     ) -> dict[str, Any]:
-        """The answer to a prediction (the last variant's result is the answer), logged before it is returned."""
+        """The answer to a prediction (the last variant's result is the answer), logged before it is returned: once
+        per idempotency ``key`` (a request sent again with it is answered under the first one's id, ``replayed``)."""
         main, compare = results[-1], len(variants) > 1
         extra = dict(extra)
-        w, h = up.rgb.size
+        w, h = up.size
         response = {
             "request_id": request_id,
             # read before any class: the answer may hold the class back (the probabilities stay below)
@@ -215,10 +219,16 @@ class DrSpot:
             "detector_version": self.versions["detector"],
             "image_path": image_path,
             "variants": {v: reported(r)["label"] for v, r in zip(variants, results, strict=True)} if compare else None,
+            "idempotency_key": key,
         }
-        await anyio.to_thread.run_sync(self.log.record, row)
+        try:
+            logged = await anyio.to_thread.run_sync(self.log.record, row)
+        except KeyReused as e:
+            raise InputError(422, "idempotency key reused", str(e), "idempotency") from e
+        if logged != request_id:  # sent before with this key: answered under the first request's id, logged once
+            response.update(request_id=logged, replayed=True)
         if image_path is None and S.report_photos:
-            self.keep_photo(request_id, up.data)
+            self.keep_photo(logged, up.data)
         response["image"]["stored"] = image_path is not None
         total = time.perf_counter() - t0
         response["timings_ms"] = {
@@ -235,24 +245,27 @@ class DrSpot:
         REQUESTS.labels(endpoint=endpoint, status="200").inc()
         return response
 
-    async def stream_stages(self, up, preprocess: str, language: str, t0: float, t_decode: float, events) -> None:
+    async def stream_stages(
+        self, up, preprocess: str, language: str, t0: float, t_decode: float, events, key: str | None = None
+    ) -> None:
         """One prediction stage by stage, each stage's event put on ``events`` the moment it is known: quality,
         detection, one classification per lesion, guidance, then done with the whole answer (the same as /predict's,
-        logged the same way). Runs to the end and logs even when the client has gone."""
+        logged the same way). Cancelled when the client goes (serving/routes/predict.py): its work stops, and a
+        prediction nobody received is not logged."""
         endpoint = "/predict/stream"
         try:
             request_id = uuid.uuid4().hex
             await events.put(("quality", {"request_id": request_id, "image": self.image_part(up)}))
             img = await anyio.to_thread.run_sync(correct, up.rgb, preprocess)
             t1 = time.perf_counter()
-            [(plan, err)] = await anyio.to_thread.run_sync(self.pipeline.locate, [img])
+            [(plan, err)] = await self.model("locate", [img])
             t2 = time.perf_counter()
             found = [{"box": b, "detector_confidence": c} for b, c in plan] if err is None else []
             await events.put(("detection", {"boxes": found, "fallback": err is not None, "fallback_reason": err}))
             lesions: list[dict[str, Any]] = []
             embedding = None
             for i, pair in enumerate(plan):
-                [(one, emb)] = await anyio.to_thread.run_sync(self.pipeline.lesions, [img], [([pair], err)])
+                [(one, emb)] = await self.model("lesions", [(img, ([pair], err))])
                 lesions += one
                 embedding = embedding or emb
                 await events.put(("classification", {"index": i, "of": len(plan), **one[0]}))
@@ -267,8 +280,10 @@ class DrSpot:
             await events.put(
                 ("guidance", {k: extra[k] for k in ("abstain", "abstain_reason", "guidance", "disclaimer")})
             )
-            response = await self.respond(up, [preprocess], [main], extra, request_id, endpoint, t0, t_decode)
+            response = await self.respond(up, [preprocess], [main], extra, request_id, endpoint, t0, t_decode, key)
             await events.put(("done", response))
+        except InputError as e:  # the model queue over its budget: the stream's last event says so
+            await events.put(("error", e.body()))
         except Exception as e:  # after the first event the status is sent: the failure is the last event
             REQUESTS.labels(endpoint=endpoint, status="500").inc()
             await events.put(("error", {"error": "analysis failed", "detail": f"{type(e).__name__}: {e}"}))

@@ -21,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
 from infra.config import Config
 from infra.env import StateError, inside_code
@@ -60,6 +62,9 @@ predictions = Table(
     Column("image_path", String(500)),
     # with `compare`: the class each preprocessing variant's answer named ({"none": "nv", "color_constancy": "mel"})
     Column("variants", JSON, nullable=True),
+    # the client's Idempotency-Key header: a request sent again with it is answered under its first request id and
+    # not logged twice (unique where given)
+    Column("idempotency_key", String(128), nullable=True),
 )
 
 feedback = Table(
@@ -72,6 +77,7 @@ feedback = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     # the lesion box as the reviewer drew or confirmed it (normalised [x1, y1, x2, y2]); null = label only
     Column("box", JSON, nullable=True),
+    Column("idempotency_key", String(128), nullable=True),
 )
 
 # patient fields a clinician entered for a report (serving/patient_report.py), kept only when the request gave the
@@ -85,7 +91,18 @@ patients = Table(
 )
 
 # columns added after a log could have been created: (table, column, SQL type), added by _migrate when missing
-ADDED = [("feedback", "box", "JSON"), ("predictions", "variants", "JSON")]
+ADDED = [
+    ("feedback", "box", "JSON"),
+    ("predictions", "variants", "JSON"),
+    ("predictions", "idempotency_key", "VARCHAR(128)"),
+    ("feedback", "idempotency_key", "VARCHAR(128)"),
+]
+# one row per idempotency key (several NULLs are allowed by SQLite and PostgreSQL alike)
+KEYED = [Index(f"uq_{t.name}_idempotency_key", t.c.idempotency_key, unique=True) for t in (predictions, feedback)]
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key already used for a different request (another photo, another confirmation)."""
 
 
 DB_ENV = "DRSPOT_DATABASE_URL"
@@ -218,10 +235,35 @@ class PredictionLog:
             _write_atomically(path, data)
         return str(path)
 
-    def record(self, row: dict[str, Any]) -> None:
+    def record(self, row: dict[str, Any]) -> str:
+        """Log a prediction; returns the request id it is logged under: its own, or, for an ``idempotency_key``
+        already logged with the same photo, the first request's (nothing is written twice).
+
+        Raises:
+            KeyReused: the key was logged with another photo.
+        """
         row = {"created_at": dt.datetime.now(dt.UTC), **row}
-        with self.engine.begin() as conn:
-            conn.execute(insert(predictions).values(**row))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(predictions).values(**row))
+        except IntegrityError:
+            first = self._keyed(predictions, row.get("idempotency_key"))
+            if first is None:
+                raise
+            if first["image_sha256"] != row["image_sha256"]:
+                raise KeyReused(
+                    f"Idempotency-Key {row['idempotency_key']!r} was used for another photo (request "
+                    f"{first['request_id']}): a new request needs a new key"
+                ) from None
+            return first["request_id"]
+        return row["request_id"]
+
+    def _keyed(self, table: Table, key: str | None) -> dict[str, Any] | None:
+        if key is None:
+            return None
+        with self.engine.connect() as conn:
+            r = conn.execute(select(table).where(table.c.idempotency_key == key)).mappings().first()
+        return dict(r) if r else None
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -249,18 +291,32 @@ class PredictionLog:
             r = conn.execute(select(patients.c.fields).where(patients.c.request_id == request_id)).first()
         return dict(r[0]) if r else None
 
-    def add_feedback(self, request_id: str, label: str, reviewer: str, box: list[float] | None = None) -> int:
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                insert(feedback).values(
-                    request_id=request_id,
-                    confirmed_label=label,
-                    reviewer=reviewer,
-                    created_at=dt.datetime.now(dt.UTC),
-                    box=box,
+    def add_feedback(
+        self, request_id: str, label: str, reviewer: str, box: list[float] | None = None, key: str | None = None
+    ) -> tuple[int, bool]:
+        """Record a confirmation; returns its id and whether it was recorded before under the same idempotency
+        ``key`` (then nothing is written).
+
+        Raises:
+            KeyReused: the key was recorded with another confirmation.
+        """
+        values = {"request_id": request_id, "confirmed_label": label, "reviewer": reviewer, "box": box}
+        try:
+            with self.engine.begin() as conn:
+                res = conn.execute(
+                    insert(feedback).values(**values, idempotency_key=key, created_at=dt.datetime.now(dt.UTC))
                 )
-            )
-            return int(res.inserted_primary_key[0])
+                return int(res.inserted_primary_key[0]), False
+        except IntegrityError:
+            first = self._keyed(feedback, key)
+            if first is None:
+                raise
+            if any(first[k] != v for k, v in values.items() if k != "box"):
+                raise KeyReused(
+                    f"Idempotency-Key {key!r} was used for another confirmation (feedback {first['id']}): a new "
+                    "confirmation needs a new key"
+                ) from None
+            return int(first["id"]), True
 
     def unconfirmed(self, limit: int) -> tuple[list[dict[str, Any]], int]:
         """The newest ``limit`` predictions nobody confirmed yet whose photo was stored (what a reviewer can see and
@@ -339,6 +395,8 @@ def _migrate(engine) -> None:
         with engine.begin() as conn:
             for t, c, kind in missing:
                 conn.execute(text(f"ALTER TABLE {t} ADD COLUMN {c} {kind}"))
+        for index in KEYED:
+            index.create(engine, checkfirst=True)
 
 
 IMPORTED = ".imported"  # suffix of the marker written beside a stranded log once it was imported

@@ -503,29 +503,47 @@ def test_a_plain_drspot_serve_serves_the_configuration_the_bento_was_deployed_wi
     assert ready["profile"] == "demo" and ready["config_source"] == "--profile demo", ready
 
 
-def test_the_front_bounds_requests_in_flight_and_slow_bodies(deployed, tmp_path):
+def test_the_front_bounds_requests_in_flight_slow_clients_and_open_connections(deployed, tmp_path):
     """`serving.max_inflight` bounds what the front holds: past it a caller is told to retry, nothing queues; a
-    body that does not arrive within `serving.body_timeout_s` is answered 408 (a slow client holds no slot)."""
+    body that does not arrive within `serving.body_timeout_s` is answered 408 (a slow client holds no slot);
+    headers that do not arrive within `serving.header_timeout_s` close the connection (slow loris), and past
+    `serving.max_connections` open connections a new one is answered 503 and closed."""
     import socket
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    env = {**deployed["env"], "DRSPOT_SET": "serving.max_inflight=2;serving.body_timeout_s=2"}
-    s = Server(env, tmp_path / "busy.log", "--no-follow")
+    sets = "serving.max_inflight=2;serving.body_timeout_s=2;serving.header_timeout_s=3;serving.max_connections=4"
+    s = Server({**deployed["env"], "DRSPOT_SET": sets}, tmp_path / "busy.log", "--no-follow")
+    port = int(s.url.rsplit(":", 1)[1])
     try:
         photo = _jpeg((640, 480))
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: _post(s, photo), range(12)))
-        port = int(s.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
             t0 = time.monotonic()
             slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly a little")
             reply = slow.recv(4096).decode(errors="replace")
             waited = time.monotonic() - t0
+        loris = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+        for sock in loris:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHo")  # and nothing more
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as fifth:
+            over_cap = fifth.recv(4096).decode(errors="replace")
+        t0 = time.monotonic()
+        closed = [sock.recv(4096) for sock in loris]  # b"": the front closed them
+        held = time.monotonic() - t0
+        for sock in loris:
+            sock.close()
+        after = httpx.get(f"{s.url}/livez", timeout=30)
     finally:
         s.stop()
     assert reply.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in reply, reply
     assert 1.5 < waited < 15, waited
+    assert over_cap.startswith("HTTP/1.1 503") and "Retry-After: 1" in over_cap, over_cap
+    assert "serving.max_connections" in over_cap, over_cap
+    assert closed == [b""] * 4 and held < 10, (closed, held)
+    assert after.status_code == 200  # the slots are free again
     busy = [r for r in answers if r.status_code == 503]
     assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"] == "busy" for r in busy)
     assert {r.status_code for r in answers} <= {200, 503} and any(r.status_code == 200 for r in answers)

@@ -109,6 +109,27 @@ def test_feedback_for_an_unknown_request_is_refused_by_the_database(log):
         log.record(_row("dup"))  # a request id is logged once
 
 
+def test_a_request_sent_again_with_its_idempotency_key_is_logged_once(log):
+    """A client (or the front after a backend died) that sends a prediction or a confirmation again with the same
+    Idempotency-Key gets the first one's id back and adds no row; the key reused for another photo or another
+    confirmation is refused, naming the first request."""
+    from serving.store import KeyReused
+
+    assert log.record({**_row("a1"), "idempotency_key": "k-1"}) == "a1"
+    assert log.record({**_row("a2"), "idempotency_key": "k-1"}) == "a1"  # the retry: logged under the first id
+    assert log.record({**_row("a3"), "idempotency_key": None}) == "a3"
+    assert log.record({**_row("a4"), "idempotency_key": None}) == "a4"  # no key: each is its own request
+    with pytest.raises(KeyReused, match="used for another photo \\(request a1\\)"):
+        log.record({**_row("a5"), "image_sha256": "cd" * 32, "idempotency_key": "k-1"})
+    assert [r["request_id"] for r in log.window(last=10)] == ["a1", "a3", "a4"]
+    first = log.add_feedback("a1", "mel", "dr.kim", key="f-1")
+    assert first[1] is False and log.add_feedback("a1", "mel", "dr.kim", key="f-1") == (first[0], True)
+    with pytest.raises(KeyReused, match="another confirmation"):
+        log.add_feedback("a1", "bcc", "dr.kim", key="f-1")
+    with log.engine.connect() as c:
+        assert c.execute(sqlalchemy.text("SELECT count(*) FROM feedback")).scalar() == 1
+
+
 def test_identical_photos_stored_at_once_give_one_owner_only_file_and_no_failure(tmp_path):
     """16 writers of the same 8 MB photo at the same moment (two identical uploads with `store_images` on): each
     writes its own temporary file and renames it over, so none fails and one whole file remains, owner-only."""
@@ -173,4 +194,8 @@ def test_a_log_written_before_the_variants_and_box_columns_imports_with_its_pati
     assert [tuple(r) for r in confirmed] == [("mel", None)]
     again = import_log(old, into)
     assert (again["predictions"], again["feedback"], again["patients"]) == (0, 0, 0)
+    # the old log itself, opened by this version, gains the later columns and the idempotency keys' unique index
+    reopened = PredictionLog(f"sqlite:///{old}")
+    assert reopened.record({**_row("r-new"), "idempotency_key": "k"}) == "r-new"
+    assert reopened.record({**_row("r-retry"), "idempotency_key": "k"}) == "r-new"
     assert (again["predictions_present"], again["feedback_present"], again["patients_present"]) == (1, 1, 1)

@@ -34,9 +34,18 @@ class Decoded:
     rgb: Image.Image
     original_mode: str
     notes: list[str]
+    size: tuple[int, int] = (0, 0)  # the photo's own width x height (EXIF orientation applied), before any reduction
 
 
-def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: int = 0) -> Decoded:
+def jpeg_scale(size: tuple[int, int], max_side: int) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) a decode for a longer side of ``max_side`` may use: the largest that keeps
+    the longer side at least ``max_side`` (1 when ``max_side`` is 0: decode whole)."""
+    if not max_side:
+        return 1
+    return max((k for k in (1, 2, 4, 8) if max(size) // k >= max_side), default=1)
+
+
+def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: int = 0, max_side: int = 0) -> Decoded:
     """Fully decode an image into 8-bit RGB.
 
     Args:
@@ -46,6 +55,9 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: 
         min_side: for work that needs no more pixels: decode at the smallest of 1/2, 1/4, 1/8 of the size whose
             shorter side is still at least this (a JPEG is scaled in its DCT while decoding, several times faster
             than decoding it whole; other formats are reduced after); 0 for the full size.
+        max_side: reduce the picture so its longer side is at most this (a JPEG is decoded at the DCT scale that
+            keeps it at least this, then resized): the working size of the service, whose memory and CPU per photo
+            then depend on it, not on the upload; 0 to keep the size. ``Decoded.size`` keeps the photo's own size.
 
     Raises:
         ImageError: with ``check`` one of ``unreadable``, ``too_many_pixels``, ``truncated``.
@@ -67,6 +79,8 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: 
         try:
             im.seek(0)
             shrink = max((k for k in (1, 2, 4, 8) if min(w, h) // k >= min_side), default=1) if min_side else 1
+            if max_side:
+                shrink = jpeg_scale((w, h), max_side)
             if shrink > 1:
                 im.draft(None, (w // shrink, h // shrink))  # JPEG only; a no-op for others
             im.load()
@@ -75,15 +89,18 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: 
             raise ImageError("too_many_pixels", str(e)) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError("truncated", f"the file does not fully decode ({e})") from e
-        mode = im.mode
+        mode, before = im.mode, im.size
         try:
             im = ImageOps.exif_transpose(im)
         except Exception:  # a broken EXIF block leaves the pixels usable
             notes.append("EXIF orientation unreadable: ignored")
+        size = (h, w) if im.size != before and im.size == before[::-1] else (w, h)
         rgb = to_rgb(im, notes)
     if shrink > 1 and not scaled:  # not a JPEG, or one its DCT did not scale
         rgb = rgb.reduce(shrink)
-    return Decoded(rgb=rgb, original_mode=mode, notes=notes)
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.BILINEAR, reducing_gap=None)
+    return Decoded(rgb=rgb, original_mode=mode, notes=notes, size=size)
 
 
 def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from components.monitoring.quality import reported
-from serving.app import REQUESTS, RUNNING, S, json_body, json_object, multipart_image, options
+from serving.app import REQUESTS, RUNNING, S, idempotency_key, json_body, json_object, multipart_image, options
 from serving.inputs import InputError, from_base64, read_image
 from serving.pipeline import correct
 
@@ -30,9 +30,9 @@ async def predict(
     svc: Any = Depends(get_current_service),
 ):
     """Multipart upload, field ``image``. Query: preprocess, compare, language."""
-    opts = options(preprocess, compare, language)
+    opts, key = options(preprocess, compare, language), idempotency_key(request)
     data = await multipart_image(request, "or JSON to /predict/json")
-    return await svc.answer_photo(data, *opts, endpoint="/predict")
+    return await svc.answer_photo(data, *opts, endpoint="/predict", key=key)
 
 
 @router.post("/predict/stream")
@@ -59,17 +59,20 @@ async def predict_stream(
     up = await anyio.to_thread.run_sync(read_image, data, svc.pipeline.serving)
     t_decode = time.perf_counter() - t0
     events: asyncio.Queue = asyncio.Queue()
-    # its own task: a client that goes away mid-stream does not cancel the analysis or its log entry
-    task = asyncio.create_task(svc.stream_stages(up, opts[0], opts[2], t0, t_decode, events))
+    task = asyncio.create_task(svc.stream_stages(up, opts[0], opts[2], t0, t_decode, events, idempotency_key(request)))
     RUNNING.add(task)
     task.add_done_callback(RUNNING.discard)
 
     async def sse():
-        while True:
-            name, payload = await events.get()
-            yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
-            if name in ("done", "error"):
-                return
+        try:
+            while True:
+                name, payload = await events.get()
+                yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+                if name in ("done", "error"):
+                    return
+        finally:  # the client left (the response is cancelled): the analysis stops with it, its queued work dropped
+            if not task.done():
+                task.cancel()
 
     return StreamingResponse(
         sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -90,6 +93,31 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
+def _frame_bytes(f: dict, i: int) -> bytes:
+    try:
+        return from_base64(f["image"])
+    except InputError as e:
+        raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
+
+
+def _read_frame(svc: Any, data: bytes, i: int):
+    try:
+        return read_image(data, svc.pipeline.serving)
+    except InputError as e:
+        raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
+
+
+def _same_size(first: Any, up: Any, i: int) -> None:
+    if up.size != first.size:
+        (w0, h0), (w, h) = first.size, up.size
+        raise InputError(
+            422,
+            "frames differ in size",
+            f"frame {i} is {w}x{h}, frame 0 is {w0}x{h0}: the frames of one sequence come from one camera",
+            "frames",
+        )
+
+
 @router.post("/predict/frames")
 async def predict_frames(request: Request, svc: Any = Depends(get_current_service)):
     """Frames of one lesion in time order (a camera): ``{"frames": [{"image": base64, "t": seconds}, ...],
@@ -98,7 +126,7 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
     (``answer``, ``request_id``). Every frame's reading comes back either way, with the reason."""
     from serving.stability import Reading, window
 
-    spec = await json_object(request)
+    spec, key = await json_object(request), idempotency_key(request)
     frames, st = spec.get("frames"), S.stability
     if not isinstance(frames, list) or not frames:
         raise InputError(422, "missing frames", 'send {"frames": [{"image": "<base64>", "t": 0.0}, ...]}', "missing")
@@ -121,35 +149,34 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
         times.append(float(f["t"]))
     preprocess, _, language = options(spec.get("preprocess", "none"), "false", spec.get("language"))
     t0 = time.perf_counter()
-    ups, pixels = [], 0
-    for i, f in enumerate(frames):
-        try:
-            data = from_base64(f["image"])
-            # the frames of a sequence share one pixel budget, counted from each header before it is decoded
-            pixels += _header_pixels(data)
-            if pixels > S.max_pixels:
-                raise InputError(
-                    422,
-                    "frames have too many pixels",
-                    f"the first {i + 1} frames hold {pixels:,} pixels together; the limit for a sequence is "
-                    f"{S.max_pixels:,} (serving.max_pixels): send smaller frames",
-                    "too_many_pixels",
-                )
-            ups.append(await anyio.to_thread.run_sync(read_image, data, svc.pipeline.serving))
-        except InputError as e:
-            raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
-        if ups[-1].rgb.size != ups[0].rgb.size:
-            (w0, h0), (w, h) = ups[0].rgb.size, ups[-1].rgb.size
+    datas, pixels = [], 0
+    for i, f in enumerate(frames):  # the budget first, from the headers alone: nothing is decoded for a refused one
+        data = _frame_bytes(f, i)
+        # the frames of a sequence share one pixel budget, counted from each header before it is decoded
+        pixels += _header_pixels(data)
+        if pixels > S.max_pixels:
             raise InputError(
                 422,
-                "frames differ in size",
-                f"frame {i} is {w}x{h}, frame 0 is {w0}x{h0}: the frames of one sequence come from one camera",
-                "frames",
+                "frames have too many pixels",
+                f"frame {i}: the first {i + 1} frames hold {pixels:,} pixels together; the limit for a sequence is "
+                f"{S.max_pixels:,} (serving.max_pixels): send smaller frames",
+                "too_many_pixels",
             )
-    t_decode = time.perf_counter() - t0
-    results = await anyio.to_thread.run_sync(
-        lambda: svc.pipeline.analyse_many([correct(up.rgb, preprocess) for up in ups])
-    )
+        datas.append(data)
+    ups, results, t_decode = [], [], 0.0
+    for start in range(0, len(datas), S.max_batch_size):  # decoded, analysed and released a batch at a time
+        t1 = time.perf_counter()
+        chunk = []
+        for i in range(start, min(start + S.max_batch_size, len(datas))):
+            chunk.append(await anyio.to_thread.run_sync(_read_frame, svc, datas[i], i))
+            _same_size((ups or chunk)[0], chunk[-1], i)
+        t_decode += time.perf_counter() - t1
+        images = await anyio.to_thread.run_sync(lambda c=chunk: [correct(up.rgb, preprocess) for up in c])
+        results += await svc.model("analyse", images)
+        del images
+        for up in chunk:
+            up.release()
+        ups += chunk
     readings = []
     for t, result in zip(times, results, strict=True):
         top = reported(result)
@@ -168,7 +195,7 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
         last = decision["run"]["last_frame"]
         extra = svc.pipeline.answer(results[last], language)
         answer = await svc.respond(
-            ups[last], [preprocess], [results[last]], extra, uuid.uuid4().hex, "/predict/frames", t0, t_decode
+            ups[last], [preprocess], [results[last]], extra, uuid.uuid4().hex, "/predict/frames", t0, t_decode, key
         )
         response.update(request_id=answer["request_id"], answer=answer)
     else:
@@ -179,6 +206,6 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
 @router.post("/predict/json")
 async def predict_json(request: Request, svc: Any = Depends(get_current_service)):
     """For services: ``{"image": base64, "preprocess": ..., "compare": ..., "language": ...}``."""
-    spec = await json_body(request)
+    spec, key = await json_body(request), idempotency_key(request)
     opts = options(spec.get("preprocess", "none"), spec.get("compare", False), spec.get("language"))
-    return await svc.answer_photo(from_base64(spec["image"]), *opts, endpoint="/predict/json")
+    return await svc.answer_photo(from_base64(spec["image"]), *opts, endpoint="/predict/json", key=key)

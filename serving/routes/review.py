@@ -11,8 +11,9 @@ from bentoml import get_current_service
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from serving.app import CFG, REQUESTS, json_object, require_reviewer
+from serving.app import CFG, REQUESTS, idempotency_key, json_object, require_reviewer
 from serving.inputs import InputError
+from serving.store import KeyReused
 
 router = APIRouter()
 
@@ -39,6 +40,7 @@ def lesion_box(value: Any) -> list[float] | None:
 async def feedback(request: Request, svc: Any = Depends(get_current_service)):
     """A clinician-confirmed label for a logged prediction. Needs the API key (X-API-Key)."""
     require_reviewer(request, "feedback")
+    key = idempotency_key(request)
     spec = await json_object(request, "invalid feedback")
     missing = [k for k in ("request_id", "confirmed_label", "reviewer") if not str(spec.get(k) or "").strip()]
     if missing:
@@ -55,10 +57,15 @@ async def feedback(request: Request, svc: Any = Depends(get_current_service)):
     prediction = await anyio.to_thread.run_sync(svc.log.get, str(spec["request_id"]))
     if prediction is None:
         raise InputError(404, "unknown request_id", f"no prediction {spec['request_id']!r} is logged", "unknown")
-    fid = await anyio.to_thread.run_sync(
-        svc.log.add_feedback, prediction["request_id"], label, str(spec["reviewer"]).strip()[:200], box
-    )
-    REQUESTS.labels(endpoint="/feedback", status="201").inc()
+    reviewer = str(spec["reviewer"]).strip()[:200]
+    try:
+        fid, replayed = await anyio.to_thread.run_sync(
+            svc.log.add_feedback, prediction["request_id"], label, reviewer, box, key
+        )
+    except KeyReused as e:
+        raise InputError(422, "idempotency key reused", str(e), "idempotency") from e
+    status = 200 if replayed else 201  # sent again with its Idempotency-Key: recorded once, answered as before
+    REQUESTS.labels(endpoint="/feedback", status=str(status)).inc()
     stored = prediction["image_path"] is not None
     return JSONResponse(
         {
@@ -70,8 +77,9 @@ async def feedback(request: Request, svc: Any = Depends(get_current_service)):
             "image_stored": stored,
             "usable_for_retraining": stored,
             **({} if stored else {"note": "the image was not stored (serving.store_images is off)"}),
+            **({"replayed": True} if replayed else {}),
         },
-        status_code=201,
+        status_code=status,
     )
 
 
