@@ -311,6 +311,7 @@ class Serving(_Strict):
     body_timeout_s: float = Field(30, gt=0)
     work_side: int = Field(2048, ge=64)
     max_connections: int = Field(256, ge=1)
+    threads: int = Field(0, ge=0)
     header_timeout_s: float = Field(10, gt=0)
     max_decode_pixels: int = Field(16_000_000, ge=1)
     max_batch_size: int = Field(ge=1)

@@ -18,10 +18,9 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import anyio
 
 
 class Overloaded(Exception):
@@ -50,6 +49,10 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.batches = 0
         self.items = 0
+        # one thread runs every batch: the model's own thread pools (PyTorch's OpenMP team, ONNX Runtime's) belong to
+        # the thread that calls them, so one caller keeps one team instead of one per worker thread that happens to
+        # pick the batch up
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drspot-model")
 
     async def submit(self, kind: str, items: list[Any]) -> list[Any]:
         """The results for ``items``, computed in batches with other requests' items of the same kind."""
@@ -97,7 +100,8 @@ class Batcher:
                 continue
             fn = self.kinds[batch[0].kind]
             try:
-                results = await anyio.to_thread.run_sync(fn, [j.item for j in batch])
+                items = [j.item for j in batch]
+                results = await asyncio.get_running_loop().run_in_executor(self.thread, fn, items)
             except Exception as e:  # noqa: BLE001 - the batch's requests get the failure; the loop lives on
                 for j in batch:
                     if not j.future.done():

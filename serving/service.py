@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import bentoml
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from components.monitoring.quality import reported
 from serving.app import (
@@ -45,6 +46,8 @@ from serving.inputs import InputError, read_image
 from serving.pipeline import Pipeline, correct
 from serving.routes import pages, predict, reports, review
 from serving.store import KeyReused
+
+PREP_THREADS = 1  # threads decoding and correcting photos at once, beside the model's (bench/serving.py)
 
 for _routes in (predict, review, reports, pages):
     app.include_router(_routes.router)
@@ -76,6 +79,7 @@ class DrSpot:
             "lesions": lambda items: p.lesions([img for img, _ in items], [plan for _, plan in items]),
         }
         self._batcher: Batcher | None = None
+        self._cpu: anyio.CapacityLimiter | None = None
         # the last serving.report_photos photos, in memory only, for their /report PDFs (on disk: store_images)
         self.photos: OrderedDict[str, bytes] = OrderedDict()
         self.started = time.time()
@@ -106,6 +110,13 @@ class DrSpot:
             }
         )
 
+    async def cpu(self, fn, *args):
+        """``fn(*args)`` in a worker thread, at most :data:`PREP_THREADS` at once: decoding and corrections of many
+        concurrent requests would otherwise contend with the model's thread for the cores and the GIL."""
+        if self._cpu is None:
+            self._cpu = anyio.CapacityLimiter(PREP_THREADS)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._cpu)
+
     def batcher(self) -> Batcher:
         """The model stage's batcher, created in the worker's event loop on first use."""
         if self._batcher is None:
@@ -128,14 +139,14 @@ class DrSpot:
     async def analyse(self, up, variants: list[str]) -> list[dict[str, Any]]:
         """Both stages on the photo, once per correction in ``variants``."""
         # the corrections run off the event loop (colour constancy and CLAHE are whole-picture numpy work)
-        images = await anyio.to_thread.run_sync(lambda: [correct(up.rgb, v) for v in variants])
+        images = await self.cpu(lambda: [correct(up.rgb, v) for v in variants])
         return await self.model("analyse", images)
 
     async def answer_photo(
         self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str, key: str | None = None
     ):
         t0 = time.perf_counter()
-        up = await anyio.to_thread.run_sync(read_image, data, self.pipeline.serving)
+        up = await self.cpu(read_image, data, self.pipeline.serving)
         t_decode = time.perf_counter() - t0
         # compare: the original beside the corrected photo (colour constancy when none was asked for)
         corrected = preprocess if preprocess != "none" else "color_constancy"
@@ -225,6 +236,15 @@ class DrSpot:
             logged = await anyio.to_thread.run_sync(self.log.record, row)
         except KeyReused as e:
             raise InputError(422, "idempotency key reused", str(e), "idempotency") from e
+        except OperationalError as e:  # the database stayed out of reach (serving/store.py retried): not answered
+            raise InputError(
+                503,
+                "prediction log unavailable",
+                f"the answer could not be logged, so it is not given: {type(e).__name__}; retry (with an "
+                "Idempotency-Key it is logged once)",
+                "log_unavailable",
+                {"Retry-After": "5"},
+            ) from e
         if logged != request_id:  # sent before with this key: answered under the first request's id, logged once
             response.update(request_id=logged, replayed=True)
         if image_path is None and S.report_photos:
@@ -256,7 +276,7 @@ class DrSpot:
         try:
             request_id = uuid.uuid4().hex
             await events.put(("quality", {"request_id": request_id, "image": self.image_part(up)}))
-            img = await anyio.to_thread.run_sync(correct, up.rgb, preprocess)
+            img = await self.cpu(correct, up.rgb, preprocess)
             t1 = time.perf_counter()
             [(plan, err)] = await self.model("locate", [img])
             t2 = time.perf_counter()

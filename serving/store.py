@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from infra.config import Config
 from infra.env import StateError, inside_code
@@ -107,6 +108,7 @@ class KeyReused(ValueError):
 
 DB_ENV = "DRSPOT_DATABASE_URL"
 CONNECT_TIMEOUT_S = 5  # a database that does not answer is reported within this, not waited on
+WRITE_RETRY_S = 20  # a log write is tried again for this long while the database cannot be reached (a restart)
 
 
 def database_url(cfg: Config) -> str:
@@ -243,9 +245,18 @@ class PredictionLog:
             KeyReused: the key was logged with another photo.
         """
         row = {"created_at": dt.datetime.now(dt.UTC), **row}
-        try:
+
+        tries = []
+
+        def write() -> None:
+            tries.append(1)
+            if len(tries) > 1 and self.get(row["request_id"]) is not None:
+                return  # the connection broke after an earlier try had committed: it is logged
             with self.engine.begin() as conn:
                 conn.execute(insert(predictions).values(**row))
+
+        try:
+            self._retrying(write)
         except IntegrityError:
             first = self._keyed(predictions, row.get("idempotency_key"))
             if first is None:
@@ -257,6 +268,21 @@ class PredictionLog:
                 ) from None
             return first["request_id"]
         return row["request_id"]
+
+    @staticmethod
+    def _retrying(write):
+        """``write()``, tried again for up to :data:`WRITE_RETRY_S` while the database cannot be reached (a
+        PostgreSQL restart, a locked SQLite file): a prediction is answered only once it is logged, so a short outage
+        delays answers instead of failing them. Raises the last OperationalError after that."""
+        deadline, delay = time.monotonic() + WRITE_RETRY_S, 0.2
+        while True:
+            try:
+                return write()
+            except OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _keyed(self, table: Table, key: str | None) -> dict[str, Any] | None:
         if key is None:
@@ -301,12 +327,16 @@ class PredictionLog:
             KeyReused: the key was recorded with another confirmation.
         """
         values = {"request_id": request_id, "confirmed_label": label, "reviewer": reviewer, "box": box}
-        try:
+
+        def write() -> int:
             with self.engine.begin() as conn:
                 res = conn.execute(
                     insert(feedback).values(**values, idempotency_key=key, created_at=dt.datetime.now(dt.UTC))
                 )
-                return int(res.inserted_primary_key[0]), False
+                return int(res.inserted_primary_key[0])
+
+        try:
+            return self._retrying(write), False
         except IntegrityError:
             first = self._keyed(feedback, key)
             if first is None:

@@ -16,6 +16,9 @@ from serving.launch import free_port
 from serving.store import PredictionLog
 
 
+PG_CTL: list[str] = []  # pg_ctl of the module's server, without its action (start / stop)
+
+
 @pytest.fixture(scope="module")
 def postgres():
     """A PostgreSQL server in a temporary folder (Debian's binaries; `make test` installs them as root)."""
@@ -45,6 +48,7 @@ def postgres():
         capture_output=True,
     )
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    PG_CTL[:] = [*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-o", opts, "-l", f"{data}/log", "-w"]
     yield url
     subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-m", "fast", "stop"], capture_output=True)
     shutil.rmtree(data, ignore_errors=True)
@@ -128,6 +132,25 @@ def test_a_request_sent_again_with_its_idempotency_key_is_logged_once(log):
         log.add_feedback("a1", "bcc", "dr.kim", key="f-1")
     with log.engine.connect() as c:
         assert c.execute(sqlalchemy.text("SELECT count(*) FROM feedback")).scalar() == 1
+
+
+def test_a_database_restart_delays_a_write_instead_of_failing_it(postgres):
+    """PostgreSQL stops under the running service and is back 2 s later: the prediction written meanwhile waits
+    for it (serving/store.py retries while the server cannot be reached) and is logged once; nothing fails."""
+    import threading
+
+    log = PredictionLog(postgres)
+    log.record(_row("before-restart"))
+    subprocess.run([*PG_CTL, "-m", "fast", "stop"], check=True, capture_output=True)
+    back = threading.Timer(2.0, lambda: subprocess.run([*PG_CTL, "start"], check=True, capture_output=True))
+    back.start()
+    t0 = time.monotonic()
+    try:
+        assert log.record(_row("during-restart")) == "during-restart"
+    finally:
+        back.join()
+    waited = time.monotonic() - t0
+    assert log.get("during-restart")["label"] == "nv" and 1.5 < waited < 20, waited
 
 
 def test_identical_photos_stored_at_once_give_one_owner_only_file_and_no_failure(tmp_path):

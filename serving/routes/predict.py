@@ -8,7 +8,6 @@ import time
 import uuid
 from typing import Any
 
-import anyio
 from bentoml import get_current_service
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -56,7 +55,7 @@ async def predict_stream(
         opts = options(preprocess, "false", language)
         data = await multipart_image(request, 'or JSON {"image": "<base64>"}')
     t0 = time.perf_counter()
-    up = await anyio.to_thread.run_sync(read_image, data, svc.pipeline.serving)
+    up = await svc.cpu(read_image, data, svc.pipeline.serving)
     t_decode = time.perf_counter() - t0
     events: asyncio.Queue = asyncio.Queue()
     task = asyncio.create_task(svc.stream_stages(up, opts[0], opts[2], t0, t_decode, events, idempotency_key(request)))
@@ -168,10 +167,10 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
         t1 = time.perf_counter()
         chunk = []
         for i in range(start, min(start + S.max_batch_size, len(datas))):
-            chunk.append(await anyio.to_thread.run_sync(_read_frame, svc, datas[i], i))
+            chunk.append(await svc.cpu(_read_frame, svc, datas[i], i))
             _same_size((ups or chunk)[0], chunk[-1], i)
         t_decode += time.perf_counter() - t1
-        images = await anyio.to_thread.run_sync(lambda c=chunk: [correct(up.rgb, preprocess) for up in c])
+        images = await svc.cpu(lambda c=chunk: [correct(up.rgb, preprocess) for up in c])
         results += await svc.model("analyse", images)
         del images
         for up in chunk:
