@@ -131,7 +131,7 @@ async def until_answered(run: Run, http, method: str, url: str, endpoint: str, d
                 run.retried_ok += 1
             return r
         if r is not None:
-            run.errors_5xx.append((time.monotonic() - run.t0, r.status_code, endpoint))
+            run.errors_5xx.append((time.monotonic() - run.t0, r.status_code, f"{endpoint}: {r.text[:120]}"))
         if time.monotonic() - start > deadline_s:
             run.unexpected.append(f"{endpoint}: not answered within {deadline_s:g} s")
             return r
@@ -204,15 +204,17 @@ async def stream(run: Run, http, url: str, body: dict, key: dict) -> None:
             answer = json.loads(done[0].split("data: ", 1)[1])
             run.answered[answer["request_id"]] = key["Idempotency-Key"]
             return
-        run.errors_5xx.append((time.monotonic() - run.t0, 200, "stream error event"))
+        said = [line for line in text.split("\n\n") if line.startswith("event: error")]
+        run.errors_5xx.append((time.monotonic() - run.t0, 200, f"stream error event: {said[:1]}"[:200]))
         await asyncio.sleep(1)
     run.unexpected.append("stream: never done")
 
 
 def backend_processes(front_pid: int) -> list:
+    """Every process under the front: the backend's BentoML server and its API workers."""
     import psutil
 
-    return [p for p in psutil.Process(front_pid).children(recursive=True) if "bentoml" in " ".join(p.cmdline())]
+    return psutil.Process(front_pid).children(recursive=True)
 
 
 def kill_backend(front_pid: int) -> int:

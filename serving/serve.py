@@ -316,7 +316,8 @@ class Front:
         try:
             async for chunk in r.content.iter_any():
                 await out.write(chunk)
-        except aiohttp.ClientConnectionError as e:  # the status is sent: the failure is the stream's last event
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:  # the status is sent: the failure
+            # is the stream's last event (a backend that died mid-stream ends its chunked body short: a payload error)
             detail = json.dumps({"error": "service unavailable", "detail": f"the model service went away: {e}"})
             await out.write(f"event: error\ndata: {detail}\n\n".encode())
         await out.write_eof()

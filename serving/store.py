@@ -292,9 +292,12 @@ class PredictionLog:
         return dict(r) if r else None
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            r = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).mappings().first()
-        return dict(r) if r else None
+        def read() -> dict[str, Any] | None:
+            with self.engine.connect() as conn:
+                r = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).mappings().first()
+            return dict(r) if r else None
+
+        return self._retrying(read)  # a report or a confirmation during a database restart waits for it
 
     def rows(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The logged predictions of these request ids (those that exist), by id."""

@@ -15,7 +15,6 @@ import sqlalchemy
 from serving.launch import free_port
 from serving.store import PredictionLog
 
-
 PG_CTL: list[str] = []  # pg_ctl of the module's server, without its action (start / stop)
 
 
