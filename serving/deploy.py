@@ -113,7 +113,7 @@ def deploy(cfg: Config, build: bool = True) -> dict[str, Any]:
     """
     import bentoml
 
-    from serving.store import import_stranded
+    from serving.log_import import import_stranded
 
     imported = [(str(src), n) for src, n in import_stranded(cfg) if n["predictions"] or n["feedback"]]
     tags, meta = {}, {}

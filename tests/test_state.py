@@ -73,7 +73,8 @@ def test_env_export_gives_a_shell_the_projects_stores(tmp_path):
 
 
 def test_import_of_logs_left_inside_bento_folders_is_complete_and_idempotent(tmp_path, drspot_cli):
-    from serving.store import PredictionLog, stranded
+    from serving.log_import import stranded
+    from serving.store import PredictionLog
 
     home = tmp_path / "project"
     # what an earlier version left behind: a log and a stored image inside a Bento's own folder

@@ -180,7 +180,7 @@ def test_a_log_written_before_the_variants_and_box_columns_imports_with_its_pati
     ``variants``, feedback without ``box``; its ``patients`` rows come along; a second import copies nothing."""
     import sqlite3
 
-    from serving.store import import_log
+    from serving.log_import import import_log
 
     old = tmp_path / "old.db"
     con = sqlite3.connect(old)

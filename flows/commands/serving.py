@@ -103,7 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_import_logs(args: argparse.Namespace) -> int:
-    from serving.store import describe, import_stranded
+    from serving.log_import import import_stranded
+    from serving.store import describe
 
     done = import_stranded(args.cfg, [p.resolve() for p in args.logs] or None)
     if not done:
