@@ -1,4 +1,4 @@
-"""``python -m serving.backend METRICS_DIR serve BENTO ...``: ``bentoml serve`` with its own Prometheus directory.
+"""``python serving/backend.py METRICS_DIR serve BENTO ...``: ``bentoml serve`` with its own Prometheus directory.
 
 BentoML keeps its worker processes' metrics in ``$BENTOML_HOME/prometheus_multiproc_dir`` and empties that folder
 whenever a service starts. Two services on one state home (the live service and a candidate under its serving
@@ -13,8 +13,13 @@ from pathlib import Path
 
 
 def command(target: str, host: str, port: int, metrics: Path) -> list[str]:
-    """``bentoml serve target`` on host:port, through this module, with ``metrics`` as its Prometheus folder."""
-    return [sys.executable, "-m", "serving.backend", str(metrics), "serve", target, "--host", host, "--port", str(port)]
+    """``bentoml serve target`` on host:port, through this file, with ``metrics`` as its Prometheus folder.
+
+    Run by its path, not as ``-m serving.backend``: importing the ``serving`` package in the process that loads the
+    Bento made the Bento's own ``serving`` resolve to this installation's copy beside the Bento's ``components``
+    (seen: a Bento of another commit failed to load with a mixed import)."""
+    script = str(Path(__file__).resolve())
+    return [sys.executable, script, str(metrics), "serve", target, "--host", host, "--port", str(port)]
 
 
 def main() -> None:
@@ -29,4 +34,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # run as a script, Python put this folder first on the path: its modules (app, store, ...) would shadow others
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
     main()

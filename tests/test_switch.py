@@ -42,8 +42,15 @@ def _wait_for(url: str, classifier: str, timeout: float = 180) -> dict:
 
 
 def _bentos_running() -> set[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return {line.split()[line.split().index("serve") + 1] for line in out.splitlines() if "-m bentoml serve" in line}
+    """The Bentos a backend process serves now (serving/backend.py's command line: ``... serve <bento> --host``)."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        words = proc.info["cmdline"] or []
+        if any(w.endswith("serving/backend.py") for w in words) and "serve" in words:
+            found.add(words[words.index("serve") + 1])
+    return found
 
 
 def test_a_new_champion_reaches_the_running_service_without_a_failed_request(deployed, monkeypatch, tmp_path):
@@ -91,7 +98,8 @@ def test_a_new_champion_reaches_the_running_service_without_a_failed_request(dep
         assert ready["data_version"] == "v-switch"
         log = (tmp_path / "serve.log").read_text()
         assert f"switched to {new_bento}" in log and f"stopped {old_bento}" in log
-        assert old_bento not in _bentos_running()  # the old process is gone
+        running = _bentos_running()
+        assert new_bento in running and old_bento not in running, running  # the new one serves, the old one is gone
         assert len(answers) >= 10
 
         # a Bento that cannot start: the old one keeps serving, and says why in its log
