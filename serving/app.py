@@ -22,6 +22,7 @@ from infra.config import load_config
 from infra.env import check_home
 from serving.inputs import InputError, body_limit, check_length
 from serving.pipeline import PREPROCESS, KnowledgeError, resolve_language
+from serving.store import KeyReused
 
 # the configuration `drspot serve` resolved ($DRSPOT_CONFIG) and the state home it handed over ($DRSPOT_HOME):
 # a service whose log would land inside its own Bento refuses to start here, naming the setting to give
@@ -258,3 +259,9 @@ async def _refused(request: Request, exc: InputError) -> JSONResponse:
     route = request.scope.get("route")
     template = getattr(route, "path", request.url.path)
     return refuse(exc, ENDPOINT_LABELS.get(template, template))
+
+
+@app.exception_handler(KeyReused)
+async def _key_reused(request: Request, exc: KeyReused) -> JSONResponse:
+    """An Idempotency-Key the log holds for another request: the contract's 422, from any route."""
+    return await _refused(request, InputError(422, "idempotency key reused", str(exc), "idempotency"))

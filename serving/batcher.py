@@ -47,8 +47,6 @@ class Batcher:
         self.queue: deque[_Job] = deque()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.batches = 0
-        self.items = 0
         # one thread runs every batch: the model's own thread pools (PyTorch's OpenMP team, ONNX Runtime's) belong to
         # the thread that calls them, so one caller keeps one team instead of one per worker thread that happens to
         # pick the batch up
@@ -107,8 +105,6 @@ class Batcher:
                     if not j.future.done():
                         j.future.set_exception(e)
                 continue
-            self.batches += 1
-            self.items += len(batch)
             for j, r in zip(batch, results, strict=True):
                 if not j.future.done():
                     j.future.set_result(r)

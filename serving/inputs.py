@@ -103,7 +103,7 @@ def assess(q: dict[str, float], width: int, height: int, s: Serving) -> list[str
 def decoded_pixels(fmt: str, w: int, h: int, s: Serving) -> int:
     """Pixels a photo of this format and header size decodes to: a JPEG at its DCT scale (``serving.work_side``), any
     other format whole."""
-    k = jpeg_scale((w, h), s.work_side) if fmt == "JPEG" else 1
+    k = jpeg_scale(max(w, h), s.work_side) if fmt == "JPEG" else 1
     return -(-w // k) * -(-h // k)
 
 

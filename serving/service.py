@@ -45,7 +45,6 @@ from serving.batcher import Batcher, Overloaded
 from serving.inputs import InputError, read_image
 from serving.pipeline import Pipeline, correct
 from serving.routes import pages, predict, reports, review
-from serving.store import KeyReused
 
 PREP_THREADS = 1  # threads decoding and correcting photos at once, beside the model's (bench/serving.py)
 
@@ -234,8 +233,6 @@ class DrSpot:
         }
         try:
             logged = await anyio.to_thread.run_sync(self.log.record, row)
-        except KeyReused as e:
-            raise InputError(422, "idempotency key reused", str(e), "idempotency") from e
         except OperationalError as e:  # the database stayed out of reach (serving/store.py retried): not answered
             raise InputError(
                 503,

@@ -34,15 +34,15 @@ class Decoded:
     rgb: Image.Image
     original_mode: str
     notes: list[str]
-    size: tuple[int, int] = (0, 0)  # the photo's own width x height (EXIF orientation applied), before any reduction
+    size: tuple[int, int]  # the photo's own width x height (EXIF orientation applied), before any reduction
 
 
-def jpeg_scale(size: tuple[int, int], max_side: int) -> int:
-    """The JPEG DCT scale (1, 2, 4 or 8) a decode for a longer side of ``max_side`` may use: the largest that keeps
-    the longer side at least ``max_side`` (1 when ``max_side`` is 0: decode whole)."""
-    if not max_side:
+def jpeg_scale(side: int, target: int) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) a decode may use when ``side`` must stay at least ``target``: the largest
+    that keeps it so (1 when ``target`` is 0: decode whole)."""
+    if not target:
         return 1
-    return max((k for k in (1, 2, 4, 8) if max(size) // k >= max_side), default=1)
+    return max((k for k in (1, 2, 4, 8) if side // k >= target), default=1)
 
 
 def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: int = 0, max_side: int = 0) -> Decoded:
@@ -78,9 +78,7 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, min_side: 
             notes.append(f"animated ({im.n_frames} frames): first frame used")
         try:
             im.seek(0)
-            shrink = max((k for k in (1, 2, 4, 8) if min(w, h) // k >= min_side), default=1) if min_side else 1
-            if max_side:
-                shrink = jpeg_scale((w, h), max_side)
+            shrink = jpeg_scale(max(w, h), max_side) if max_side else jpeg_scale(min(w, h), min_side)
             if shrink > 1:
                 im.draft(None, (w // shrink, h // shrink))  # JPEG only; a no-op for others
             im.load()

@@ -3,6 +3,7 @@ stage by stage) and ``/predict/frames`` (a camera's frames, answered once a clas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -92,16 +93,11 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
-def _frame_bytes(f: dict, i: int) -> bytes:
+@contextlib.contextmanager
+def _frame(i: int):
+    """A refusal inside names the frame it is about."""
     try:
-        return from_base64(f["image"])
-    except InputError as e:
-        raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
-
-
-def _read_frame(svc: Any, data: bytes, i: int):
-    try:
-        return read_image(data, svc.pipeline.serving)
+        yield
     except InputError as e:
         raise InputError(e.status, e.error, f"frame {i}: {e.detail}", e.reason) from e
 
@@ -150,7 +146,8 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
     t0 = time.perf_counter()
     datas, pixels = [], 0
     for i, f in enumerate(frames):  # the budget first, from the headers alone: nothing is decoded for a refused one
-        data = _frame_bytes(f, i)
+        with _frame(i):
+            data = from_base64(f["image"])
         # the frames of a sequence share one pixel budget, counted from each header before it is decoded
         pixels += _header_pixels(data)
         if pixels > S.max_pixels:
@@ -167,7 +164,8 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
         t1 = time.perf_counter()
         chunk = []
         for i in range(start, min(start + S.max_batch_size, len(datas))):
-            chunk.append(await svc.cpu(_read_frame, svc, datas[i], i))
+            with _frame(i):
+                chunk.append(await svc.cpu(read_image, datas[i], svc.pipeline.serving))
             _same_size((ups or chunk)[0], chunk[-1], i)
         t_decode += time.perf_counter() - t1
         images = await svc.cpu(lambda c=chunk: [correct(up.rgb, preprocess) for up in c])

@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 
 from serving.app import CFG, REQUESTS, idempotency_key, json_object, require_reviewer
 from serving.inputs import InputError
-from serving.store import KeyReused
 
 router = APIRouter()
 
@@ -58,12 +57,9 @@ async def feedback(request: Request, svc: Any = Depends(get_current_service)):
     if prediction is None:
         raise InputError(404, "unknown request_id", f"no prediction {spec['request_id']!r} is logged", "unknown")
     reviewer = str(spec["reviewer"]).strip()[:200]
-    try:
-        fid, replayed = await anyio.to_thread.run_sync(
-            svc.log.add_feedback, prediction["request_id"], label, reviewer, box, key
-        )
-    except KeyReused as e:
-        raise InputError(422, "idempotency key reused", str(e), "idempotency") from e
+    fid, replayed = await anyio.to_thread.run_sync(
+        svc.log.add_feedback, prediction["request_id"], label, reviewer, box, key
+    )
     status = 200 if replayed else 201  # sent again with its Idempotency-Key: recorded once, answered as before
     REQUESTS.labels(endpoint="/feedback", status=str(status)).inc()
     stored = prediction["image_path"] is not None
