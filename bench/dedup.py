@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
+from components.data.dedup import confirmed as is_confirmed  # noqa: E402
 from components.data.dedup import near_pairs, near_pairs_with_crops, verify  # noqa: E402
 from infra.config import load_config  # noqa: E402
 
@@ -201,10 +202,8 @@ def main() -> None:
                 row["recall_plain_search"] = round(len(truth_set & p_ours) / len(truth_set), 4)
                 found = near_pairs_with_crops(full, crops, d)
                 ids = [str(k) for k in range(len(paths))]
-                corr = verify(
-                    [(ids[a], ids[b]) for a, b in found], dict(zip(ids, paths, strict=True)), cfg.dedup.min_correlation
-                )
-                confirmed = {(a, b) for a, b in found if corr[(str(a), str(b))] >= cfg.dedup.min_correlation}
+                corr = verify([(ids[a], ids[b]) for a, b in found], dict(zip(ids, paths, strict=True)))
+                confirmed = {(a, b) for a, b in found if is_confirmed(corr[(str(a), str(b))], cfg)}
                 row["recall_drspot_pipeline"] = round(len(truth_set & confirmed) / len(truth_set), 4)
                 row["false_pair_share_drspot_pipeline"] = round(len(confirmed - truth_set) / max(1, len(confirmed)), 4)
             rows.append(row)

@@ -98,6 +98,9 @@ def report_rows(result, limit: int) -> None:
     print(f"ingested {result.rows} rows ({result.kind}) into {result.out}")
     print(f"  lesions {s['lesions']}, images with boxes {s['images_with_boxes']}, boxes {s['boxes']}")
     print(f"  labels  {s['labels']}")
+    if result.class_map:
+        pairs = ", ".join(f"{k} -> {v}" for k, v in sorted(result.class_map.items()))
+        print(f"  class map ({result.kind}): {pairs}; any other class outside classes.names is quarantined")
     if s["splits"]:
         print(f"  splits  {s['splits']}")
     counts = result.problem_counts()

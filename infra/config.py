@@ -117,6 +117,7 @@ class Synthetic(_Strict):
 class Ingest(_Strict):
     row_group_size: int = Field(ge=1)
     max_report_rows: int = Field(ge=1)
+    class_map: dict[str, dict[str, str]] = {}
 
 
 Severity = Literal["error", "warn", "info"]
@@ -136,6 +137,7 @@ class Dedup(_Strict):
     max_distance: int = Field(ge=0, le=32)
     verify: bool
     min_correlation: float = Field(ge=0, le=1)
+    min_centre_correlation: float = Field(ge=-1, le=1)
     link_lesions: bool
 
 
@@ -415,6 +417,14 @@ class Config(_Strict):
         bad = [k for k in self.synthetic.class_weights if k not in self.classes.names]
         if bad:
             raise ValueError(f"synthetic.class_weights names classes not in classes.names: {bad}")
+        bad_map = {
+            f"{kind}.{src}": dst
+            for kind, m in self.ingest.class_map.items()
+            for src, dst in m.items()
+            if dst not in self.classes.names
+        }
+        if bad_map:
+            raise ValueError(f"ingest.class_map maps to classes not in classes.names: {bad_map}")
         return self
 
     _base: Path = PrivateAttr(default_factory=project_root)
@@ -485,7 +495,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
         if (
             isinstance(value, dict)
             and isinstance(out[key], dict)
-            and key not in {"class_weights", "aliases", "ratios", "robustness", "first_model_floors"}
+            and key not in {"class_weights", "aliases", "class_map", "ratios", "robustness", "first_model_floors"}
         ):
             out[key] = _merge(out[key], value, path)
         else:

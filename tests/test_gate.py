@@ -142,6 +142,23 @@ def test_frozen_test_set_never_changes_and_new_rows_never_enter_it():
     assert {second[r["image_id"]] for r in new if r["image_id"] != "dup_of_test"} <= {"train", "val"}
 
 
+def test_a_new_sources_own_test_split_joins_the_frozen_test_set_and_nothing_else_does():
+    """A second clinic's frozen test lesions (rows its ingest marks ``test``) join the test set; the clinic's other
+    rows, and a marked row whose group already has earlier rows, do not."""
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    old = _rows(60)
+    first, _ = assign(old, ratios, seed=1)
+    clinic_test = [{**r, "split": "test"} for r in _rows(10, prefix="b")]
+    incoming = _rows(20, prefix="c")
+    a_train_group = next(r for r in old if first[r["image_id"]] == "train")["group_id"]
+    sneaky = {"image_id": "marked_test_in_train_group", "label": "nv", "group_id": a_train_group, "split": "test"}
+    second, held = assign(old + clinic_test + incoming + [sneaky], ratios, seed=1, prior=first)
+    old_test = {k for k, v in first.items() if v == "test"}
+    assert {k for k, v in second.items() if v == "test"} == old_test | {r["image_id"] for r in clinic_test}
+    assert {second[r["image_id"]] for r in incoming} <= {"train", "val"}
+    assert second["marked_test_in_train_group"] == "train" and not held
+
+
 def test_split_persists_across_runs_through_the_output(gated):
     cfg = gated["cfg"]
     first = gate.run_split(gated["ds"], gated["prep"], cfg).assignment

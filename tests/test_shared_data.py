@@ -248,3 +248,64 @@ def test_pretrained_features_separate_real_lesions_better_than_random_ones():
     print(f"linear probe (accuracy, balanced accuracy): {scores}")
     assert scores["pretrained"][0] > scores["random"][0] + 0.03
     assert scores["pretrained"][1] > scores["random"][1] + 0.03
+
+
+def test_bcn20000_second_clinic_class_map_and_its_real_duplicates(tmp_path, cfg):
+    """The Barcelona folder: ak and scc become akiec by the configured map (printed in the report); with scc left out
+    of the map, its 367 photos are quarantined naming 'scc'; the data gate finds the 45 byte-identical pairs, no
+    label conflict, and no look-alike pair across lesions (the dermatoscope's frame is not a copy)."""
+    import pyarrow.parquet as pq
+
+    from components.data import gate
+
+    src = shared("bcn20000_84")
+    result = ingest("bcn20000", src, tmp_path / "bcn", cfg)
+    assert result.rows == 10461 and result.problems == [] and result.class_map == {"ak": "akiec", "scc": "akiec"}
+    rows = read_manifest(tmp_path / "bcn").to_pylist()
+    assert Counter(r["label"] for r in rows) == {
+        "nv": 3568, "mel": 2401, "bcc": 2372, "akiec": 604 + 367, "bkl": 955, "df": 102, "vasc": 92
+    }  # fmt: skip
+    assert len({r["lesion_id"] for r in rows}) == 3038 and {r["source"] for r in rows} == {"bcn20000"}
+    assert sum(r["localization"] is None for r in rows) == 152 and sum(r["sex"] is None for r in rows) == 50
+
+    narrow = ingest("bcn20000", src, tmp_path / "narrow", cfg, class_map={"ak": "akiec"})
+    unknown = [p for p in narrow.problems if p.check == "label_unknown"]
+    assert len(unknown) == 367 and all(p.kept and "'scc'" in p.detail for p in unknown)
+    prepared = tmp_path / "prep"
+    gate.run_validate(tmp_path / "narrow", prepared, cfg)
+    gate.run_dedup(tmp_path / "narrow", prepared, cfg)
+    s = gate.summary(prepared)
+    assert s["quarantined_by_check"] == {"label_in_classes": 367}
+    quarantined = pq.read_table(prepared / "validate" / "quarantine.parquet").to_pylist()
+    reasons = {q["reason"] for q in quarantined if q["severity"] == "warn"}
+    assert reasons == {"expect_column_values_to_be_in_set failed for label='scc'"}
+    assert s["exact_pairs"] == 45 and s["label_conflicts"] == 0
+    lesion = {r["image_id"]: r["lesion_id"] for r in rows}
+    near = [p for p in pq.read_table(prepared / "dedup" / "dedup_pairs.parquet").to_pylist() if p["kind"] == "near"]
+    assert near and all(lesion[p["a"]] == lesion[p["b"]] for p in near)  # follow-up photos of one lesion only
+
+
+def test_bcn20000_bad_folder_and_bad_rows(tmp_path, cfg):
+    """A folder without metadata.csv or images/ is named before anything starts; a row whose image is missing is
+    reported and a photo that does not decode is kept for the gate, every good row kept."""
+    import shutil
+
+    from components.data.sources import IngestError
+
+    src = shared("bcn20000_84")
+    with pytest.raises(IngestError, match="lacks metadata.csv and images"):
+        ingest("bcn20000", tmp_path, tmp_path / "out", cfg)
+    folder = tmp_path / "clinic"
+    (folder / "images").mkdir(parents=True)
+    lines = (src / "metadata.csv").read_text().splitlines()[:6]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    ids = [line.split(",")[0] for line in lines[1:]]
+    for i in ids[:4]:
+        shutil.copy(src / "images" / f"{i}.jpg", folder / "images")
+    (folder / "images" / f"{ids[3]}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = ingest("bcn20000", folder, tmp_path / "out", cfg)
+    assert result.rows == 4 and result.missing_images == [ids[4]]
+    assert sorted((p.row, p.check, p.kept) for p in result.problems) == [
+        (ids[3], "image_undecodable", True),
+        (ids[4], "image_missing", False),
+    ]

@@ -217,17 +217,25 @@ def phash(rgb: Image.Image, crop: float = 0.0) -> int:
 
 
 def thumbnails(
-    rgb: Image.Image, crops: tuple[float, ...] = (0.0, 0.015, 0.03, 0.045, 0.06), size: int = 24
+    rgb: Image.Image,
+    crops: tuple[float, ...] = (0.0, 0.015, 0.03, 0.045, 0.06),
+    size: int = 24,
+    centre: float = 0.0,
+    colour: bool = False,
 ) -> np.ndarray:
-    """Zero-mean, unit-norm grayscale thumbnails of centre crops, for crop-aware comparison.
+    """Zero-mean, unit-norm thumbnails of centre crops, for crop-aware comparison.
 
     Two images are near-duplicates when some crop of one correlates with some crop of the other
-    almost perfectly (see :func:`components.data.dedup.verify`).
+    almost perfectly (see :func:`components.data.dedup.verify`). ``centre``: each crop is further cut to its middle
+    (this share removed on each side), where the lesion is; ``colour``: RGB channels (each zero-mean) instead of grey.
     """
-    gray = rgb.convert("L")
+    img = rgb if colour else rgb.convert("L")
     out = []
     for f in crops:
-        a = np.asarray(centre_crop(gray, f).resize((size, size), Image.LANCZOS), dtype=np.float64).ravel()
-        a -= a.mean()
+        t = centre_crop(centre_crop(img, f), centre).resize((size, size), Image.LANCZOS)
+        a = np.asarray(t, dtype=np.float64)
+        if colour:
+            a = a - a.mean(axis=(0, 1))
+        a = a.ravel() - a.mean()
         out.append(a / (np.linalg.norm(a) + 1e-9))
     return np.stack(out)

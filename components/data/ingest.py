@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ from components.data.manifest import (
     sha256_file,
     summary,
 )
-from components.data.sources import ADAPTERS, Candidate, IngestError, Problem  # noqa: F401  (IngestError: this API's error)
+from components.data.sources import (  # noqa: F401  (IngestError: this API's error)
+    ADAPTERS,
+    Candidate,
+    IngestError,
+    Problem,
+    class_map,
+)
 from infra.config import Config
 
 REPORT = "ingest_report.json"
@@ -48,6 +54,7 @@ class IngestResult:
     problems: list[Problem]
     missing_images: list[str]
     summary: dict[str, Any]
+    class_map: dict[str, str] = field(default_factory=dict)  # the source's class names -> classes.names in force
 
     def problem_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -129,6 +136,8 @@ def ingest(
     missing: list[str] = []
     written: set[str] = set()
     classes = set(cfg.classes.names)
+    mapping = class_map(kind, cfg, opts.get("class_map"))
+    unmapped = f" and the class map ({kind}) does not map it" if mapping else ""
 
     with ManifestWriter(out, cfg.ingest.row_group_size) as writer:
         if append and (out / MANIFEST).is_file():
@@ -174,7 +183,7 @@ def ingest(
             label = cfg.classes.normalise(c.label)
             if label is not None and label not in classes:
                 problems.append(
-                    Problem(c.image_id, "label_unknown", f"{c.label!r} is not one of {sorted(classes)}", True)
+                    Problem(c.image_id, "label_unknown", f"{c.label!r} is not one of {sorted(classes)}{unmapped}", True)
                 )
             boxes, box_problem = _check_boxes(c.boxes)
             if box_problem:
@@ -210,6 +219,7 @@ def ingest(
         problems=problems,
         missing_images=missing,
         summary=summary(read_manifest(out)),
+        class_map=mapping,
     )
     (out / REPORT).write_text(result.to_json())
     return result

@@ -1,6 +1,6 @@
-"""The sources DrSpot reads, one adapter per kind (``synthetic``, ``ham10000``, ``isic``, ``medmnist``, ``yolo``,
-``imagefolder``, ``feedback``): each only *reads* its source and yields :class:`Candidate` rows, or :class:`Problem` s
-for rows it cannot make sense of. :func:`components.data.ingest.ingest` does the rest (copy, hash, label, boxes,
+"""The sources DrSpot reads, one adapter per kind (``synthetic``, ``ham10000``, ``bcn20000``, ``isic``, ``medmnist``,
+``yolo``, ``imagefolder``, ``feedback``): each only *reads* its source and yields :class:`Candidate` rows, or
+:class:`Problem` s for rows it cannot make sense of. :func:`components.data.ingest.ingest` does the rest (copy, hash, label, boxes,
 manifest) the same way for all of them."""
 
 from __future__ import annotations
@@ -332,8 +332,8 @@ def adapt_yolo(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate | P
         raise IngestError(f"{data_yaml} has no 'names'")
     names = meta["names"]
     names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-    class_map = {str(k).lower(): v for k, v in (opts.get("class_map") or {}).items()}
-    names = [class_map.get(str(n).lower(), n) for n in names]
+    mapping = class_map("yolo", cfg, opts.get("class_map"))
+    names = [mapping.get(str(n).lower(), n) for n in names]
     root = (data_yaml.parent / meta.get("path", ".")).resolve()
 
     ham: dict[str, dict[str, str]] = {}
@@ -432,9 +432,63 @@ def adapt_feedback(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate
         )
 
 
+def class_map(kind: str, cfg: Config, given: dict[str, str] | None = None) -> dict[str, str]:
+    """The class map in force for a source ``kind``: ``given`` (``--class-map``) or ``ingest.class_map.<kind>``;
+    keys lower-cased (source labels are matched case-insensitively)."""
+    chosen = given if given else cfg.ingest.class_map.get(kind, {})
+    return {str(k).strip().lower(): str(v).strip() for k, v in chosen.items()}
+
+
+def adapt_bcn20000(source: Path, cfg: Config, **opts: Any) -> Iterator[Candidate | Problem]:
+    """BCN20000 as ISIC 2019 publishes it: a folder with ``metadata.csv`` (``image_id, lesion_id, dx_isic2019,
+    age_approx, sex, anatom_site``) and ``images/``.
+
+    The label is ``dx_isic2019`` (eight classes) mapped by the class map (``class_map`` option, else
+    ``ingest.class_map.bcn20000``: ``ak, scc -> akiec``); a class the map leaves out keeps its own name, so the data
+    gate quarantines it naming the class. Options: ``lesions`` (only these lesion ids), ``split`` (mark every row
+    with this split: a new clinic's test split, see :mod:`components.data.split`).
+    """
+    folder = source if source.is_dir() else source.parent
+    missing = [n for n in ("metadata.csv", "images") if not (folder / n).exists()]
+    if missing:
+        raise IngestError(
+            f"{folder} is not a BCN20000 folder: it lacks {' and '.join(missing)} (expected metadata.csv and images/)"
+        )
+    index = _index_images([folder / "images"])
+    mapping = class_map("bcn20000", cfg, opts.get("class_map"))
+    only = set(opts["lesions"]) if opts.get("lesions") is not None else None
+    for row in _read_csv(folder / "metadata.csv", ["image_id", "lesion_id", "dx_isic2019"]):
+        image_id, lesion_id = row["image_id"].strip(), _str_or_none(row["lesion_id"])
+        if only is not None and lesion_id not in only:
+            continue
+        path = index.get(image_id)
+        if path is None:
+            yield Problem(
+                image_id, "image_missing", f"line {row['__line__']}: no image file {image_id}.* in images/", False
+            )
+            continue
+        raw = (row["dx_isic2019"] or "").strip()
+        yield Candidate(
+            image_id=image_id,
+            label=mapping.get(raw.lower(), raw) or None,
+            lesion_id=lesion_id,
+            file=path,
+            ext=path.suffix.lower(),
+            split=opts.get("split"),
+            extra={
+                "age": _float_or_none(row.get("age_approx")),
+                "sex": _str_or_none(row.get("sex")),
+                "localization": _str_or_none(row.get("anatom_site")),
+                "dx_type": None,
+                "patient_id": None,
+            },
+        )
+
+
 ADAPTERS: dict[str, Callable[..., Iterator[Candidate | Problem]]] = {
     "synthetic": adapt_synthetic,
     "ham10000": adapt_ham10000,
+    "bcn20000": adapt_bcn20000,
     "isic": adapt_isic,
     "medmnist": adapt_medmnist,
     "yolo": adapt_yolo,

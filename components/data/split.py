@@ -5,7 +5,9 @@ with a frozen test set.
 * Stratified: groups of each label are dealt, in a seeded order, largest first, to the split
   whose share of that label is furthest below its target ratio.
 * Frozen test set: when a previous assignment exists (the last ``split.parquet``), rows keep their
-  split, test rows never leave test, and new rows never enter it. A new row whose group holds a
+  split, test rows never leave test, and new rows never enter it, except a new source's own test split: a new
+  group whose every row its source marks ``test`` (``drspot demo --clinic`` ingests a new clinic's frozen test
+  lesions so) joins the test set, which then holds both sources' test rows. A new row whose group holds a
   frozen test row cannot go to train/val either (that would leak): it is *held out* and listed.
 * A source-defined split (MedMNIST, the YOLO export) is regrouped by default; with
   ``split.source_split: keep`` it is kept as is and any leakage in it is reported loudly.
@@ -72,7 +74,8 @@ def assign(
     seed: int,
     prior: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """Assign each row's group to a split. Rows need image_id, label and group_id.
+    """Assign each row's group to a split. Rows need image_id, label and group_id (and may carry the split their
+    source gave).
 
     Args:
         prior: image_id -> split from the previous run (frozen test set); None for a fresh split.
@@ -93,7 +96,10 @@ def assign(
     fresh: list[str] = []
     for g, members in groups.items():
         old = {prior[m["image_id"]] for m in members if m["image_id"] in prior}
-        if not old:
+        if not old and frozen_test and all(m.get("split") == "test" for m in members):
+            for m in members:  # a new source's own test split joins the frozen test set
+                assignment[m["image_id"]] = "test"
+        elif not old:
             fresh.append(g)
         elif "test" in old:
             for m in members:
@@ -199,6 +205,11 @@ def split(
         "rows_assigned": len(assignment),
         "held_out": len(held),
         "frozen_test": bool(prior) and any(v == "test" for v in (prior or {}).values()),
+        "joined_frozen_test": (
+            sum(1 for r in rows if assignment.get(r["image_id"]) == "test" and r["image_id"] not in prior)
+            if prior and not kept_source
+            else 0
+        ),
         "source_split": mode if source_defined else "none (the source defines no split)",
         "rows_per_split": {s: sum(counts[s].values()) for s in SPLITS},
         "groups_per_split": {

@@ -100,7 +100,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-Kind = Literal["synthetic", "ham10000", "isic", "medmnist", "yolo", "imagefolder", "feedback"]
+Kind = Literal["synthetic", "ham10000", "bcn20000", "isic", "medmnist", "yolo", "imagefolder", "feedback"]
 DatasetArg = Annotated[Path, typer.Argument(help="dataset folder (images + manifest.parquet)", show_default=False)]
 PreparedOpt = Annotated[
     Path | None,
@@ -123,7 +123,11 @@ def ingest(
     ] = None,
     class_map: Annotated[
         dict | None,
-        typer.Option(parser=_kv, metavar="A=a,B=b", help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo)"),
+        typer.Option(
+            parser=_kv,
+            metavar="A=a,B=b",
+            help="rename source classes, e.g. AKIEC=akiec,BCC=bcc (yolo; bcn20000: replaces ingest.class_map.bcn20000)",
+        ),
     ] = None,
     ham_metadata: Annotated[
         Path | None, typer.Option(metavar="CSV", help="HAM10000 metadata CSV to join by ISIC id (yolo)")
@@ -167,7 +171,9 @@ def ingest(
     Reads SOURCE as KIND, keeps every good row and lists every problem (by check, with the row) in the
     report; rows that only the data gate can judge are kept for it.
 
-    **Example:** `drspot ingest synthetic raw/ --out data/` (generates a synthetic set with planted faults)
+    **Example:** `drspot ingest synthetic raw/ --out data/` (generates a synthetic set with planted faults);
+    `drspot ingest bcn20000 ../shared/data/bcn20000_84 --out bcn/` (a second clinic; ak, scc -> akiec by
+    ingest.class_map)
     """
     invoke(ctx, cmd_ingest, locals())
 
