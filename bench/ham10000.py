@@ -7,8 +7,8 @@ Run:  .venv/bin/python bench/ham10000.py [--epochs N] [--size PX] [--backbone NA
 The `ham10000` profile of params.yaml is the recipe (an ImageNet-pretrained EfficientNet-Lite0 from the offline
 weight source, LP-FT; YOLOv8n from scratch on a share of the training images); options override it. Writes
 bench/results/ham10000.json: acc, bacc, macro_auc, malignant_auc, malignant_sensitivity, malignant_specificity
-(at the threshold chosen on validation for sensitivity >= evaluate.target_sensitivity), map50, map50_95, wall_s,
-and the scratch baseline's figures under "scratch".
+(at the threshold chosen on validation for sensitivity >= evaluate.malignant_target_sensitivity), map50, map50_95,
+wall_s, and the scratch baseline's figures under "scratch".
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@
 2. They are exported as a source folder under ``retrain.feedback_dir`` and appended to the dataset
    by ``ingest`` (``source=feedback``), then the dataset is versioned (``dvc add`` + ``dvc push`` to
    the default remote) when the project tracks it with DVC.
-3. The ``train`` flow runs: its data gate validates and de-duplicates the new rows against
+3. The challengers' start is decided (``retrain.init``, :func:`challenger_config`): ``champion`` fine-tunes the
+   serving champions' weights with ``retrain.finetune``'s short schedule; ``pretrained`` starts as ``train`` does.
+   The ``train`` flow runs with that configuration: its data gate validates and de-duplicates the new rows against
    everything already there, and the split keeps the frozen test set (a case duplicating a test
    image is dropped or held out, never trained on; no case enters test). The gate decides.
 4. If a model was promoted (and ``retrain.deploy``), ``drspot deploy`` builds the new Bento; a
@@ -155,6 +157,53 @@ def version_data(root: str, data: str, push_timeout_s: float | None = None) -> d
 
 
 @task(name="deploy", **DECLARED)
+def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """The configuration the retrain's challengers train with, and for each kind where it starts (in words).
+
+    ``retrain.init: champion``: each kind's champion is downloaded under ``<paths.models>/init/<kind>/v<N>`` and
+    named in ``<kind>.init`` (path, version, weights hash) with ``retrain.finetune``'s schedule; a kind without a
+    champion, or whose champion another backbone / input size / class list / architecture made, starts as ``train``
+    does. The gate judges the challengers like any other model.
+    """
+    from components.model import registry
+    from components.model.train_classifier import check_init
+
+    if cfg.retrain.init == "pretrained":
+        return cfg, dict.fromkeys(("classifier", "detector"), "as `train` starts (retrain.init: pretrained)")
+    ft, tree, starts = cfg.retrain.finetune, {}, {}
+    schedule = {
+        "classifier": {"epochs": ft.epochs, "lr": ft.lr, "schedule": ft.schedule},
+        "detector": {"epochs": ft.detector_epochs, "lr0": ft.detector_lr0, "warmup_epochs": 0},
+    }
+    for kind in ("classifier", "detector"):
+        name = registry.model_name(kind)
+        version = registry.champion(name)
+        if version is None:
+            starts[kind] = "as `train` starts: there is no champion yet"
+            continue
+        folder = registry.download(name, version, cfg.resolve(cfg.paths.models) / "init" / kind / f"v{version}")
+        weights = folder / ("model.pt" if kind == "classifier" else "detector.pt")
+        where = os.path.relpath(folder, cfg.home) if folder.is_relative_to(cfg.home) else str(folder)
+        init = {"path": where, "version": version, "sha256": registry.file_hash(weights)}
+        candidate = cfg.updated({kind: {"init": init, **schedule[kind]}})
+        if kind == "classifier":
+            problem = check_init(candidate)
+        else:
+            arch = json.loads((folder / "detector_config.json").read_text()).get("arch")
+            problem = (
+                None
+                if arch == cfg.detector.arch
+                else f"the champion is a {arch}, the configuration trains {cfg.detector.arch}"
+            )
+        if problem:
+            starts[kind] = f"as `train` starts: champion v{version} cannot be fine-tuned ({problem})"
+            continue
+        tree[kind] = {"init": init, **schedule[kind]}
+        n = schedule[kind]["epochs"]
+        starts[kind] = f"fine-tunes champion v{version} for {n} epoch(s)"
+    return (cfg.updated(tree) if tree else cfg), starts
+
+
 def deploy_task(cfg: Config) -> dict[str, Any]:
     from serving.deploy import deploy
 
@@ -262,7 +311,11 @@ def retrain_flow(
                     journal.finish("version", versioned)
                 summary |= journal.done("version")
             journal.start("train")  # register and promote are checkpoints inside it
-            trained = train_flow(dataset=str(data), cfg=cfg)
+            challenger_cfg, starts = challenger_config(cfg)
+            summary["start"] = starts
+            for kind, how in starts.items():
+                print(f"{kind} challenger: {how}")
+            trained = train_flow(dataset=str(data), cfg=challenger_cfg)
             journal.finish("train", [{k: r.get(k) for k in ("kind", "version", "promote")} for r in trained["results"]])
             prepared = trained.get("prepared_dir")
             fates = feedback.fate(prepared, case_ids) if prepared else {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from infra.env import CODE, HOME_ENV, project_root
 from infra.state import StatePaths
@@ -186,6 +186,14 @@ class Distillation(_Strict):
     temperature: float = Field(gt=0)
 
 
+class ModelInit(_Strict):
+    """Start training from a trained model (``retrain.init: champion`` sets it for a retrain's challengers)."""
+
+    path: str | None = None  # the model folder (relative to the state home or absolute)
+    version: str | None = None  # its registered version: the new model's parent (lineage)
+    sha256: str | None = None  # its weights' hash: a changed start re-runs the DVC stage
+
+
 class Classifier(_Strict):
     backbone: str
     input_size: int = Field(ge=16)
@@ -206,6 +214,7 @@ class Classifier(_Strict):
     distillation: Distillation
     tta: bool
     threads: int = Field(ge=0)
+    init: ModelInit = ModelInit()
 
 
 class Detector(_Strict):
@@ -220,11 +229,17 @@ class Detector(_Strict):
     conf: float = Field(gt=0, lt=1)
     iou: float = Field(gt=0, lt=1)
     workers: int = Field(ge=0)
+    lr0: float = Field(gt=0)
+    warmup_epochs: float = Field(ge=0)
+    init: ModelInit = ModelInit()
 
 
 class Evaluate(_Strict):
     n_bootstrap: int = Field(ge=10)
-    target_sensitivity: float = Field(gt=0, le=1)
+    # the name before 2026-12 is still read (configurations recorded by earlier runs and deployments)
+    malignant_target_sensitivity: float = Field(
+        gt=0, le=1, validation_alias=AliasChoices("malignant_target_sensitivity", "target_sensitivity")
+    )
     ece_bins: int = Field(ge=2)
     slice_min_rows: int = Field(ge=1)
     malignant_prevalence: float = Field(gt=0, lt=1)
@@ -236,12 +251,19 @@ class Evaluate(_Strict):
 SLICE_METRICS = ("malignant_sensitivity", "accuracy", "balanced_accuracy", "macro_auc", "primary")
 
 
+class GateSources(_Strict):
+    metric: Literal[SLICE_METRICS]
+    improve: list[str]
+    max_drop: float = Field(ge=0)
+
+
 class GateSlices(_Strict):
     columns: list[str]
     min_cases: int = Field(ge=1)
     min_malignant: int = Field(ge=1)
     floors: dict[Literal[SLICE_METRICS], float]
     max_drop: dict[Literal[SLICE_METRICS], float]
+    sources: GateSources
 
 
 class ServingCheck(_Strict):
@@ -342,12 +364,22 @@ class Monitor(_Strict):
     quality: MonitorQuality
 
 
+class Finetune(_Strict):
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    schedule: Literal["onecycle", "cosine", "constant"]
+    detector_epochs: int = Field(ge=1)
+    detector_lr0: float = Field(gt=0)
+
+
 class Retrain(_Strict):
     min_new_cases: int = Field(ge=1)
     feedback_dir: str
     deploy: bool
     cron: str
     timezone: str
+    init: Literal["champion", "pretrained"]
+    finetune: Finetune
 
 
 class FlowTimeouts(_Strict):
@@ -452,6 +484,17 @@ class Config(_Strict):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def updated(self, tree: dict[str, Any]) -> Config:
+        """This configuration with the values in ``tree`` (nested like params.yaml) replaced, checked like any other
+        setting; the state home is kept. How a flow hands a derived decision down (e.g. the retrain's start)."""
+        merged = _merge(self.as_dict(), tree, "")
+        try:
+            other = Config.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(_format(e, "a derived setting")) from None
+        other._base = self._base
+        return other
 
     def digest(self) -> str:
         """A stable hash of the resolved config, for lineage tags."""

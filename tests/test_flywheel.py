@@ -61,6 +61,9 @@ def test_confirmed_feedback_becomes_a_new_data_version_and_a_gated_model(dvc_pro
     monkeypatch.setenv("DRSPOT_DATABASE_URL", f"sqlite:///{root / 'predictions.db'}")
     first = train_flow(profile="test", root=str(root))
     assert first["results"][0]["version"] == "1"
+    assert [r["promote"] for r in first["results"]] == [True, True]  # both v1 serve: the retrain starts from them
+    v1 = registry.client().get_model_version(registry.CLASSIFIER, "1")
+    assert (v1.tags["init"], v1.tags["epochs"]) == ("scratch", "1") and "init.parent_version" not in v1.tags
     split_file = root / "prepared" / "data" / "split" / "split.parquet"
     before = pq.read_table(split_file, columns=["image_id", "split", "path", "label"]).to_pylist()
     test_rows = [r for r in before if r["split"] == "test"]
@@ -123,6 +126,11 @@ def test_confirmed_feedback_becomes_a_new_data_version_and_a_gated_model(dvc_pro
     assert clf["registered"] and clf["version"] == "2" and clf["reason"]
     mv = registry.client().get_model_version(registry.CLASSIFIER, "2")
     assert mv.tags["data_version"] == s["data_version"]
+    # retrain.init: champion (the default): both challengers fine-tuned the serving v1 for retrain.finetune's epochs
+    assert s["start"] == dict.fromkeys(("classifier", "detector"), "fine-tunes champion v1 for 1 epoch(s)")
+    for name in (registry.CLASSIFIER, registry.DETECTOR):
+        tags = registry.client().get_model_version(name, "2").tags
+        assert (tags["init"], tags["init.parent_version"], tags["epochs"]) == ("champion", "1", "1"), name
     assert mv.tags["gate.decision"] == ("promoted" if clf["promote"] else "rejected")
     page = _artifact("retrain-summary")
     assert "# Retrain (by hand): retrained" in page and "| held out | 1 |" in page

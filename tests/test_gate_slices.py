@@ -80,3 +80,40 @@ def test_slice_metrics_per_column_value_with_wilson_intervals():
     assert s["n"] == 20 and s["n_malignant"] == 13 and s["malignant_sensitivity"] == 1.0
     assert s["malignant_sensitivity_ci95"] == wilson(13, 13) and s["malignant_sensitivity_ci95"][1] == 1.0
     assert all(math.isnan(x) for x in wilson(0, 0))  # no malignant case: no interval
+
+
+def test_a_new_clinic_must_improve_and_the_old_one_may_not_fall():
+    """ham10000's profile: the challenger of a Barcelona retrain must beat the champion's balanced accuracy on the
+    Barcelona test rows and may lose at most 0.02 of it on HAM10000's; a source too small is not judged."""
+    cfg = load_config("ham10000")
+    assert cfg.gate.slices.sources.improve == ["bcn20000"] and cfg.gate.slices.sources.max_drop == 0.02
+
+    def src(value, bacc, n=300):
+        return {**_slice("source", value, n=n, n_mal=60), "balanced_accuracy": bacc}
+
+    champ = _keyed(src("ham10000", 0.66), src("bcn20000", 0.36))
+    better = _keyed(src("ham10000", 0.65), src("bcn20000", 0.55))
+    assert decide("classifier", OVERALL, dict(OVERALL), cfg, (better, champ)).promote
+    same_bcn = decide(
+        "classifier", OVERALL, dict(OVERALL), cfg, (_keyed(src("ham10000", 0.66), src("bcn20000", 0.36)), champ)
+    )
+    assert not same_bcn.promote
+    assert same_bcn.reason == (
+        "slice source=bcn20000 (300 cases, 60 malignant): balanced_accuracy 0.360 does not beat the champion's "
+        "0.360 on it (gate.slices.sources.improve)"
+    )
+    forgets = decide(
+        "classifier", OVERALL, dict(OVERALL), cfg, (_keyed(src("ham10000", 0.60), src("bcn20000", 0.6)), champ)
+    )
+    assert not forgets.promote
+    assert forgets.reason == (
+        "slice source=ham10000 (300 cases, 60 malignant): balanced_accuracy 0.600 vs the champion's 0.660 on the same "
+        "source: down 0.060 > 0.02 (gate.slices.sources.max_drop)"
+    )
+    tiny = _keyed(src("ham10000", 0.66), src("bcn20000", 0.2, n=10))  # 10 Barcelona crops: below min_cases
+    assert decide("classifier", OVERALL, dict(OVERALL), cfg, (tiny, champ)).promote
+    # the demo profile names no source to improve: only the drop rule holds
+    demo = load_config("demo")
+    assert decide(
+        "classifier", OVERALL, dict(OVERALL), demo, (_keyed(src("ham10000", 0.66), src("bcn20000", 0.36)), champ)
+    ).promote

@@ -131,6 +131,12 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
     assert (root / "eval" / "report.html").is_file() and (root / "eval" / "plots" / "curves.png").is_file()
     card = (root / "eval" / "model_card.md").read_text()
     assert "## Intended use" in card and "does not diagnose" in card and "Data version" in card
+    spec, (lo, hi) = ev["metrics"]["malignant_specificity"], ev["intervals_95"]["malignant_specificity"]
+    assert (
+        f"chosen on validation for sensitivity >= {cfg.evaluate.malignant_target_sensitivity} "
+        "(`evaluate.malignant_target_sensitivity`); at it on the test split: sensitivity "
+    ) in card and f"specificity {spec:.3f} (95% CI {lo:.3f}-{hi:.3f})" in card
+    assert mc["init"] == {"from": "scratch"} and mc["epochs_run"] == len(result["history"])
     calibration = json.loads((root / "eval" / "calibration.json").read_text())
     assert calibration == {"temperature": ev["temperature"], "malignant_threshold": ev["malignant_threshold"]}
     assert "temperature" not in json.loads((root / "clf" / MODEL_CONFIG).read_text())  # the trained folder is untouched

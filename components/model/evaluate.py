@@ -237,7 +237,7 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
     pv, pt = softmax(logits["val"], temperature), softmax(logits["test"], temperature)
     y_mal_v = np.isin(yv, [classes.index(m) for m in malignant]).astype(int)
     threshold = threshold_for_sensitivity(
-        y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.target_sensitivity
+        y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.malignant_target_sensitivity
     )
     metrics = core_metrics(yt, pt, classes, malignant, threshold, cfg.evaluate.malignant_prevalence)
     meta = {r["image_id"]: r for r in by_split["test"]}
@@ -389,7 +389,7 @@ def evaluate(
         "classes": classes,
         "malignant": malignant,
         "malignant_threshold": threshold,
-        "target_sensitivity": e.target_sensitivity,
+        "target_sensitivity": e.malignant_target_sensitivity,
         "temperature": temperature,
         "ece_before": ece_before,
         "ece_after": ece_after,
@@ -452,8 +452,9 @@ def model_card(r: dict[str, Any]) -> str:
         "## Metrics on the frozen test split (bootstrap 95% intervals)",
         *[f"- {k}: {_fmt(r, k)}" for k in keys],
         f"- malignant threshold {r['malignant_threshold']:.3f}, chosen on validation for sensitivity >= "
-        f"{r['target_sensitivity']}; temperature {r['temperature']:.2f}; ECE {r['ece_after']:.3f} "
-        f"(uncalibrated {r['ece_before']:.3f})",
+        f"{r['target_sensitivity']} (`evaluate.malignant_target_sensitivity`); at it on the test split: sensitivity "
+        f"{_fmt(r, 'malignant_sensitivity')}, specificity {_fmt(r, 'malignant_specificity')}",
+        f"- temperature {r['temperature']:.2f}; ECE {r['ece_after']:.3f} (uncalibrated {r['ece_before']:.3f})",
         "",
         "## Limitations",
         "- Trained from scratch unless stated; small or synthetic training sets give wide intervals (see above).",

