@@ -349,6 +349,11 @@ class MonitorQuality(_Strict):
     period: Literal["day", "week"]
 
 
+class Review(_Strict):
+    random_share: float = Field(ge=0, le=1)
+    balance_classes: bool
+
+
 class Monitor(_Strict):
     min_rows: int = Field(ge=2)
     last: int = Field(ge=2)
@@ -362,6 +367,7 @@ class Monitor(_Strict):
     reports: str
     cron: str
     quality: MonitorQuality
+    review: Review
 
 
 class Finetune(_Strict):

@@ -57,6 +57,31 @@ def test_the_queue_ranks_what_a_confirmation_would_teach_first():
     assert [i["request_id"] for i in rank(rows, 0.4, 2.0, limit=2)] == ["everything", items[1]["request_id"]]
 
 
+def test_the_queue_mixes_classes_and_a_seeded_random_share():
+    """25% of a 20-item queue is drawn at random (the same log, the same draw), the rest is dealt over the predicted
+    classes: one class of near-identical uncertain photos cannot fill it."""
+
+    def row(i: int, label: str, top: float) -> dict:
+        r = _row(f"{label}-{i}", top=top, p_mal=0.02, minutes=i % 60)
+        return {**r, "label": label, "lesions": [{**r["lesions"][0], "label": label}]}
+
+    rows = [row(i, "nv", 0.3) for i in range(60)] + [row(i, "mel", 0.6) for i in range(10)]
+    rows += [row(i, "bkl", 0.9) for i in range(30)]
+    plain = rank(rows, 0.4, 2.0, limit=20)
+    assert {i["label"] for i in plain} == {"nv"}  # the top scores alone: one kind of photo
+    mixed = rank(rows, 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)
+    assert len(mixed) == 20 and len({i["request_id"] for i in mixed}) == 20
+    drawn = [i for i in mixed if i["random"]]
+    assert len(drawn) == 5 and all(i["reasons"][0].startswith("random sample") for i in drawn)
+    scored = [i["label"] for i in mixed if not i["random"]]
+    assert scored[:3] == ["nv", "mel", "bkl"] and scored.count("mel") >= 5
+    again = rank(list(reversed(rows)), 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)
+    assert {i["request_id"] for i in again if i["random"]} == {i["request_id"] for i in drawn}
+    assert rank(rows[:3], 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)[0]["request_id"] in {
+        r["request_id"] for r in rows[:3]
+    }
+
+
 def _predict(server, data: bytes, compare: bool = False) -> dict:
     r = httpx.post(
         f"{server.url}/predict",
@@ -95,8 +120,8 @@ def test_review_endpoint_needs_a_reviewer_key_and_feedback_keeps_a_valid_box(ser
     q = httpx.get(url, params={"limit": 200}, headers=h).json()
     ids = [i["request_id"] for i in q["items"]]
     assert {a["request_id"] for a in answers} <= set(ids) and q["classes"] == CLASSES
-    scores = [i["score"] for i in q["items"]]
-    assert scores == sorted(scores, reverse=True)
+    scores = [i["score"] for i in q["items"] if not i["random"]]  # monitor.review.random_share: 1 of 3 drawn
+    assert scores == sorted(scores, reverse=True) and sum(i["random"] for i in q["items"]) == 1
     compared = next(i for i in q["items"] if i["request_id"] == answers[0]["request_id"])
     assert set(compared["parts"]) == {"uncertainty", "near_threshold", "ood", "disagreement"}
     # the stored photo, for the reviewer only

@@ -90,7 +90,8 @@ async def review(request: Request, limit: int = 20, svc: Any = Depends(get_curre
         raise InputError(422, "invalid limit", f"limit={limit}; use 1 to 200", "options")
     rows, blind = await anyio.to_thread.run_sync(svc.log.unconfirmed, max(limit * 10, 500))
     p = svc.pipeline
-    items = rank(rows, p.threshold, p.ood_threshold, limit)
+    q = CFG.monitor.review
+    items = rank(rows, p.threshold, p.ood_threshold, limit, q.random_share, q.balance_classes)
     REQUESTS.labels(endpoint="/review", status="200").inc()
     return JSONResponse(
         {"items": items, "classes": list(CFG.classes.names), "considered": len(rows), "unreviewable": blind}
