@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.drspot-installed
 
-.PHONY: setup system-deps demo demo-real test test-fast lint format bench clean clean-state
+.PHONY: setup system-deps demo demo-real demo-clinic test test-fast lint format bench clean clean-state
 
 # uv installs the pinned set in ~25 s where pip takes ~4 min (measured on this machine kind: the same versions);
 # pip installs it when uv cannot be had
@@ -25,6 +25,11 @@ demo: setup
 # the same loop on real dermoscopy: the shared HAM10000 (../shared/data/ham10000_200x150), a pretrained backbone
 demo-real: setup
 	$(BIN)/drspot demo --real --keep-serving
+
+# the real champion meets a second clinic: Barcelona's photos (../shared/data/bcn20000_84), drift, 1,000 cases
+# confirmed through the review queue, a retrain that fine-tunes the champion, before/after on both clinics
+demo-clinic: setup
+	$(BIN)/drspot demo --clinic
 
 # Two tests need system packages: the web page's test drives Debian's Chromium through Playwright
 # (no browser download), the prediction-log test starts a throwaway PostgreSQL server.

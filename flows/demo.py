@@ -73,13 +73,14 @@ def _send(url: str, photos: list[tuple[Path, str]], label: str) -> list[dict[str
     import httpx
 
     done = {"n": 0}
+    every = max(30, len(photos) // 10)
 
     def one(item: tuple[Path, str]) -> dict[str, Any]:
         path, truth = item
         r = httpx.post(f"{url}/predict", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=120)
         r.raise_for_status()
         done["n"] += 1
-        if done["n"] % 30 == 0 or done["n"] == len(photos):
+        if done["n"] % every == 0 or done["n"] == len(photos):
             print(f"   {label}: {done['n']}/{len(photos)} photos answered", flush=True)
         return {**r.json(), "truth": truth, "file": str(path)}
 
@@ -346,6 +347,50 @@ def real_source(cfg: Config, folder: str | Path | None) -> Path:
     return path
 
 
+def _ham_sample(cfg: Config, source: Path, rows: int) -> Path:
+    """The first ``rows`` photos (by image id) of the HAM10000 folder as a metadata CSV and a box file of their own
+    under ``<paths.raw>/ham10000_sample/`` (a plumbing run on a few hundred real photos); returns that folder."""
+    out = cfg.resolve(cfg.paths.raw) / "ham10000_sample"
+    out.mkdir(parents=True, exist_ok=True)
+    keep: set[str] = set()
+    for name in ("HAM10000_metadata.csv", "lesion_boxes.csv"):  # the photos chosen from the first, then their boxes
+        with open(source / name, newline="") as f:
+            reader = csv.DictReader(f)
+            table = sorted(reader, key=lambda r: r["image_id"])
+            fields = reader.fieldnames or []
+        keep = keep or {r["image_id"] for r in table[:rows]}
+        with open(out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows(r for r in table if r["image_id"] in keep)
+    return out
+
+
+def ham_ingest_step(cfg: Config, steps: Steps, source: Path, rows: int | None = None):
+    """The step that ingests the HAM10000 folder (all of it, or its first ``rows`` photos) into the dataset, for
+    :func:`_loop_start`."""
+    from components.data.ingest import ingest
+    from flows.console import progress, report_rows
+
+    def step(data: Path) -> None:
+        folder = _ham_sample(cfg, source, rows) if rows else source
+        steps.start(f"ingest the HAM10000 photos with their lesion boxes -> {data.relative_to(cfg.home)}")
+        result = ingest(
+            "ham10000",
+            folder / "HAM10000_metadata.csv",
+            data,
+            cfg,
+            images=[source / "images"],
+            boxes=folder / "lesion_boxes.csv",
+            progress=progress("ingest"),
+        )
+        report_rows(result, 5)
+        s = result.summary
+        steps.done(f"{result.rows} images of {s['lesions']} lesions, {s['images_with_boxes']} with a lesion box")
+
+    return step
+
+
 def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos: int = 200) -> int:
     """``drspot demo --real``: the shared HAM10000 (real photos, real lesion boxes) through the loop's first half,
     with the profile's pretrained backbone: ingest -> DVC version -> data gate (lesion-grouped split) -> detector
@@ -353,9 +398,6 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     the frozen test split over HTTP. With ``keep_serving`` the service stays up at ``serving.host:port``."""
     import pyarrow.parquet as pq
     from sklearn.metrics import balanced_accuracy_score
-
-    from components.data.ingest import ingest
-    from flows.console import progress, report_rows
 
     if os.environ.get("DRSPOT_DATABASE_URL"):
         raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
@@ -368,21 +410,7 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     if kept:
         print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
 
-    def real(data: Path) -> None:
-        steps.start(f"ingest the HAM10000 photos with their lesion boxes -> {data.relative_to(cfg.home)}")
-        result = ingest(
-            "ham10000",
-            source / "HAM10000_metadata.csv",
-            data,
-            cfg,
-            boxes=source / "lesion_boxes.csv",
-            progress=progress("ingest"),
-        )
-        report_rows(result, 5)
-        s = result.summary
-        steps.done(f"{result.rows} images of {s['lesions']} lesions, {s['images_with_boxes']} with a lesion box")
-
-    started = _loop_start(cfg, steps, real)
+    started = _loop_start(cfg, steps, ham_ingest_step(cfg, steps, source))
     if started is None:
         return 1
     gated, trained, version = started

@@ -156,7 +156,6 @@ def version_data(root: str, data: str, push_timeout_s: float | None = None) -> d
     return {"data_version": version, "pushed_to": remote}
 
 
-@task(name="deploy", **DECLARED)
 def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
     """The configuration the retrain's challengers train with, and for each kind where it starts (in words).
 
@@ -204,6 +203,7 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
     return (cfg.updated(tree) if tree else cfg), starts
 
 
+@task(name="deploy", **DECLARED)
 def deploy_task(cfg: Config) -> dict[str, Any]:
     from serving.deploy import deploy
 

@@ -350,6 +350,7 @@ class MonitorQuality(_Strict):
 
 
 class Review(_Strict):
+    pool: int = Field(ge=1)
     random_share: float = Field(ge=0, le=1)
     balance_classes: bool
 

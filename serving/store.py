@@ -351,13 +351,16 @@ class PredictionLog:
                 ) from None
             return int(first["id"]), True
 
-    def unconfirmed(self, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """The newest ``limit`` predictions nobody confirmed yet whose photo was stored (what a reviewer can see and
-        the flywheel can use), and how many unconfirmed ones have no stored photo."""
+    def unconfirmed(self, limit: int, since: dt.datetime | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The newest ``limit`` predictions (logged at or after ``since``, when given) nobody confirmed yet whose photo
+        was stored (what a reviewer can see and the flywheel can use), and how many unconfirmed ones have no stored
+        photo."""
         from sqlalchemy import func
 
         confirmed = select(feedback.c.request_id)
         open_ = predictions.c.request_id.not_in(confirmed)
+        if since is not None:
+            open_ = open_ & (predictions.c.created_at >= since)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(predictions)

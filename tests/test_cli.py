@@ -152,6 +152,7 @@ def test_the_help_starts_fast():
         (["demo", "--real"], "ham10000", ""),
         (["demo", "--real", "/data/ham"], "ham10000", "/data/ham"),
         (["--profile", "test", "demo", "--real"], "test", ""),
+        (["demo", "--clinic"], "ham10000", ""),
     ],
 )
 def test_the_real_demo_runs_the_real_data_recipe_unless_a_profile_is_named(argv, profile, real, monkeypatch):

@@ -117,6 +117,9 @@ def test_review_endpoint_needs_a_reviewer_key_and_feedback_keeps_a_valid_box(ser
     assert httpx.get(url, headers={"X-API-Key": "wrong"}).json()["error"] == "unauthorised"
     h = {"X-API-Key": API_KEY}
     assert httpx.get(url, params={"limit": 0}, headers=h).status_code == 422
+    assert httpx.get(url, params={"since": "yesterday"}, headers=h).json()["error"] == "invalid since"
+    later = httpx.get(url, params={"since": "2999-01-01T00:00:00+00:00"}, headers=h).json()
+    assert later["items"] == [] and later["considered"] == 0  # only the cases logged since then: none
     q = httpx.get(url, params={"limit": 200}, headers=h).json()
     ids = [i["request_id"] for i in q["items"]]
     assert {a["request_id"] for a in answers} <= set(ids) and q["classes"] == CLASSES

@@ -117,6 +117,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import real_source, run_demo, run_real_demo
 
+    if args.clinic is not None:
+        from flows.clinic import clinic_source, run_clinic_demo
+
+        bcn = clinic_source(args.cfg, args.clinic or None)
+        run_clinic_demo(
+            args.cfg, real_source(args.cfg, None), bcn, args.budget, lesions=args.lesions, ham_rows=args.ham_photos
+        )
+        return 0
     if args.real is None:
         return run_demo(args.cfg)
     return run_real_demo(args.cfg, real_source(args.cfg, args.real or None), keep_serving=args.keep_serving)
@@ -130,22 +138,56 @@ def demo(
     real: Annotated[
         bool, typer.Option("--real", help="real dermoscopy (HAM10000) instead, with profile ham10000")
     ] = False,
+    clinic: Annotated[
+        bool,
+        typer.Option(
+            "--clinic", help="the HAM10000 champion meets a second clinic (BCN20000): drift, review queue, retrain"
+        ),
+    ] = False,
     data: Annotated[
         Path | None,
         typer.Argument(
-            metavar="DIR", help="with --real: the HAM10000 folder", show_default="../shared/data/ham10000_200x150"
+            metavar="DIR",
+            help="with --real: the HAM10000 folder; with --clinic: the BCN20000 folder",
+            show_default="../shared/data/ham10000_200x150, ../shared/data/bcn20000_84",
         ),
     ] = None,
     keep_serving: Annotated[bool, typer.Option(help="with --real: leave the service up at serving.port")] = False,
+    budget: Annotated[int, typer.Option(min=1, help="with --clinic: cases the clinicians confirm")] = 1000,
+    lesions: Annotated[
+        int | None,
+        typer.Option(min=2, help="with --clinic: only this many Barcelona lesions (a quick look)", show_default="all"),
+    ] = None,
+    ham_photos: Annotated[
+        int | None,
+        typer.Option(min=50, help="with --clinic: only this many HAM10000 photos (a quick look)", show_default="all"),
+    ] = None,
 ) -> None:
     """Run the whole loop on the embedded defaults: data, gate, training, registry, deployment, serving,
     monitoring and the flywheel, as numbered steps.
 
-    **Example:** `drspot demo` (synthetic, ~10 min), `drspot demo --real --keep-serving` (HAM10000, ~40 min)
+    **Example:** `drspot demo` (synthetic, ~10 min), `drspot demo --real --keep-serving` (HAM10000, ~40 min),
+    `drspot demo --clinic` (then Barcelona's photos: drift, 1,000 confirmations, retrain; ~30 min more)
     """
-    if data is not None and not real:
-        raise typer.BadParameter("a data folder is for --real: drspot demo --real DIR", param_hint="DIR")
-    invoke(ctx, cmd_demo, {"real": (str(data) if data else "") if real else None, "keep_serving": keep_serving})
+    if real and clinic:
+        raise typer.BadParameter("--real or --clinic, not both (--clinic serves the --real champion first)")
+    if data is not None and not (real or clinic):
+        raise typer.BadParameter("a data folder is for --real or --clinic: drspot demo --real DIR", param_hint="DIR")
+    as_real = (str(data) if data else "") if real else None
+    as_clinic = (str(data) if data else "") if clinic else None
+    # --clinic runs the real demo's profile (ham10000) too: `real` set to "" chooses it (flows/commands/__init__.py)
+    invoke(
+        ctx,
+        cmd_demo,
+        {
+            "real": "" if clinic and as_real is None else as_real,
+            "clinic": as_clinic,
+            "keep_serving": keep_serving,
+            "budget": budget,
+            "lesions": lesions,
+            "ham_photos": ham_photos,
+        },
+    )
 
 
 def status(ctx: typer.Context, json_: JsonOpt = False) -> None:

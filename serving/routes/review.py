@@ -3,6 +3,7 @@ a logged photo for the reviewer."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +81,24 @@ async def feedback(request: Request, svc: Any = Depends(get_current_service)):
 
 
 @router.get("/review")
-async def review(request: Request, limit: int = 20, svc: Any = Depends(get_current_service)):
-    """The review queue: unconfirmed predictions with a stored photo, ranked by what a confirmation would teach
-    the model (components/monitoring/review.py). Needs a reviewer key (X-API-Key)."""
+async def review(request: Request, limit: int = 20, since: str | None = None, svc: Any = Depends(get_current_service)):
+    """The review queue: unconfirmed predictions with a stored photo (logged at or after ``since``, an ISO 8601 time,
+    when given: this week's cases, a new clinic's), ranked by what a confirmation would teach the model
+    (components/monitoring/review.py). Needs a reviewer key (X-API-Key)."""
     from components.monitoring.review import rank
 
     require_reviewer(request, "review")
     if not 1 <= limit <= 200:
         raise InputError(422, "invalid limit", f"limit={limit}; use 1 to 200", "options")
-    rows, blind = await anyio.to_thread.run_sync(svc.log.unconfirmed, max(limit * 10, 500))
+    start = None
+    if since is not None:
+        try:
+            start = dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise InputError(422, "invalid since", f"since={since[:64]!r} is not an ISO 8601 time", "options") from None
+        start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+    pool = max(limit * 10, CFG.monitor.review.pool)
+    rows, blind = await anyio.to_thread.run_sync(svc.log.unconfirmed, pool, start)
     p = svc.pipeline
     q = CFG.monitor.review
     items = rank(rows, p.threshold, p.ood_threshold, limit, q.random_share, q.balance_classes)
