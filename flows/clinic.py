@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import random
+import secrets
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from typing import Any
 from flows.demo import (
     Steps,
     _confirm,
-    _fresh_start,
     _loop_start,
     _monitor,
     _send,
     _serves,
     _start_serving,
+    begin,
     ham_ingest_step,
 )
 from infra.config import Config
@@ -180,6 +181,82 @@ def _side_by_side(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _freeze_test(cfg: Config, steps: Steps, bcn: Path, test: list[ClinicPhoto], incoming: list[ClinicPhoto]) -> str:
+    """Ingest the Barcelona test lesions into the dataset as test rows (they join the frozen test set and never
+    train) and version it; returns the data version."""
+    from components.data import versioning
+    from components.data.ingest import ingest
+    from flows.console import progress, report_rows
+
+    root, data = cfg.home, cfg.resolve(cfg.paths.data)
+    steps.start("freeze a Barcelona test split (by lesion) into the dataset: test rows that never train")
+    lesions = {p.lesion_id for p in test}
+    result = ingest("bcn20000", bcn, data, cfg, append=True, lesions=lesions, split="test", progress=progress("ingest"))
+    report_rows(result, 5)
+    version = versioning.add(data.relative_to(root), cwd=root)
+    versioning.push(root, timeout_s=cfg.flows.timeout_s.push)
+    steps.done(
+        f"{len(test)} photos of {len(lesions)} Barcelona lesions frozen as test (data.dvc {version}); "
+        f"incoming: {len(incoming)} photos of {len({p.lesion_id for p in incoming})} other lesions"
+    )
+    return version
+
+
+def _both_tests(url: str, bcn_test: list, ham_test: list, cfg: Config) -> dict[str, dict[str, float]]:
+    """Both clinics' test photos over HTTP, and what the answers are worth (:func:`figures`)."""
+    return {
+        "Barcelona test": figures(_send(url, bcn_test, "Barcelona test"), cfg),
+        "HAM10000 test": figures(_send(url, ham_test, "HAM10000 test"), cfg),
+    }
+
+
+def _wait_for_switch(server, cfg: Config, bento: str) -> None:
+    """Until the running ``drspot serve`` answers with the models the last deploy deployed."""
+    import httpx
+
+    t0 = time.monotonic()
+    while not _serves(httpx.get(f"{server.url}/readyz", timeout=10).json(), cfg):
+        if time.monotonic() - t0 > cfg.gate.serving_check.start_timeout_s + 60:
+            raise RuntimeError(f"drspot serve did not switch to {bento} (see {server.log})")
+        time.sleep(1)
+
+
+def _confirm_step(steps: Steps, url: str, key: str, answers: list[dict], budget: int, since: str) -> int:
+    """Clinicians confirm ``budget`` of the answered Barcelona cases, as the review queue chooses them (all of them
+    when the budget is larger, which is said); returns how many were confirmed."""
+    truth = {a["request_id"]: a["truth"] for a in answers if a["truth"]}
+    asked = budget
+    if budget > len(truth):
+        print(f"   the budget ({budget}) is larger than the incoming photos ({len(truth)}): all are confirmed")
+        asked = len(truth)
+    steps.start(f"clinicians confirm {asked} Barcelona cases chosen by the review queue (GET /review, POST /feedback)")
+    session = confirm_from_queue(url, key, truth, asked, since)
+    mix = Counter(truth[r] for r in session["confirmed"])
+    steps.done(
+        f"{len(session['confirmed'])} confirmed ({session['random_picks']} of them the queue's random share); "
+        f"classes {dict(sorted(mix.items()))}"
+    )
+    return len(session["confirmed"])
+
+
+def _retrain_step(cfg: Config, steps: Steps, out: dict[str, Any]) -> dict[str, Any]:
+    """The flywheel: the confirmed cases through the data gate into a new data version, the champion fine-tuned, the
+    per-source gate; its decisions and timing go into ``out``."""
+    from flows.console import decision
+    from flows.retrain import retrain_flow
+
+    steps.start("retrain: confirmed cases -> data gate -> new data version -> fine-tune the champion -> gate")
+    t0 = time.monotonic()
+    fly = retrain_flow(trigger="demo --clinic: Barcelona drift + confirmed cases", min_new=1, cfg=cfg)
+    out["retrain_s"] = round(time.monotonic() - t0, 1)
+    for r in fly.get("gate", []):
+        print(f"   {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")
+    out["gate"] = [{k: r.get(k) for k in ("kind", "version", "promote", "reason")} for r in fly.get("gate", [])]
+    out["start"] = fly.get("start")
+    steps.done(f"data {fly['data_version_before']} -> {fly['data_version']}; {fly['reason']}")
+    return fly
+
+
 def run_clinic_demo(
     cfg: Config,
     ham: Path,
@@ -190,48 +267,24 @@ def run_clinic_demo(
 ) -> dict[str, Any]:
     """``drspot demo --clinic``; returns its figures (``bench/clinic.py`` keeps them). ``lesions`` / ``ham_rows``
     sample the two sources (the CI test's plumbing run)."""
-    import httpx
     import pyarrow.parquet as pq
 
-    from components.data import versioning
-    from components.data.ingest import ingest
-    from flows.console import decision, progress, report_rows
-    from flows.retrain import retrain_flow
-
-    if os.environ.get("DRSPOT_DATABASE_URL"):
-        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
-    steps = Steps()
-    print(
+    steps = begin(
+        cfg,
         f"DrSpot on a second clinic (profile {cfg.profile}): the HAM10000 champion meets Barcelona's photos "
-        f"({bcn}); {budget} confirmations"
+        f"({bcn}); {budget} confirmations",
     )
-    kept = _fresh_start(cfg)
-    if kept:
-        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
     started = _loop_start(cfg, steps, ham_ingest_step(cfg, steps, ham, ham_rows))
     if started is None:
         raise RuntimeError("no HAM10000 champion to serve: the first model did not clear the gate's floors")
     gated, trained, version = started
-    root, data = cfg.home, cfg.resolve(cfg.paths.data)
+    data = cfg.resolve(cfg.paths.data)
 
     photos = read_clinic(cfg, bcn, lesions)
     part = lesion_split(cfg, photos)
     test = [p for p in photos if part[p.lesion_id] == "test"]
     incoming = [p for p in photos if part[p.lesion_id] == "incoming"]
-    steps.start("freeze a Barcelona test split (by lesion) into the dataset: test rows that never train")
-    test_lesions = {p.lesion_id for p in test}
-    result = ingest(
-        "bcn20000", bcn, data, cfg, append=True, lesions=test_lesions, split="test", progress=progress("ingest")
-    )
-    report_rows(result, 5)
-    version = versioning.add(data.relative_to(root), cwd=root)
-    versioning.push(root, timeout_s=cfg.flows.timeout_s.push)
-    steps.done(
-        f"{len(test)} photos of {len(test_lesions)} Barcelona lesions frozen as test (data.dvc {version}); "
-        f"incoming: {len(incoming)} photos of {len({p.lesion_id for p in incoming})} other lesions"
-    )
-
-    import secrets
+    version = _freeze_test(cfg, steps, bcn, test, incoming)
 
     key = secrets.token_urlsafe(16)
     env = {**os.environ, cfg.serving.feedback_key_env: key}
@@ -259,21 +312,7 @@ def run_clinic_demo(
         out["drift_reasons"] = drift.get("reasons", [])
         steps.done(f"{drift['status'].upper()}: {'; '.join(drift.get('reasons', [])) or 'no reason given'}")
 
-        truth = {a["request_id"]: a["truth"] for a in answers if a["truth"]}
-        asked = budget
-        if budget > len(truth):
-            print(f"   the budget ({budget}) is larger than the incoming photos ({len(truth)}): all are confirmed")
-            asked = len(truth)
-        steps.start(
-            f"clinicians confirm {asked} Barcelona cases chosen by the review queue (GET /review, POST /feedback)"
-        )
-        session = confirm_from_queue(server.url, key, truth, asked, arrived)
-        out["confirmed"] = len(session["confirmed"])
-        mix = Counter(truth[r] for r in session["confirmed"])
-        steps.done(
-            f"{len(session['confirmed'])} confirmed ({session['random_picks']} of them the queue's random share); "
-            f"classes {dict(sorted(mix.items()))}"
-        )
+        out["confirmed"] = _confirm_step(steps, server.url, key, answers, budget, arrived)
 
         steps.start("model quality on the confirmed Barcelona cases (measured, and estimated without labels)")
         judged = _monitor(cfg, min(len(answers), 2000))["quality"]
@@ -282,36 +321,18 @@ def run_clinic_demo(
         bcn_test = [(p.file, p.label) for p in test]
         ham_all = [(data / r["path"], r["label"]) for r in ham_test]
         steps.start(f"before: the {len(bcn_test)} Barcelona and {len(ham_all)} HAM10000 test photos over HTTP")
-        before = {
-            "Barcelona test": figures(_send(server.url, bcn_test, "Barcelona test"), cfg),
-            "HAM10000 test": figures(_send(server.url, ham_all, "HAM10000 test"), cfg),
-        }
+        before = _both_tests(server.url, bcn_test, ham_all, cfg)
         steps.done(
             f"Barcelona BMCA {before['Barcelona test']['bmca']:.3f}, HAM10000 {before['HAM10000 test']['bmca']:.3f}"
         )
 
-        steps.start("retrain: confirmed cases -> data gate -> new data version -> fine-tune the champion -> gate")
-        t0 = time.monotonic()
-        fly = retrain_flow(trigger="demo --clinic: Barcelona drift + confirmed cases", min_new=1, cfg=cfg)
-        out["retrain_s"] = round(time.monotonic() - t0, 1)
-        for r in fly.get("gate", []):
-            print(f"   {r['kind']} v{r['version']}: {decision(r)}: {r['reason']}")
-        out["gate"] = [{k: r.get(k) for k in ("kind", "version", "promote", "reason")} for r in fly.get("gate", [])]
-        out["start"] = fly.get("start")
-        steps.done(f"data {fly['data_version_before']} -> {fly['data_version']}; {fly['reason']}")
+        fly = _retrain_step(cfg, steps, out)
 
         after = before
         if fly.get("deployed"):
             steps.start("the running service switches to the new Bento; the same test photos over HTTP again")
-            t0 = time.monotonic()
-            while not _serves(httpx.get(f"{server.url}/readyz", timeout=10).json(), cfg):
-                if time.monotonic() - t0 > cfg.gate.serving_check.start_timeout_s + 60:
-                    raise RuntimeError(f"drspot serve did not switch to {fly['deployed']} (see {server.log})")
-                time.sleep(1)
-            after = {
-                "Barcelona test": figures(_send(server.url, bcn_test, "Barcelona test"), cfg),
-                "HAM10000 test": figures(_send(server.url, ham_all, "HAM10000 test"), cfg),
-            }
+            _wait_for_switch(server, cfg, fly["deployed"])
+            after = _both_tests(server.url, bcn_test, ham_all, cfg)
             print("\n".join(_side_by_side(before, after)))
             steps.done(
                 f"Barcelona BMCA {before['Barcelona test']['bmca']:.3f} -> {after['Barcelona test']['bmca']:.3f}; "

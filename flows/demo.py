@@ -53,6 +53,18 @@ class Steps:
         print(f"   -> {outcome}  ({took:.0f}s; {time.monotonic() - self.t0:.0f}s so far)", flush=True)
 
 
+def begin(cfg: Config, title: str) -> Steps:
+    """A demo's start: on the embedded defaults only, its title, and an earlier run's state moved aside
+    (:func:`_fresh_start`); returns the numbered steps."""
+    if os.environ.get("DRSPOT_DATABASE_URL"):
+        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
+    print(title)
+    kept = _fresh_start(cfg)
+    if kept:
+        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
+    return Steps()
+
+
 def _photos(out: Path, cfg: Config, seed: int, shifted: bool) -> list[tuple[Path, str]]:
     """New lesions (not in the dataset) photographed by the usual or the shifted camera."""
     from components.data.synthetic import Spec, generate
@@ -235,16 +247,10 @@ def run_demo(cfg: Config) -> int:
     from flows.console import decision, progress, report_rows
     from flows.retrain import retrain_flow
 
-    if os.environ.get("DRSPOT_DATABASE_URL"):
-        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
     root = cfg.home
     raw = cfg.resolve(cfg.paths.raw)
     data = cfg.resolve(cfg.paths.data)
-    steps = Steps()
-    print(f"DrSpot demo (profile {cfg.profile}) in {root}")
-    kept = _fresh_start(cfg)
-    if kept:
-        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
+    steps = begin(cfg, f"DrSpot demo (profile {cfg.profile}) in {root}")
 
     def synthetic(data: Path) -> None:
         steps.start(f"generate + ingest a synthetic dataset with planted faults -> {data.relative_to(root)}")
@@ -399,16 +405,11 @@ def run_real_demo(cfg: Config, source: Path, keep_serving: bool = False, photos:
     import pyarrow.parquet as pq
     from sklearn.metrics import balanced_accuracy_score
 
-    if os.environ.get("DRSPOT_DATABASE_URL"):
-        raise RuntimeError("the demo runs on the embedded defaults: unset DRSPOT_DATABASE_URL")
-    steps = Steps()
-    print(
+    steps = begin(
+        cfg,
         f"DrSpot demo on real dermoscopy (profile {cfg.profile}, classifier {cfg.classifier.backbone}"
-        f"{' pretrained' if cfg.classifier.pretrained else ''}) in {cfg.home}; data from {source}"
+        f"{' pretrained' if cfg.classifier.pretrained else ''}) in {cfg.home}; data from {source}",
     )
-    kept = _fresh_start(cfg)
-    if kept:
-        print(f"an earlier run's registry, models, reports and prediction log were moved to {kept}")
 
     started = _loop_start(cfg, steps, ham_ingest_step(cfg, steps, source))
     if started is None:

@@ -7,7 +7,8 @@ import math
 
 from components.model.evaluate import slice_metrics
 from components.model.metrics import wilson
-from components.model.registry import decide, slice_tags, tagged_slices
+from components.model.registry import decide
+from components.model.slices import slice_tags, tagged_slices
 from infra.config import load_config
 
 
