@@ -66,23 +66,18 @@ def clinic_source(cfg: Config, folder: str | Path | None) -> Path:
 
 
 def read_clinic(cfg: Config, source: Path, lesions: int | None = None) -> list[ClinicPhoto]:
-    """The photos of ``source`` with their mapped labels (``ingest.class_map.bcn20000``); with ``lesions``, those of
-    the first N lesions (by id) only."""
-    from components.data.sources import class_map
+    """The photos of ``source`` as its ingest reads them (:func:`components.data.sources.adapt_bcn20000`: labels
+    through ``ingest.class_map.bcn20000``, photos without a file left out); with ``lesions``, those of the first N
+    lesions (by id) only."""
+    from components.data.sources import Candidate, adapt_bcn20000
 
-    mapping = class_map("bcn20000", cfg)
-    with open(source / "metadata.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = sorted({r["lesion_id"] for r in rows})[:lesions] if lesions else None
-    keep = set(keep) if keep is not None else None
-    out = []
-    for r in rows:
-        if keep is not None and r["lesion_id"] not in keep:
-            continue
-        raw = (r.get("dx_isic2019") or "").strip()
-        label = cfg.classes.normalise(mapping.get(raw.lower(), raw))
-        out.append(ClinicPhoto(r["image_id"], r["lesion_id"], label, source / "images" / f"{r['image_id']}.jpg"))
-    return out
+    read = [c for c in adapt_bcn20000(source, cfg) if isinstance(c, Candidate)]
+    keep = set(sorted({c.lesion_id for c in read})[:lesions]) if lesions else None
+    return [
+        ClinicPhoto(c.image_id, c.lesion_id, cfg.classes.normalise(c.label), c.file)
+        for c in read
+        if keep is None or c.lesion_id in keep
+    ]
 
 
 def lesion_split(cfg: Config, photos: list[ClinicPhoto]) -> dict[str, str]:

@@ -164,8 +164,7 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
     champion, or whose champion another backbone / input size / class list / architecture made, starts as ``train``
     does. The gate judges the challengers like any other model.
     """
-    from components.model import registry
-    from components.model.train_classifier import check_init
+    from components.model import registry, train_classifier, train_detector
 
     if cfg.retrain.init == "pretrained":
         return cfg, dict.fromkeys(("classifier", "detector"), "as `train` starts (retrain.init: pretrained)")
@@ -174,6 +173,7 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
         "classifier": {"epochs": ft.epochs, "lr": ft.lr, "schedule": ft.schedule},
         "detector": {"epochs": ft.detector_epochs, "lr0": ft.detector_lr0, "warmup_epochs": 0},
     }
+    checks = {"classifier": train_classifier.check_init, "detector": train_detector.check_init}
     for kind in ("classifier", "detector"):
         name = registry.model_name(kind)
         version = registry.champion(name)
@@ -185,15 +185,7 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
         where = os.path.relpath(folder, cfg.home) if folder.is_relative_to(cfg.home) else str(folder)
         init = {"path": where, "version": version, "sha256": registry.file_hash(weights)}
         candidate = cfg.updated({kind: {"init": init, **schedule[kind]}})
-        if kind == "classifier":
-            problem = check_init(candidate)
-        else:
-            arch = json.loads((folder / "detector_config.json").read_text()).get("arch")
-            problem = (
-                None
-                if arch == cfg.detector.arch
-                else f"the champion is a {arch}, the configuration trains {cfg.detector.arch}"
-            )
+        problem = checks[kind](candidate)
         if problem:
             starts[kind] = f"as `train` starts: champion v{version} cannot be fine-tuned ({problem})"
             continue

@@ -193,6 +193,12 @@ class ModelInit(_Strict):
     version: str | None = None  # its registered version: the new model's parent (lineage)
     sha256: str | None = None  # its weights' hash: a changed start re-runs the DVC stage
 
+    def origin(self) -> dict[str, Any]:
+        """Where a model trained from this start came from (its config's ``init``): a registered version is the
+        champion a retrain started from."""
+        role = "champion" if self.version else "model"
+        return {"from": role, "version": self.version, "sha256": self.sha256, "path": self.path}
+
 
 class Classifier(_Strict):
     backbone: str

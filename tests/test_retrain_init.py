@@ -53,3 +53,16 @@ def test_a_derived_setting_is_checked_like_any_other(cfg):
     with pytest.raises(ConfigError, match="unknown key 'retrain.inti'"):
         cfg.updated({"retrain": {"inti": "champion"}})
     assert cfg.updated({}).digest() == cfg.digest() and cfg.updated({}).home == cfg.home
+
+
+def test_a_detector_of_another_architecture_cannot_start_the_challenger(cfg, tmp_path):
+    from components.model.train_detector import DETECTOR_CONFIG, WEIGHTS, check_init
+
+    folder = tmp_path / "detector"
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes(b"weights")
+    (folder / DETECTOR_CONFIG).write_text(json.dumps({"arch": "yolov8s"}))
+    start = {"detector": {"init": {"path": str(folder), "version": "2"}}}
+    assert check_init(cfg.updated(start)) == f"the model in {folder} is a yolov8s, the configuration trains yolov8n"
+    assert check_init(cfg.updated({"detector": {"arch": "yolov8s", **start["detector"]}})) is None
+    assert "holds no detector.pt" in check_init(cfg.updated({"detector": {"init": {"path": str(tmp_path)}}}))

@@ -89,9 +89,7 @@ def _start(model, cfg: Config, x_train: np.ndarray, progress) -> tuple[list, lis
         start, smc = load_model(cfg.resolve(c.init.path))
         model.load_state_dict(start.state_dict())
         progress(f"classifier: fine-tunes classifier v{c.init.version or '?'} ({c.init.path})")
-        role = "champion" if c.init.version else "model"  # a registered version: the champion a retrain started from
-        origin = {"from": role, "version": c.init.version, "sha256": c.init.sha256, "path": c.init.path}
-        return smc["mean"], smc["std"], origin
+        return smc["mean"], smc["std"], c.init.origin()
     if c.pretrained:  # normalised as the weights were trained
         from components.model.weights import load_into
 

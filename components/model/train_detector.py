@@ -119,6 +119,19 @@ def device() -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
+def check_init(cfg: Config) -> str | None:
+    """Why ``detector.init`` cannot start this training (None when it can, or when none is set): its folder holds
+    the weights and the config of a detector of the configured architecture."""
+    d = cfg.detector
+    if not d.init.path:
+        return None
+    folder = cfg.resolve(d.init.path)
+    if not (folder / WEIGHTS).is_file() or not (folder / DETECTOR_CONFIG).is_file():
+        return f"detector.init.path {folder} holds no {WEIGHTS} and {DETECTOR_CONFIG}"
+    arch = json.loads((folder / DETECTOR_CONFIG).read_text()).get("arch")
+    return None if arch == d.arch else f"the model in {folder} is a {arch}, the configuration trains {d.arch}"
+
+
 def train_detector(
     split_manifest: str | Path,
     dataset_dir: str | Path,
@@ -137,18 +150,12 @@ def train_detector(
     t0 = time.monotonic()
     data_yaml = export_yolo(split_manifest, dataset_dir, out_dir / "yolo_data", d.single_class, list(cfg.classes.names))
     ul = ultralytics()
+    problem = check_init(cfg)
+    if problem:
+        raise TrainingError(f"cannot start from detector.init: {problem}")
     start = cfg.resolve(d.init.path) / WEIGHTS if d.init.path else None
-    if start is not None and not start.is_file():
-        raise TrainingError(f"cannot start from detector.init: no {WEIGHTS} in {start.parent}")
     model = ul.YOLO(str(start) if start else f"{d.arch}.yaml")
-    arch = Path(str(model.model.yaml.get("yaml_file", ""))).stem
-    if start is not None and arch != d.arch:
-        what = arch or "model of unknown architecture"
-        raise TrainingError(f"cannot start from detector.init: {start} is a {what}, not {d.arch}")
-    origin: dict[str, Any] = {"from": "scratch"}
-    if start is not None:
-        role = "champion" if d.init.version else "model"
-        origin = {"from": role, "version": d.init.version, "sha256": d.init.sha256, "path": d.init.path}
+    origin = d.init.origin() if start else {"from": "scratch"}
     dev = device()
     workdir = out_dir.resolve() / "ultralytics"  # ultralytics puts a relative project under its own runs dir
     shutil.rmtree(workdir, ignore_errors=True)
