@@ -46,6 +46,7 @@ from infra.state import StatePaths
 # inside `train`)
 STEPS = ("collect", "ingest", "version", "train", "register", "promote", "deploy")
 SUMMARY = "summary.json"  # each retrain's record under <paths.reports>/retrain/<time>/ (read by `drspot status`)
+FEEDBACK_SOURCE = "feedback"  # the ingest kind (and manifest source) of the confirmed cases a retrain adds
 
 
 def lock_path(root: Path) -> Path:
@@ -141,7 +142,7 @@ def ingest_feedback(cases: list[feedback.Case], batch: str, data: str, cfg: Conf
     from components.data.ingest import ingest
 
     feedback.export(cases, batch)
-    result = ingest("feedback", batch, data, cfg, append=True)
+    result = ingest(FEEDBACK_SOURCE, batch, data, cfg, append=True)
     return {"rows": result.rows, "problems": result.problem_counts()}
 
 
@@ -170,7 +171,13 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
         return cfg, dict.fromkeys(("classifier", "detector"), "as `train` starts (retrain.init: pretrained)")
     ft, tree, starts = cfg.retrain.finetune, {}, {}
     schedule = {
-        "classifier": {"epochs": ft.epochs, "lr": ft.lr, "schedule": ft.schedule},
+        "classifier": {
+            "epochs": ft.epochs,
+            "lr": ft.lr,
+            "schedule": ft.schedule,
+            "imbalance": ft.imbalance,
+            "source_share": {FEEDBACK_SOURCE: ft.new_share} if ft.new_share else {},
+        },
         "detector": {"epochs": ft.detector_epochs, "lr0": ft.detector_lr0, "warmup_epochs": 0},
     }
     checks = {"classifier": train_classifier.check_init, "detector": train_detector.check_init}

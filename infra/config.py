@@ -211,6 +211,7 @@ class Classifier(_Strict):
     schedule: Literal["onecycle", "cosine", "constant"]
     label_smoothing: float = Field(ge=0, lt=1)
     imbalance: Literal["none", "loss_weights", "weighted_sampling"]
+    source_share: dict[str, float] = Field(default_factory=dict)
     augment: Augment
     early_stopping: EarlyStopping
     crop_margin: float = Field(ge=0)
@@ -221,6 +222,17 @@ class Classifier(_Strict):
     tta: bool
     threads: int = Field(ge=0)
     init: ModelInit = ModelInit()
+
+    @model_validator(mode="after")
+    def _shares(self):
+        bad = {k: v for k, v in self.source_share.items() if not 0 < v < 1}
+        if bad:
+            raise ValueError(f"source_share: each share must be between 0 and 1 (exclusive), got {bad}")
+        if sum(self.source_share.values()) >= 1:
+            raise ValueError(
+                f"source_share: the shares sum to {sum(self.source_share.values()):g}; leave the rest some"
+            )
+        return self
 
 
 class Detector(_Strict):
@@ -319,6 +331,7 @@ class Serving(_Strict):
     blur_min: float = Field(ge=0)
     brightness_min: float = Field(ge=0, le=1)
     brightness_max: float = Field(ge=0, le=1)
+    low_resolution_side: int = Field(ge=1)
     detector_conf: float | None = Field(gt=0, le=1)
     high_risk_probability: float = Field(gt=0, le=1)
     ood_quantile: float = Field(gt=0, le=1)
@@ -358,7 +371,7 @@ class MonitorQuality(_Strict):
 class Review(_Strict):
     pool: int = Field(ge=1)
     random_share: float = Field(ge=0, le=1)
-    balance_classes: bool
+    spread: Literal["clusters", "classes", "none"]
 
 
 class Monitor(_Strict):
@@ -381,6 +394,8 @@ class Finetune(_Strict):
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
     schedule: Literal["onecycle", "cosine", "constant"]
+    new_share: float = Field(ge=0, lt=1)
+    imbalance: Literal["none", "loss_weights", "weighted_sampling"]
     detector_epochs: int = Field(ge=1)
     detector_lr0: float = Field(gt=0)
 
@@ -551,7 +566,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
         if (
             isinstance(value, dict)
             and isinstance(out[key], dict)
-            and key not in {"class_weights", "aliases", "class_map", "ratios", "robustness", "first_model_floors"}
+            and key
+            not in {
+                "class_weights",
+                "aliases",
+                "class_map",
+                "ratios",
+                "robustness",
+                "first_model_floors",
+                "source_share",
+            }
         ):
             out[key] = _merge(out[key], value, path)
         else:

@@ -95,7 +95,7 @@ def assess(q: dict[str, float], width: int, height: int, s: Serving) -> list[str
         warnings.append(f"under-exposed: brightness {q['brightness']:.2f} is below {s.brightness_min:g}")
     if q["brightness"] > s.brightness_max:
         warnings.append(f"over-exposed: brightness {q['brightness']:.2f} is above {s.brightness_max:g}")
-    if min(width, height) < 4 * s.min_side:
+    if min(width, height) < s.low_resolution_side:
         warnings.append(f"low resolution: {width}x{height}; the classifier sees more detail in larger photos")
     return warnings
 

@@ -31,6 +31,7 @@ PREPROCESS = ("none", "color_constancy", "clahe")
 
 
 CC_ROWS = 256  # rows of a photo colour constancy works on at a time
+QUALITY_KEYS = ("blur_min", "brightness_min", "brightness_max", "low_resolution_side")  # calibrated per classifier
 
 
 def color_constancy(rgb: Image.Image, power: int = 6) -> Image.Image:
@@ -277,8 +278,7 @@ class Pipeline:
         self.conf = s.detector_conf if s.detector_conf is not None else float(self.dc.get("conf", 0.25))
         # the quality-warning limits in force: calibrated on this classifier's training images when it has them
         limits = self.mc.get("quality_limits") if s.quality_limits == "calibrated" else None
-        keys = ("blur_min", "brightness_min", "brightness_max")
-        self.serving = s.model_copy(update={k: limits[k] for k in keys}) if limits else s
+        self.serving = s.model_copy(update={k: limits[k] for k in QUALITY_KEYS if k in limits}) if limits else s
         self.quality_source = (
             f"calibrated: percentile {limits['percentile']:g} of {limits['images']} training images"
             if limits

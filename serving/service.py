@@ -43,7 +43,7 @@ from serving.app import (
 )
 from serving.batcher import Batcher, Overloaded
 from serving.inputs import InputError, read_image
-from serving.pipeline import Pipeline, correct
+from serving.pipeline import QUALITY_KEYS, Pipeline, correct
 from serving.routes import pages, predict, reports, review
 
 PREP_THREADS = 1  # threads decoding and correcting photos at once, beside the model's (bench/serving.py)
@@ -94,7 +94,7 @@ class DrSpot:
                 "stability": S.stability.model_dump(),
                 "quality_limits": {
                     "source": self.pipeline.quality_source,
-                    **{k: getattr(self.pipeline.serving, k) for k in ("blur_min", "brightness_min", "brightness_max")},
+                    **{k: getattr(self.pipeline.serving, k) for k in QUALITY_KEYS},
                 },
                 "ood": {"source": self.pipeline.ood_source, "threshold": self.pipeline.ood_threshold},
                 "profile": CFG.profile,

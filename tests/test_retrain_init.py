@@ -66,3 +66,23 @@ def test_a_detector_of_another_architecture_cannot_start_the_challenger(cfg, tmp
     assert check_init(cfg.updated(start)) == f"the model in {folder} is a yolov8s, the configuration trains yolov8n"
     assert check_init(cfg.updated({"detector": {"arch": "yolov8s", **start["detector"]}})) is None
     assert "holds no detector.pt" in check_init(cfg.updated({"detector": {"init": {"path": str(tmp_path)}}}))
+
+
+def test_a_new_clinics_few_cases_get_their_share_of_every_epoch(cfg):
+    import numpy as np
+
+    from components.model.train_classifier import draw_weights
+
+    y = np.array([0] * 90 + [1] * 10 + [0, 1, 1, 1])
+    sources = ["ham10000"] * 100 + ["feedback"] * 4
+    w = draw_weights(y, sources, by_class=False, shares={"feedback": 0.3}).numpy()
+    assert w[100:].sum() == pytest.approx(0.3) and w[:100].sum() == pytest.approx(0.7)
+    assert np.allclose(w[100:], 0.075)  # evenly within the source
+    even = draw_weights(y, sources, by_class=True, shares={"feedback": 0.3}).numpy()
+    assert even[:90].sum() == pytest.approx(0.35) and even[90:100].sum() == pytest.approx(0.35)  # classes evened
+    assert even[100] == pytest.approx(0.15) and even[101:].sum() == pytest.approx(0.15)
+    assert draw_weights(y, sources, by_class=False, shares={}) is None  # a plain shuffle
+    # a share for a source without rows leaves the others the whole draw
+    assert draw_weights(y, ["ham10000"] * 104, False, {"feedback": 0.3}).numpy().sum() == pytest.approx(1.0)
+    with pytest.raises(Exception, match="source_share: the shares sum to 1.2"):
+        cfg.updated({"classifier": {"source_share": {"a": 0.6, "b": 0.6}}})

@@ -69,17 +69,41 @@ def test_the_queue_mixes_classes_and_a_seeded_random_share():
     rows += [row(i, "bkl", 0.9) for i in range(30)]
     plain = rank(rows, 0.4, 2.0, limit=20)
     assert {i["label"] for i in plain} == {"nv"}  # the top scores alone: one kind of photo
-    mixed = rank(rows, 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)
+    mixed = rank(rows, 0.4, 2.0, limit=20, random_share=0.25, spread="classes")
     assert len(mixed) == 20 and len({i["request_id"] for i in mixed}) == 20
     drawn = [i for i in mixed if i["random"]]
     assert len(drawn) == 5 and all(i["reasons"][0].startswith("random sample") for i in drawn)
     scored = [i["label"] for i in mixed if not i["random"]]
     assert scored[:3] == ["nv", "mel", "bkl"] and scored.count("mel") >= 5
-    again = rank(list(reversed(rows)), 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)
+    again = rank(list(reversed(rows)), 0.4, 2.0, limit=20, random_share=0.25, spread="classes")
     assert {i["request_id"] for i in again if i["random"]} == {i["request_id"] for i in drawn}
-    assert rank(rows[:3], 0.4, 2.0, limit=20, random_share=0.25, balance_classes=True)[0]["request_id"] in {
+    assert rank(rows[:3], 0.4, 2.0, limit=20, random_share=0.25, spread="classes")[0]["request_id"] in {
         r["request_id"] for r in rows[:3]
     }
+
+
+def test_the_queue_spread_over_clusters_covers_the_traffic_in_proportion():
+    """Three kinds of photo (embeddings far apart), 60 / 30 / 10 of the traffic; the uncertain ones all of one kind.
+    By score alone the queue is that kind only; spread over clusters it holds each kind about as often as the traffic
+    does, and within a kind the most uncertain come first."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centres = {"a": np.eye(16)[0] * 10, "b": np.eye(16)[1] * 10, "c": np.eye(16)[2] * 10}
+    rows = []
+    for kind, n, top in (("a", 60, 0.9), ("b", 30, 0.9), ("c", 10, 0.3)):
+        for i in range(n):
+            r = _row(f"{kind}-{i}", top=top - 0.001 * i, p_mal=0.02, minutes=i % 60)
+            rows.append({**r, "embedding": (centres[kind] + rng.normal(0, 0.5, 16)).tolist()})
+    kind = lambda items: [i["request_id"][0] for i in items]  # noqa: E731
+    assert set(kind(rank(rows, 0.4, 2.0, limit=10))) == {"c"}
+    spread = rank(rows, 0.4, 2.0, limit=10, spread="clusters")
+    counts = {k: kind(spread).count(k) for k in "abc"}
+    assert counts["a"] >= 4 and counts["b"] >= 2 and counts["c"] >= 1, counts
+    assert spread[0]["request_id"][0] == "c"  # the least sure kind's pick first
+    assert rank(rows, 0.4, 2.0, limit=10, spread="clusters") == spread  # the same log, the same queue
+    without = [{k: v for k, v in r.items() if k != "embedding"} for r in rows]  # rows logged without embeddings
+    assert set(kind(rank(without, 0.4, 2.0, limit=10, spread="clusters"))) == {"c"}
 
 
 def _predict(server, data: bytes, compare: bool = False) -> dict:
@@ -123,12 +147,12 @@ def test_review_endpoint_needs_a_reviewer_key_and_feedback_keeps_a_valid_box(ser
     q = httpx.get(url, params={"limit": 200}, headers=h).json()
     ids = [i["request_id"] for i in q["items"]]
     assert {a["request_id"] for a in answers} <= set(ids) and q["classes"] == CLASSES
-    # monitor.review: a quarter drawn at random, the rest best first within each predicted class (dealt over them)
+    # monitor.review: a quarter drawn at random, the rest best first (spread over clusters of the photos' embeddings:
+    # with room for every photo considered, each is its own cluster)
     assert sum(i["random"] for i in q["items"]) == round(min(200, q["considered"]) * 0.25)
     scored = [i for i in q["items"] if not i["random"]]
-    for label in {i["label"] for i in scored}:
-        scores = [i["score"] for i in scored if i["label"] == label]
-        assert scores == sorted(scores, reverse=True), label
+    scores = [i["score"] for i in scored]
+    assert scores == sorted(scores, reverse=True)
     compared = next(i for i in q["items"] if i["request_id"] == answers[0]["request_id"])
     assert set(compared["parts"]) == {"uncertainty", "near_threshold", "ood", "disagreement"}
     # the stored photo, for the reviewer only

@@ -204,3 +204,23 @@ def test_colour_constancy_works_in_bands_with_the_same_answer():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 12 * 5000 * 4000, f"{peak / 2**20:.0f} MiB for 20 MP"
+
+
+def test_low_resolution_is_judged_against_the_photos_the_model_was_trained_on(cfg):
+    from components.monitoring.reference import quality_limits
+    from serving.inputs import assess
+
+    q = {"blur": 100.0, "brightness": 0.5}
+    ham = {"blur": [100] * 99, "brightness": [0.5] * 99, "width": [200] * 99, "height": [150] * 99}
+    only_ham = quality_limits(ham, 1.0, cfg.serving.low_resolution_side)
+    assert only_ham["low_resolution_side"] == cfg.serving.low_resolution_side == 128  # never above the fixed side
+    assert assess(q, 84, 84, cfg.serving.model_copy(update=only_ham)) == [
+        "low resolution: 84x84; the classifier sees more detail in larger photos"
+    ]
+    # a retrain with a clinic's 84 px photos among its training photos: they are ordinary now
+    both = {k: v + [v[0] if k in ("blur", "brightness") else 84] * 12 for k, v in ham.items()}
+    with_bcn = quality_limits(both, 1.0, cfg.serving.low_resolution_side)
+    assert with_bcn["low_resolution_side"] == 84
+    assert assess(q, 84, 84, cfg.serving.model_copy(update=with_bcn)) == []
+    assert assess(q, 60, 45, cfg.serving.model_copy(update=with_bcn))  # smaller than anything it saw: warned
+    assert "low_resolution_side" not in quality_limits({"blur": [1], "brightness": [0.5]}, 1.0)  # older references

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -41,7 +42,8 @@ def browser(playwright):
 
 def test_upload_shows_boxes_bars_risk_guidance_and_disclaimer(browser, server, deployed, tmp_path):
     photo = sorted((deployed["root"] / "ds" / "images").glob("*.jpg"))[0]
-    shutil.copy(photo, tmp_path / "lesion.jpg")
+    # smaller than every photo the model was trained on (and than serving.low_resolution_side): a warning to show
+    Image.open(photo).resize((80, 60)).save(tmp_path / "lesion.jpg", quality=92)
     page = browser.new_page()
     page.goto(server.url + "/")
     page.select_option("#language", "en")

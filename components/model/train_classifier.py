@@ -106,6 +106,42 @@ def _start(model, cfg: Config, x_train: np.ndarray, progress) -> tuple[list, lis
     return mean, std, {"from": "scratch"}
 
 
+def draw_weights(y: np.ndarray, sources: list[str], by_class: bool, shares: dict[str, float]):
+    """Each training crop's chance to be drawn in an epoch, or None for a plain shuffle. ``shares`` gives the crops of
+    a source that share of the draws (a new clinic's few confirmed cases are not drowned by the old clinic's many);
+    the other sources split the rest by their size. ``by_class`` (weighted sampling) evens the classes within each
+    source's share."""
+    import torch
+
+    if not shares and not by_class:
+        return None
+    src = np.asarray(sources, dtype=object)
+    w = np.zeros(len(y), np.float64)
+    rest = [s for s in np.unique(src) if s not in shares]
+    n_rest = sum(int((src == s).sum()) for s in rest)
+    left = 1.0 - sum(v for s, v in shares.items() if (src == s).any())
+    for s in np.unique(src):
+        mask = src == s
+        share = shares[s] if s in shares else left * mask.sum() / max(n_rest, 1)
+        base = np.ones(int(mask.sum()))
+        if by_class:
+            freq = np.bincount(y[mask], minlength=int(y.max()) + 1)
+            base = 1 / freq[y[mask]]
+        w[mask] = share * base / base.sum()
+    return torch.tensor(w, dtype=torch.float64)
+
+
+def describe_shares(shares: dict[str, float], sources) -> str:
+    present = set(sources)
+    named = [f"{v:.0%} from {s}" for s, v in shares.items() if s in present]
+    missing = [s for s in shares if s not in present]
+    return (
+        ", ".join(named)
+        + " (the rest from the others)"
+        + (f"; no training rows of {', '.join(missing)}" if missing else "")
+    )
+
+
 def _augment(x, aug, gen):
     """Batch augmentation on (B, 3, S, S) tensors in [0, 1]."""
     import torch
@@ -176,7 +212,7 @@ def train_classifier(
     split_manifest, dataset_dir, out_dir = Path(split_manifest), Path(dataset_dir), Path(out_dir)
     if not split_manifest.is_file():
         raise DataError(f"no split manifest at {split_manifest}; run `drspot prepare` first")
-    rows = pq.read_table(split_manifest, columns=["image_id", "path", "label", "boxes", "split"]).to_pylist()
+    rows = pq.read_table(split_manifest, columns=["image_id", "path", "label", "boxes", "split", "source"]).to_pylist()
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
     counts = {k: sum(r["label"] == k for r in train_rows) for k in classes}
@@ -206,6 +242,12 @@ def train_classifier(
     if c.imbalance == "loss_weights":
         w = 1 / np.sqrt(np.maximum(freq, 1))
         weights = torch.tensor(w / (w * freq).sum() * freq.sum(), dtype=torch.float32)
+    source_of = {r["image_id"]: r["source"] for r in train_rows}
+    draw = draw_weights(
+        train.y, [source_of[i] for i in train.image_ids], c.imbalance == "weighted_sampling", c.source_share
+    )
+    if c.source_share:
+        progress(f"classifier: each epoch draws {describe_shares(c.source_share, source_of.values())}")
     teachers = []
     if c.distillation.enabled:
         if not c.distillation.teachers:
@@ -287,9 +329,8 @@ def train_classifier(
         # during the probe the backbone is frozen as a whole: eval mode keeps its batch-norm statistics as trained
         model.train(not head_only)
         step_opt = probe_opt if head_only else opt
-        if c.imbalance == "weighted_sampling":
-            pw = torch.tensor(1 / freq[train.y], dtype=torch.float64)
-            order = torch.multinomial(pw, len(train.y), replacement=True, generator=gen)
+        if draw is not None:
+            order = torch.multinomial(draw, len(train.y), replacement=True, generator=gen)
         else:
             order = torch.randperm(len(train.y), generator=gen)
         losses = []
@@ -405,7 +446,11 @@ def train_classifier(
     trained_on = ref[ref["part"] == "train"] if "part" in ref.columns else ref
     pct = cfg.serving.quality_percentile
     model_config["quality_limits"] = {
-        **reference.quality_limits({"blur": trained_on["blur"], "brightness": trained_on["brightness"]}, pct),
+        **reference.quality_limits(
+            {k: trained_on[k] for k in ("blur", "brightness", "width", "height")},
+            pct,
+            cfg.serving.low_resolution_side,
+        ),
         "percentile": pct,
         "images": int(len(trained_on)),
     }

@@ -175,21 +175,29 @@ def build(
     return pd.concat([train, val], ignore_index=True), projection
 
 
-def quality_limits(values: dict[str, Any], percentile: float) -> dict[str, float]:
+def quality_limits(values: dict[str, Any], percentile: float, low_resolution_side: int | None = None) -> dict[str, Any]:
     """The photo-quality warning limits of one training source, from its own distribution: sharpness and
     brightness below the ``percentile``-th percentile of the training images, brightness above the
     ``100 - percentile``-th. So about ``2 x percentile`` % of the source's own photos get a warning, whatever
     its camera, resolution or compression (constants set on synthetic images warned on a fifth of real ones).
+    With ``width``/``height`` given, a photo is "low resolution" below ``low_resolution_side`` only where it is also
+    smaller than the ``percentile``-th percentile of the training photos' shorter sides (a retrain on a clinic's
+    84 px photos stops warning on them; a model that never saw such photos keeps warning).
 
     Args:
-        values: ``{"blur": [...], "brightness": [...]}`` of the training images (a reference's columns).
+        values: ``{"blur": [...], "brightness": [...], "width": [...], "height": [...]}`` of the training images
+            (a reference's columns).
     """
     blur, bright = np.asarray(values["blur"], float), np.asarray(values["brightness"], float)
-    return {
+    out: dict[str, Any] = {
         "blur_min": round(float(np.percentile(blur, percentile)), 4),
         "brightness_min": round(float(np.percentile(bright, percentile)), 4),
         "brightness_max": round(float(np.percentile(bright, 100 - percentile)), 4),
     }
+    if low_resolution_side is not None and "width" in values and "height" in values:
+        short = np.minimum(np.asarray(values["width"], float), np.asarray(values["height"], float))
+        out["low_resolution_side"] = int(min(low_resolution_side, np.percentile(short, percentile)))
+    return out
 
 
 def for_comparison(df):
