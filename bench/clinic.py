@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--after", type=int, default=1000, help="the budget whose review-queue run is 'after'")
     ap.add_argument("--lesions", type=int, help="only the first N Barcelona lesions (a quick look)")
     ap.add_argument("--ham-photos", type=int, help="only N HAM10000 photos per split (a quick look)")
+    ap.add_argument("--classifier-version", help="the registered classifier the clinic meets (default: the champion)")
+    ap.add_argument("--detector-version", help="the registered detector (default: the champion)")
     ap.add_argument("--window", type=int, default=300, help="photos in each drift window")
     ap.add_argument("--no-pretrained", action="store_true", help="skip the pretrained-init retrain")
     ap.add_argument("--bcn", help="the BCN20000 folder (default ../shared/data/bcn20000_84)")
@@ -180,7 +182,8 @@ def main() -> None:
     t_start = time.monotonic()
     cfg = load_config("ham10000")
     seed = cfg.seed
-    tuned_cfg, starts = challenger_config(cfg)
+    versions = {"classifier": args.classifier_version, "detector": args.detector_version}
+    tuned_cfg, starts = challenger_config(cfg, versions)
     if not tuned_cfg.classifier.init.path or not tuned_cfg.detector.init.path:
         sys.exit(f"no champion to fine-tune ({starts}): run `make demo-real` first")
     champ_c = cfg.resolve(tuned_cfg.classifier.init.path)

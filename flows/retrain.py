@@ -157,8 +157,9 @@ def version_data(root: str, data: str, push_timeout_s: float | None = None) -> d
     return {"data_version": version, "pushed_to": remote}
 
 
-def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
-    """The configuration the retrain's challengers train with, and for each kind where it starts (in words).
+def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    """The configuration the retrain's challengers train with, and for each kind where it starts (in words);
+    ``versions`` (kind -> registered version) starts a kind from that version instead of its champion.
 
     ``retrain.init: champion``: each kind's champion is downloaded under ``<paths.models>/init/<kind>/v<N>`` and
     named in ``<kind>.init`` (path, version, weights hash) with ``retrain.finetune``'s schedule; a kind without a
@@ -183,7 +184,7 @@ def challenger_config(cfg: Config) -> tuple[Config, dict[str, str]]:
     checks = {"classifier": train_classifier.check_init, "detector": train_detector.check_init}
     for kind in ("classifier", "detector"):
         name = registry.model_name(kind)
-        version = registry.champion(name)
+        version = (versions or {}).get(kind) or registry.champion(name)
         if version is None:
             starts[kind] = "as `train` starts: there is no champion yet"
             continue
