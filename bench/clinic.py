@@ -261,12 +261,15 @@ def main() -> None:
         return memo.get(f"{recipe} {tag}{selection} {budget}", run)
 
     # the figures that answer the issue first (a run stopped early keeps every point it finished: rerun to go on)
-    plan = [(s, args.after) for s in selections if args.after in budgets]
-    plan += [(s, b) for b in budgets for s in selections if (s, b) not in plan]
+    # then the pretrained-init retrain for the time ratio, then the rest of the curve
+    plan = [(s, args.after, "") for s in selections if args.after in budgets]
+    if not args.no_pretrained and "review_queue" in selections and args.after in budgets:
+        plan.append(("review_queue", args.after, "pretrained-"))
+    plan += [(s, b, "") for b in budgets for s in selections if (s, b, "") not in plan]
     runs = {}
-    for selection, budget in plan:
-        runs[(selection, budget)] = res = point(selection, budget, tuned_cfg, "")
-        print(json.dumps({"selection": selection, "budget": budget, **{k: res["bcn"][k] for k in KEYS}}))
+    for selection, budget, tag in plan:
+        runs[(tag + selection, budget)] = res = point(selection, budget, cfg if tag else tuned_cfg, tag)
+        print(json.dumps({"selection": tag + selection, "budget": budget, **{k: res["bcn"][k] for k in KEYS}}))
     curve = [
         {
             "budget": b,
@@ -283,8 +286,8 @@ def main() -> None:
     after = runs.get(("review_queue", args.after))
     champ_s = after["secs"] if after else None
     pre_s, pre_bmca = None, None
-    if not args.no_pretrained and after is not None:
-        pre = point("review_queue", args.after, cfg, "pretrained-")
+    pre = runs.get(("pretrained-review_queue", args.after))
+    if pre is not None:
         pre_s, pre_bmca = pre["secs"], pre["bcn"]["bmca"]
 
     after = after or before
