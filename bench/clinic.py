@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402,F401
-from flows.clinic import ClinicPhoto, clinic_source, figures, lesion_split, read_clinic  # noqa: E402
+from flows.clinic import ClinicPhoto, clinic_source, figures, ham_window, lesion_split, read_clinic  # noqa: E402
 from infra.config import Config, load_config  # noqa: E402
 
 VAL_SHARE = 0.15  # of the confirmed lesions, for the fine-tune's early stopping
@@ -229,11 +229,12 @@ def main() -> None:
         return {
             "queue": queues,
             "drift_bcn": drift(cfg, champ_c, answers[-args.window :]),
-            "drift_ham": drift(cfg, champ_c, serve(champion, [f for f, _ in ham_test[: args.window]])),
+            "drift_ham": drift(cfg, champ_c, serve(champion, [Path(r["path"]) for r in calm])),
             "serve_photos_per_s": round(len(incoming) / serve_s, 1),
         }
 
-    seen = memo.get(f"{champ_key} traffic {r.model_dump()} budgets {budgets} window {args.window}", traffic)
+    calm = ham_window([r for r in ham if r["split"] == "test"], args.window)  # as the demo's HAM10000 window
+    seen = memo.get(f"{champ_key} traffic {r.model_dump()} budgets {budgets} windows {args.window} by id", traffic)
     drift_bcn, drift_ham = seen["drift_bcn"], seen["drift_ham"]
     print(f"drift: Barcelona {drift_bcn['drift']}, HAM10000 {drift_ham['drift']}")
     by_id = {p.image_id: p for p in incoming}

@@ -114,6 +114,13 @@ def lesion_split(cfg: Config, photos: list[ClinicPhoto]) -> dict[str, str]:
     return part
 
 
+def ham_window(test_rows: list[dict[str, Any]], n: int = HAM_WINDOW) -> list[dict[str, Any]]:
+    """``n`` HAM10000 test rows spread over the split (every k-th by image id): a window of the clinic the model knows,
+    not one class's photos (the split's own order is by class)."""
+    rows = sorted(test_rows, key=lambda r: r["image_id"])
+    return rows[:: max(1, len(rows) // n)][:n]
+
+
 def figures(answers: list[dict[str, Any]], cfg: Config) -> dict[str, float]:
     """What the served answers are worth on photos whose truth is known: BMCA, malignant AUC, melanoma sensitivity,
     and how often the answer abstained, fell back to the whole photo or warned about the photo's quality."""
@@ -288,8 +295,8 @@ def run_clinic_demo(
     out: dict[str, Any] = {"budget": budget, "lesions_sampled": lesions, "data_version_before": version}
     try:
         split = pq.read_table(Path(gated["prepared"]) / "split" / "split.parquet").to_pylist()
-        ham_test = sorted((r for r in split if r["split"] == "test"), key=lambda r: r["image_id"])
-        window = ham_test[:: max(1, len(ham_test) // HAM_WINDOW)][:HAM_WINDOW]
+        ham_test = [r for r in split if r["split"] == "test"]
+        window = ham_window(ham_test)
         steps.start(f"{len(window)} HAM10000 test photos over HTTP, then the monitor (the clinic the model knows)")
         _send(server.url, [(data / r["path"], r["label"]) for r in window], "HAM10000")
         calm = _monitor(cfg, len(window))
