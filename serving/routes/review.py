@@ -101,7 +101,8 @@ async def review(request: Request, limit: int = 20, since: str | None = None, sv
     rows, blind = await anyio.to_thread.run_sync(svc.log.unconfirmed, pool, start)
     p = svc.pipeline
     q = CFG.monitor.review
-    items = rank(rows, p.threshold, p.ood_threshold, limit, q.random_share, q.spread)
+    # off the event loop: spreading over clusters fits a PCA and k-means on up to monitor.review.pool embeddings
+    items = await anyio.to_thread.run_sync(rank, rows, p.threshold, p.ood_threshold, limit, q.random_share, q.spread)
     REQUESTS.labels(endpoint="/review", status="200").inc()
     return JSONResponse(
         {"items": items, "classes": list(CFG.classes.names), "considered": len(rows), "unreviewable": blind}
