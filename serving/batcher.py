@@ -40,9 +40,16 @@ class _Job:
 
 
 class Batcher:
-    """Batches of one kind of work (``kinds``: name -> a function from a list of items to a list of results)."""
+    """Batches of one kind of work (``kinds``: name -> a function from a list of items to a list of results), run in
+    one thread of their own (``name``: the model's, or the prediction log's group commit in serving/service.py)."""
 
-    def __init__(self, kinds: dict[str, Callable[[list[Any]], list[Any]]], max_size: int, max_latency_ms: int) -> None:
+    def __init__(
+        self,
+        kinds: dict[str, Callable[[list[Any]], list[Any]]],
+        max_size: int,
+        max_latency_ms: int,
+        name: str = "model",
+    ) -> None:
         self.kinds, self.max_size, self.max_latency_ms = kinds, max_size, max_latency_ms
         self.queue: deque[_Job] = deque()
         self.wake = asyncio.Event()
@@ -50,7 +57,7 @@ class Batcher:
         # one thread runs every batch: the model's own thread pools (PyTorch's OpenMP team, ONNX Runtime's) belong to
         # the thread that calls them, so one caller keeps one team instead of one per worker thread that happens to
         # pick the batch up
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drspot-model")
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drspot-{name}")
 
     async def submit(self, kind: str, items: list[Any]) -> list[Any]:
         """The results for ``items``, computed in batches with other requests' items of the same kind."""

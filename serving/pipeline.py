@@ -258,6 +258,7 @@ class Pipeline:
         self.threshold = float(self.mc.get("malignant_threshold", 0.5))
         self.lock = threading.Lock()  # one model call at a time: two cores, no oversubscription
         self.detector, self.detector_error, self.dc = None, None, {}
+        self.detector_session: str | None = None  # on ONNX Runtime: whose session the detector runs on
         if detector_dir is not None:
             try:
                 from infra.env import ultralytics
@@ -268,6 +269,9 @@ class Pipeline:
                     if not exported.is_file():
                         raise FileNotFoundError(f"serving.runtime is onnx, but {detector_dir} has no {exported.name}")
                     self.detector = ultralytics().YOLO(str(exported), task="detect")
+                    self.detector_session = onnx_export.own_detector_session(
+                        self.detector, exported, int(self.dc.get("imgsz", 128)), self.threads
+                    )
                 else:
                     self.detector = ultralytics().YOLO(str(Path(detector_dir) / "detector.pt"))
             except Exception as e:  # the service still answers, by whole-image classification

@@ -237,6 +237,37 @@ class PredictionLog:
             _write_atomically(path, data)
         return str(path)
 
+    def record_many(self, rows: list[dict[str, Any]]) -> list[str | Exception]:
+        """Log predictions in one transaction (a group commit: the service's concurrent answers share one write and
+        one sync of the log); per row, what :meth:`record` returns or raises. A transaction refused for a constraint
+        (an idempotency key sent before) is done again row by row, so one row's answer never decides another's."""
+        now = dt.datetime.now(dt.UTC)
+        # every column in every row: a multi-row INSERT takes its columns from the first row and would drop the others'
+        blank = dict.fromkeys(predictions.columns.keys())
+        rows = [{**blank, "created_at": now, **row} for row in rows]
+        tries = []
+
+        def write() -> None:
+            tries.append(1)
+            if len(tries) > 1 and self.get(rows[0]["request_id"]) is not None:
+                return  # the connection broke after an earlier try had committed: they are logged
+            with self.engine.begin() as conn:
+                conn.execute(insert(predictions), rows)
+
+        try:
+            self._retrying(write)
+        except IntegrityError:
+            out: list[str | Exception] = []
+            for row in rows:
+                try:
+                    out.append(self.record(row))
+                except (KeyReused, IntegrityError, OperationalError) as e:
+                    out.append(e)
+            return out
+        except OperationalError as e:  # still out of reach after the retries: none is logged
+            return [e] * len(rows)
+        return [row["request_id"] for row in rows]
+
     def record(self, row: dict[str, Any]) -> str:
         """Log a prediction; returns the request id it is logged under: its own, or, for an ``idempotency_key``
         already logged with the same photo, the first request's (nothing is written twice).

@@ -56,11 +56,17 @@ def test_deploy_exports_both_champions_checked_against_pytorch(deployed):
 
 
 def test_the_pipeline_on_onnx_runtime_answers_as_on_pytorch(deployed):
+    from serving import onnx_export
     from serving.pipeline import Pipeline
 
     clf, det = _bento_model(deployed, "classifier"), _bento_model(deployed, "detector")
     eager, onnx = Pipeline(clf, det, _cfg("torch")), Pipeline(clf, det, _cfg("onnx"))
     assert onnx.model is None and onnx.ort is not None and str(onnx.detector.ckpt_path).endswith("detector.onnx")
+    # both sessions are ours, their threads sleeping between calls (ONNX Runtime's spinning default starved the
+    # request handling of the cores it shares with the model)
+    assert onnx.detector_session.startswith("DrSpot's"), onnx.detector_session
+    for session in (onnx.ort, onnx.detector.predictor.model.backend.session):
+        assert session.get_session_options().get_session_config_entry(onnx_export.SPINNING) == "0"
     photos = _photos(deployed, 6)
     for a, b in zip(eager.analyse_many(photos), onnx.analyse_many(photos), strict=True):
         assert a["fallback"] == b["fallback"] and len(a["lesions"]) == len(b["lesions"])

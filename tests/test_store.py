@@ -133,6 +133,27 @@ def test_a_request_sent_again_with_its_idempotency_key_is_logged_once(log):
         assert c.execute(sqlalchemy.text("SELECT count(*) FROM feedback")).scalar() == 1
 
 
+def test_answers_finishing_together_are_logged_in_one_transaction_each_row_answered_for_itself(log):
+    """The service's group commit: rows written together land together; a row whose Idempotency-Key was logged
+    before gets the first request's id, one whose key was used for another photo its own error, and neither stops the
+    other rows of its group from being logged."""
+    from serving.store import KeyReused
+
+    assert log.record_many([_row("g1"), _row("g2"), {**_row("g3"), "idempotency_key": "k-9"}]) == ["g1", "g2", "g3"]
+    again = log.record_many(
+        [
+            _row("g4"),
+            {**_row("g5"), "idempotency_key": "k-9"},  # a retry of g3
+            {**_row("g6"), "image_sha256": "cd" * 32, "idempotency_key": "k-9"},  # the key for another photo
+            _row("g7"),
+        ]
+    )
+    assert again[0] == "g4" and again[1] == "g3" and again[3] == "g7", again
+    assert isinstance(again[2], KeyReused) and "request g3" in str(again[2])
+    assert sorted(r["request_id"] for r in log.window(last=10)) == ["g1", "g2", "g3", "g4", "g7"]
+    assert log.get("g1")["created_at"] == log.get("g2")["created_at"]  # no time given: the transaction's
+
+
 def test_a_database_restart_delays_a_write_instead_of_failing_it(postgres):
     """PostgreSQL stops under the running service and is back 2 s later: the prediction written meanwhile waits
     for it (serving/store.py retries while the server cannot be reached) and is logged once; nothing fails."""
