@@ -129,8 +129,8 @@ class DrSpot:
 
     async def record(self, row: dict[str, Any]) -> str:
         """Log an answer's row; the request id it is logged under (serving/store.py ``record``). Rows of answers that
-        finish together share one transaction, written by one thread (a group commit: bench/serving.py measured
-        one transaction per answer at a fifth of the service's time at concurrency 8)."""
+        finish together share one transaction, written by one thread (a group commit; measured at concurrency 8, the
+        service without any log write answered 95 photos/s against 71 with one transaction per answer)."""
         if self._log_writer is None:
             self._log_writer = Batcher({"record": self.log.record_many}, LOG_BATCH, LOG_WAIT_MS, "log")
         (logged,) = await self._log_writer.submit("record", [row])

@@ -240,7 +240,8 @@ class PredictionLog:
     def record_many(self, rows: list[dict[str, Any]]) -> list[str | Exception]:
         """Log predictions in one transaction (a group commit: the service's concurrent answers share one write and
         one sync of the log); per row, what :meth:`record` returns or raises. A transaction refused for a constraint
-        (an idempotency key sent before) is done again row by row, so one row's answer never decides another's."""
+        (an idempotency key sent before) or for one bad row is done again row by row, so one row's answer never decides
+        another's."""
         now = dt.datetime.now(dt.UTC)
         # every column in every row: a multi-row INSERT takes its columns from the first row and would drop the others'
         blank = dict.fromkeys(predictions.columns.keys())
@@ -256,16 +257,16 @@ class PredictionLog:
 
         try:
             self._retrying(write)
-        except IntegrityError:
+        except OperationalError as e:  # still out of reach after the retries: none is logged
+            return [e] * len(rows)
+        except Exception:  # noqa: BLE001 - a constraint (a key sent before) or one bad row: each row on its own
             out: list[str | Exception] = []
             for row in rows:
                 try:
                     out.append(self.record(row))
-                except (KeyReused, IntegrityError, OperationalError) as e:
+                except Exception as e:  # noqa: BLE001 - this row's answer is this error, the others' their own
                     out.append(e)
             return out
-        except OperationalError as e:  # still out of reach after the retries: none is logged
-            return [e] * len(rows)
         return [row["request_id"] for row in rows]
 
     def record(self, row: dict[str, Any]) -> str:

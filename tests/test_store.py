@@ -151,6 +151,8 @@ def test_answers_finishing_together_are_logged_in_one_transaction_each_row_answe
     assert again[0] == "g4" and again[1] == "g3" and again[3] == "g7", again
     assert isinstance(again[2], KeyReused) and "request g3" in str(again[2])
     assert sorted(r["request_id"] for r in log.window(last=10)) == ["g1", "g2", "g3", "g4", "g7"]
+    bad = log.record_many([_row("g8"), {**_row("g9"), "quality": {"blur": object()}}])  # one bad row fails alone
+    assert bad[0] == "g8" and isinstance(bad[1], Exception) and log.get("g9") is None
     assert log.get("g1")["created_at"] == log.get("g2")["created_at"]  # no time given: the transaction's
 
 
