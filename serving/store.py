@@ -246,17 +246,8 @@ class PredictionLog:
         # every column in every row: a multi-row INSERT takes its columns from the first row and would drop the others'
         blank = dict.fromkeys(predictions.columns.keys())
         rows = [{**blank, "created_at": now, **row} for row in rows]
-        tries = []
-
-        def write() -> None:
-            tries.append(1)
-            if len(tries) > 1 and self.get(rows[0]["request_id"]) is not None:
-                return  # the connection broke after an earlier try had committed: they are logged
-            with self.engine.begin() as conn:
-                conn.execute(insert(predictions), rows)
-
         try:
-            self._retrying(write)
+            self._insert(rows)
         except OperationalError as e:  # still out of reach after the retries: none is logged
             return [e] * len(rows)
         except Exception:  # noqa: BLE001 - a constraint (a key sent before) or one bad row: each row on its own
@@ -277,18 +268,8 @@ class PredictionLog:
             KeyReused: the key was logged with another photo.
         """
         row = {"created_at": dt.datetime.now(dt.UTC), **row}
-
-        tries = []
-
-        def write() -> None:
-            tries.append(1)
-            if len(tries) > 1 and self.get(row["request_id"]) is not None:
-                return  # the connection broke after an earlier try had committed: it is logged
-            with self.engine.begin() as conn:
-                conn.execute(insert(predictions).values(**row))
-
         try:
-            self._retrying(write)
+            self._insert([row])
         except IntegrityError:
             first = self._keyed(predictions, row.get("idempotency_key"))
             if first is None:
@@ -300,6 +281,20 @@ class PredictionLog:
                 ) from None
             return first["request_id"]
         return row["request_id"]
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """``rows`` into the prediction log in one transaction, retried while the database is out of reach
+        (:meth:`_retrying`); a retry after a connection that broke once the transaction had committed writes nothing."""
+        tries = []
+
+        def write() -> None:
+            tries.append(1)
+            if len(tries) > 1 and self.get(rows[0]["request_id"]) is not None:
+                return  # the connection broke after an earlier try had committed: they are logged
+            with self.engine.begin() as conn:
+                conn.execute(insert(predictions), rows)
+
+        self._retrying(write)
 
     @staticmethod
     def _retrying(write):
