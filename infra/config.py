@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -220,6 +220,7 @@ class Classifier(_Strict):
     lp_ft: LPFT
     distillation: Distillation
     tta: bool
+    logit_adjustment: list[Annotated[float, Field(ge=0, le=3)]] = Field(default_factory=lambda: [0.0], min_length=1)
     threads: int = Field(ge=0)
     init: ModelInit = ModelInit()
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from components.model.evaluate import DISCLAIMER
-from components.model.metrics import softmax
+from components.model.metrics import adjustment_offsets, decide, softmax
+from components.model.model_card import DISCLAIMER
 from components.monitoring.reference import embed
 from infra.config import Config
 
@@ -255,6 +255,7 @@ class Pipeline:
             self.model, self.mc = load_model(classifier_dir)
         self.classes, self.malignant = self.mc["classes"], self.mc["malignant"]
         self.temperature = float(self.mc.get("temperature", 1.0))
+        self.offsets = adjustment_offsets(self.mc)  # the answered class: argmax of the adjusted logits
         self.threshold = float(self.mc.get("malignant_threshold", 0.5))
         self.lock = threading.Lock()  # one model call at a time: two cores, no oversubscription
         self.detector, self.detector_error, self.dc = None, None, {}
@@ -338,8 +339,9 @@ class Pipeline:
         return out
 
     # stage 2
-    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated class probabilities (N, K) and penultimate-layer embeddings (N, D)."""
+    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibrated class probabilities (N, K), penultimate-layer embeddings (N, D) and the answered classes (N,):
+        the argmax of the logits with the model's logit adjustment (metrics.decide)."""
         import torch
 
         from components.data.preprocess import normalise
@@ -348,14 +350,14 @@ class Pipeline:
             x = np.ascontiguousarray(normalise(crops, self.mc["mean"], self.mc["std"]), dtype=np.float32)
             with self.lock:
                 emb, logits = self.ort.run(None, {"input": x})
-            return softmax(logits, self.temperature), emb
+            return softmax(logits, self.temperature), emb, decide(logits, self.offsets)
         x = torch.from_numpy(normalise(crops, self.mc["mean"], self.mc["std"])).contiguous(
             memory_format=torch.channels_last
         )
         with self.lock, torch.no_grad():
             self.use_threads()
             emb, logits = embed(self.model, x, self.mc.get("tta", False))
-        return softmax(logits.numpy(), self.temperature), emb.numpy()
+        return softmax(logits.numpy(), self.temperature), emb.numpy(), decide(logits.numpy(), self.offsets)
 
     def risk(self, p_malignant: float) -> str:
         if p_malignant >= max(self.threshold, self.cfg.serving.high_risk_probability):
@@ -392,7 +394,7 @@ class Pipeline:
             for img, (plan, _) in zip(images, plans, strict=True)
             for box, _ in plan
         ]
-        probs, emb = self.classify(np.stack(crops))
+        probs, emb, answered = self.classify(np.stack(crops))
         if self.ood is not None:
             from components.monitoring import ood
 
@@ -409,7 +411,7 @@ class Pipeline:
                     {
                         "box": box,
                         "detector_confidence": conf,
-                        "label": self.classes[int(p.argmax())],
+                        "label": self.classes[int(answered[row])],
                         "probabilities": {c: round(float(v), 5) for c, v in zip(self.classes, p, strict=True)},
                         "malignant_probability": round(pm, 5),
                         "risk": self.risk(pm),

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.model.metrics import core_metrics, partial_auc_above_tpr, predictive_values
+from components.model.metrics import (
+    core_metrics,
+    decide,
+    fit_logit_adjustment,
+    partial_auc_above_tpr,
+    predictive_values,
+)
 
 
 def test_partial_auc_above_80_percent_sensitivity():
@@ -35,3 +41,42 @@ def test_core_metrics_count_the_malignant_view():
     assert m["malignant_ppv_at_prevalence"] == pytest.approx(ppv) and m["malignant_npv_at_prevalence"] == pytest.approx(
         npv
     )
+
+
+def test_logit_adjustment_takes_back_a_models_lean_towards_the_common_class():
+    """A Bayes-optimal model of a training set that is 80% one class answers that class too often; the offsets
+    -tau * log(prior) with tau chosen on validation restore balanced accuracy, and leave balanced data alone."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    prior = np.array([0.8, 0.15, 0.05])
+    means = np.array([[0.0, 0.0], [1.2, 0.0], [0.0, 1.2]])
+
+    def draw(n_per_class):
+        y = np.repeat(np.arange(3), n_per_class)
+        x = means[y] + rng.normal(size=(len(y), 2))
+        log_lik = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(2)
+        return log_lik + np.log(prior), y  # the logits of a model fitted on the 80/15/5 training set
+
+    val_logits, val_y = draw(400)
+    fit = fit_logit_adjustment(val_logits, val_y, (prior * 10_000).astype(int), [0, 0.25, 0.5, 0.75, 1.0])
+    assert fit["tau"] >= 0.75, fit
+    test_logits, test_y = draw(400)
+    plain = balanced_accuracy_score(test_y, decide(test_logits))
+    adjusted = balanced_accuracy_score(test_y, decide(test_logits, fit["offsets"]))
+    assert adjusted - plain > 0.1, (plain, adjusted)
+    assert fit["val_balanced_accuracy"]["0"] < fit["val_balanced_accuracy"][f"{fit['tau']:g}"]
+    # balanced training data: every offset is the same, the answers are the plain argmax
+    even = fit_logit_adjustment(val_logits, val_y, [100, 100, 100], [0, 0.5, 1.0])
+    assert even["tau"] == 0.0 and (decide(test_logits, even["offsets"]) == decide(test_logits)).all()
+
+
+def test_core_metrics_score_the_answered_classes_not_the_argmax():
+    classes, malignant = ["mel", "nv"], ["mel"]
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.4, 0.6], [0.3, 0.7], [0.1, 0.9], [0.2, 0.8]])  # argmax says nv four times
+    assert core_metrics(y, p, classes, malignant, 0.5)["balanced_accuracy"] == 0.5
+    answered = decide(np.log(p), [1.0, 0.0])  # mel's logit raised: the first two become mel
+    assert answered.tolist() == [0, 0, 1, 1]
+    m = core_metrics(y, p, classes, malignant, 0.5, pred=answered)
+    assert m["balanced_accuracy"] == 1.0 and m["malignant_auc"] == 1.0  # the AUC reads the probabilities alone

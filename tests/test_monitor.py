@@ -61,7 +61,7 @@ def _log_like_the_service(log, pipeline, ds, rows, shift: bool) -> None:
         data = _shift(data) if shift else data
         rgb = decode(data).rgb
         crop = to_uint8(rgb, (r["boxes"] or [None])[0], pipeline.mc["crop_margin"], pipeline.mc["input_size"])
-        p, emb = pipeline.classify(crop[None])
+        p, emb, answered = pipeline.classify(crop[None])
         log.record(
             {
                 "request_id": uuid.uuid4().hex,
@@ -71,8 +71,8 @@ def _log_like_the_service(log, pipeline, ds, rows, shift: bool) -> None:
                 "quality": quality(rgb),
                 "embedding": emb[0].tolist(),
                 "lesions": [],
-                "label": pipeline.classes[int(p[0].argmax())],
-                "confidence": float(p[0].max()),
+                "label": pipeline.classes[int(answered[0])],
+                "confidence": float(p[0][answered[0]]),
                 "fallback": False,
                 "classifier_version": "v",
             }

@@ -137,6 +137,11 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
         "(`evaluate.malignant_target_sensitivity`); at it on the test split: sensitivity "
     ) in card and f"specificity {spec:.3f} (95% CI {lo:.3f}-{hi:.3f})" in card
     assert mc["init"] == {"from": "scratch"} and mc["epochs_run"] == len(result["history"])
+    adj = mc["logit_adjustment"]  # chosen on validation from the configured taus, reported with the evaluation
+    assert adj["tau"] in cfg.classifier.logit_adjustment and len(adj["offsets"]) == len(cfg.classes.names)
+    assert ev["logit_adjustment"].items() >= adj.items() and set(adj["val_balanced_accuracy"]) == {
+        f"{t:g}" for t in cfg.classifier.logit_adjustment
+    }
     calibration = json.loads((root / "eval" / "calibration.json").read_text())
     assert calibration == {"temperature": ev["temperature"], "malignant_threshold": ev["malignant_threshold"]}
     assert "temperature" not in json.loads((root / "clf" / MODEL_CONFIG).read_text())  # the trained folder is untouched
@@ -170,9 +175,16 @@ def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(p
     # image, last validation image
     for k, r in ((0, train[0]), (len(train) - 1, train[-1]), (len(ref) - 1, val[-1])):
         crop = to_uint8(decode(ds / r["path"]).rgb, (r["boxes"] or [None])[0], p.mc["crop_margin"], p.mc["input_size"])
-        _, emb = p.classify(crop[None])
+        probs, emb, answered = p.classify(crop[None])
         got = reference.project(emb, projection)[0]
         assert np.allclose(got, ref.loc[k, pcs].to_numpy(dtype=float), atol=1e-3), (k, got)
+        assert ref.loc[k, "label"] == p.classes[answered[0]]  # the reference answers as the service does
+    # the service answers with the model's logit adjustment: offsets that favour one class make it the answer,
+    # the probabilities unchanged
+    p.offsets = [50.0 if c == "vasc" else 0.0 for c in p.classes]
+    adjusted_probs, _, answered = p.classify(crop[None])
+    assert p.classes[answered[0]] == "vasc" and np.allclose(adjusted_probs, probs)
+    assert p.analyse(decode(ds / val[-1]["path"]).rgb)["lesions"][0]["label"] == "vasc"
 
 
 @pytest.mark.slow

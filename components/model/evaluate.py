@@ -28,8 +28,10 @@ import numpy as np
 
 from components.data.manifest import DataError
 from components.model.metrics import (
+    adjustment_offsets,
     bootstrap,
     core_metrics,
+    decide,
     ece,
     fit_temperature,
     malignant_prob,
@@ -37,14 +39,10 @@ from components.model.metrics import (
     threshold_for_sensitivity,
     wilson,
 )
-from components.step_report import kv, table, write_html
+from components.model.model_card import model_card, report_html
 from infra.config import Config
 
 CALIBRATION = "calibration.json"
-DISCLAIMER = (
-    "DrSpot is a decision-support tool for trained clinicians. It does not diagnose. A low-risk answer does not rule "
-    "out skin cancer; any lesion that changes, bleeds, itches or worries the patient must be seen by a dermatologist."
-)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -158,6 +156,7 @@ class Scored:
     pt: np.ndarray
     metrics: dict[str, Any]
     slices: list[dict[str, Any]]
+    pred: np.ndarray  # the test crops' answered classes (the model's logit adjustment applied)
 
 
 REPORT_SLICES = ("sex", "age_band", "localization", "source")
@@ -172,12 +171,14 @@ def slice_metrics(
     threshold: float,
     columns,
     min_rows: int,
+    pred: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The headline metrics per value of each column (``age_band`` from ``age``) with at least ``min_rows`` test
     crops: n, malignant n, accuracy, balanced accuracy, macro AUC, malignant sensitivity with its Wilson 95%
     interval. A column with one value is skipped (it is the whole split), except ``source``."""
     mal = np.isin(y, [classes.index(m) for m in malignant])
     flagged = malignant_prob(p, classes, malignant) >= threshold
+    pred = p.argmax(1) if pred is None else pred
     out = []
     for col in columns:
         values: dict[str, list[int]] = {}
@@ -190,7 +191,7 @@ def slice_metrics(
         for v, idx in sorted(values.items()):
             if len(idx) < min_rows:
                 continue
-            m = core_metrics(y[idx], p[idx], classes, malignant, threshold)
+            m = core_metrics(y[idx], p[idx], classes, malignant, threshold, pred=pred[idx])
             n_mal = int(mal[idx].sum())
             out.append(
                 {
@@ -239,12 +240,13 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
     threshold = threshold_for_sensitivity(
         y_mal_v, malignant_prob(pv, classes, malignant), cfg.evaluate.malignant_target_sensitivity
     )
-    metrics = core_metrics(yt, pt, classes, malignant, threshold, cfg.evaluate.malignant_prevalence)
+    pred = decide(logits["test"], adjustment_offsets(mc))
+    metrics = core_metrics(yt, pt, classes, malignant, threshold, cfg.evaluate.malignant_prevalence, pred)
     meta = {r["image_id"]: r for r in by_split["test"]}
     test_rows = [meta[i] for i in arrays["test"].image_ids]
     columns = list(dict.fromkeys([*REPORT_SLICES, *cfg.gate.slices.columns]))
-    slices = slice_metrics(test_rows, yt, pt, classes, malignant, threshold, columns, cfg.evaluate.slice_min_rows)
-    return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics, slices)
+    slices = slice_metrics(test_rows, yt, pt, classes, malignant, threshold, columns, cfg.evaluate.slice_min_rows, pred)
+    return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics, slices, pred)
 
 
 def evaluate(
@@ -274,11 +276,11 @@ def evaluate(
     classes, malignant = mc["classes"], mc["malignant"]
     yv, yt = arrays["val"].y, arrays["test"].y
     temperature, threshold, pt, metrics = sc.temperature, sc.threshold, sc.pt, sc.metrics
-    intervals = bootstrap(yt, pt, classes, malignant, threshold, e.n_bootstrap, cfg.seed, e.malignant_prevalence)
-    prec, rec, f1, support = precision_recall_fscore_support(
-        yt, pt.argmax(1), labels=range(len(classes)), zero_division=0
+    pred_t = sc.pred
+    intervals = bootstrap(
+        yt, pt, classes, malignant, threshold, e.n_bootstrap, cfg.seed, e.malignant_prevalence, pred_t
     )
-    pred_t = pt.argmax(1)
+    prec, rec, f1, support = precision_recall_fscore_support(yt, pred_t, labels=range(len(classes)), zero_division=0)
     npv = [  # one class against the rest: how often "not this class" is right
         float(((pred_t != k) & (yt != k)).sum() / max(1, (pred_t != k).sum())) for k in range(len(classes))
     ]
@@ -295,7 +297,7 @@ def evaluate(
     ]
     ece_before, _ = ece(yt, softmax(logits["test"]), e.ece_bins)
     ece_after, reliability = ece(yt, pt, e.ece_bins)
-    cm = confusion_matrix(yt, pt.argmax(1), labels=range(len(classes)))
+    cm = confusion_matrix(yt, pred_t, labels=range(len(classes)))
 
     slices = sc.slices
 
@@ -305,7 +307,8 @@ def evaluate(
         for sev in severities:
             xc = corrupt(arrays["test"].x, kind, sev, cfg.seed)
             lc, _ = predict(model, xc, mc["mean"], mc["std"], tta=mc.get("tta", False))
-            m = core_metrics(yt, softmax(lc, temperature), classes, malignant, threshold)
+            pc = decide(lc, adjustment_offsets(mc))
+            m = core_metrics(yt, softmax(lc, temperature), classes, malignant, threshold, pred=pc)
             robustness.append(
                 {
                     "corruption": kind,
@@ -361,7 +364,7 @@ def evaluate(
 
     (out_dir / "gradcam").mkdir(exist_ok=True)
     cams = []
-    pred = pt.argmax(1)
+    pred = pred_t
     for kind, idx in (("correct", np.flatnonzero(pred == yt)), ("wrong", np.flatnonzero(pred != yt))):
         for k in idx[: e.gradcam_samples]:
             x = torch.from_numpy(normalise(arrays["test"].x[k : k + 1], mc["mean"], mc["std"])).requires_grad_(False)
@@ -391,6 +394,12 @@ def evaluate(
         "malignant_threshold": threshold,
         "target_sensitivity": e.malignant_target_sensitivity,
         "temperature": temperature,
+        "logit_adjustment": {  # what the answered classes gained over the plain argmax, on the test split
+            **(mc.get("logit_adjustment") or {"tau": 0.0}),
+            "test_balanced_accuracy_plain_argmax": core_metrics(yt, pt, classes, malignant, threshold)[
+                "balanced_accuracy"
+            ],
+        },
         "ece_before": ece_before,
         "ece_after": ece_after,
         "reliability": reliability,
@@ -417,88 +426,5 @@ def evaluate(
     write_reference(out_dir, sc.pv, yv, classes, malignant, threshold)
     (out_dir / "model_card.md").write_text(model_card(result))
     cfg.write(out_dir / "config.yaml")  # the resolved configuration, beside the figures it produced
-    _html(out_dir, result)
+    report_html(out_dir, result)
     return result
-
-
-def _fmt(result: dict, key: str) -> str:
-    v, (lo, hi) = result["metrics"][key], result["intervals_95"][key]
-    return f"{v:.3f} (95% CI {lo:.3f}-{hi:.3f})"
-
-
-def model_card(r: dict[str, Any]) -> str:
-    keys = (
-        "accuracy",
-        "balanced_accuracy",
-        "macro_auc",
-        "kappa",
-        "malignant_auc",
-        "malignant_sensitivity",
-        "malignant_specificity",
-    )
-    lines = [
-        f"# Model card: DrSpot classifier ({r['backbone']} @ {r['input_size']} px)",
-        "",
-        "## Intended use",
-        "Second-reader support for clinicians looking at dermoscopic images of a single skin lesion: it proposes one "
-        f"of {', '.join(r['classes'])} and a malignancy probability (malignant: {', '.join(r['malignant'])}). "
-        "Not for use by patients alone, not for non-dermoscopic photos, not a diagnosis.",
-        "",
-        "## Data",
-        f"Data version (DVC md5 of data/): `{r['data_version']}`. Test set: {r['test_images']} images "
-        f"({r['test_crops']} lesion crops) of the frozen test split; "
-        "no lesion or duplicate of it was seen in training.",
-        "",
-        "## Metrics on the frozen test split (bootstrap 95% intervals)",
-        *[f"- {k}: {_fmt(r, k)}" for k in keys],
-        f"- malignant threshold {r['malignant_threshold']:.3f}, chosen on validation for sensitivity >= "
-        f"{r['target_sensitivity']} (`evaluate.malignant_target_sensitivity`); at it on the test split: sensitivity "
-        f"{_fmt(r, 'malignant_sensitivity')}, specificity {_fmt(r, 'malignant_specificity')}",
-        f"- temperature {r['temperature']:.2f}; ECE {r['ece_after']:.3f} (uncalibrated {r['ece_before']:.3f})",
-        "",
-        "## Limitations",
-        "- Trained from scratch unless stated; small or synthetic training sets give wide intervals (see above).",
-        "- Performance falls under blur, noise, exposure and compression (robustness table in the report).",
-        "- Slices with few images are not reported; skin types and devices absent from training are untested.",
-        "",
-        "## Disclaimer",
-        DISCLAIMER,
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _html(out_dir: Path, r: dict[str, Any]) -> None:
-    imgs = "".join(
-        f"<figure style='display:inline-block'><img src='gradcam/{n}'><figcaption>{n}</figcaption></figure>"
-        for n in r["gradcam"]
-    )
-    metrics_rows = [
-        {"metric": k, "value": v, "ci_low": r["intervals_95"][k][0], "ci_high": r["intervals_95"][k][1]}
-        for k, v in r["metrics"].items()
-    ]
-    cx = [{"model": k, **{kk: vv for kk, vv in v.items() if kk != "test_metrics"}} for k, v in r["complexity"].items()]
-    write_html(
-        out_dir / "report.html",
-        "DrSpot evaluation (frozen test split)",
-        [
-            ("Metrics with bootstrap 95% intervals", table(metrics_rows)),
-            ("Per class", table(r["per_class"])),
-            ("Plots", "<img src='plots/confusion_matrix.png'> <img src='plots/curves.png' style='max-width:100%'>"),
-            (
-                "Calibration",
-                kv(
-                    {
-                        "temperature": r["temperature"],
-                        "ECE before": r["ece_before"],
-                        "ECE after": r["ece_after"],
-                        "malignant threshold": r["malignant_threshold"],
-                    }
-                ),
-            ),
-            ("Slices", table(r["slices"])),
-            ("Robustness (corrupted test crops)", table(r["robustness"])),
-            ("Complexity", table(cx)),
-            ("Grad-CAM (correct, then wrong)", imgs or "<p><em>none</em></p>"),
-            ("Model card", f"<pre>{model_card(r)}</pre>"),
-        ],
-    )

@@ -45,6 +45,39 @@ def predictive_values(sens: float, spec: float, prevalence: float) -> tuple[floa
     return (tp / (tp + fp) if tp + fp else float("nan")), (tn / (tn + fn) if tn + fn else float("nan"))
 
 
+def decide(logits: np.ndarray, offsets: list[float] | None = None) -> np.ndarray:
+    """The class each row is answered with: the argmax of its logits plus the model's per-class ``offsets`` (its
+    logit adjustment, ``model_config["logit_adjustment"]["offsets"]``; none: the plain argmax)."""
+    z = np.asarray(logits, dtype=np.float64)
+    return (z + np.asarray(offsets, dtype=np.float64)).argmax(1) if offsets is not None else z.argmax(1)
+
+
+def adjustment_offsets(model_config: dict[str, Any]) -> list[float] | None:
+    """A model's logit-adjustment offsets (``model_config["logit_adjustment"]``); None for a model without."""
+    return (model_config.get("logit_adjustment") or {}).get("offsets")
+
+
+def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus) -> dict[str, Any]:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021): offsets ``-tau * log(prior)``, ``prior`` the training
+    class shares (add-one smoothed), with the ``tau`` of ``taus`` whose answers reach the best balanced accuracy on
+    the validation ``logits`` (ties to the smaller tau). A model trained mostly on one class leans towards it;
+    the offsets take the lean back by as much as validation shows pays."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    counts = np.asarray(train_counts, dtype=np.float64)
+    log_prior = np.log((counts + 1) / (counts.sum() + len(counts)))
+    tried = {}
+    for tau in sorted(set(float(t) for t in taus)):
+        pred = decide(logits, -tau * log_prior)
+        tried[tau] = float(balanced_accuracy_score(y, pred)) if len(y) else float("nan")
+    best = min(tried, key=lambda t: (-np.nan_to_num(tried[t], nan=-1.0), t))
+    return {
+        "tau": best,
+        "offsets": [round(float(v), 6) for v in -best * log_prior],
+        "val_balanced_accuracy": {f"{t:g}": round(v, 4) for t, v in tried.items()},
+    }
+
+
 def core_metrics(
     y: np.ndarray,
     p: np.ndarray,
@@ -52,13 +85,15 @@ def core_metrics(
     malignant: list[str],
     threshold: float,
     prevalence: float | None = None,
+    pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The headline figures: multiclass (ACC, BMCA, macro AUC, kappa) and the malignant view at ``threshold``
     (AUC, pAUC above 80% sensitivity, sensitivity, specificity, PPV and NPV on this set and, given a deployment
-    ``prevalence``, where malignancy is that common)."""
+    ``prevalence``, where malignancy is that common). ``pred``: the answered classes (:func:`decide`), by default
+    ``p``'s argmax."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, roc_auc_score
 
-    pred = p.argmax(1)
+    pred = p.argmax(1) if pred is None else np.asarray(pred)
     y_mal = np.isin(y, [classes.index(m) for m in malignant]).astype(int)
     p_mal = malignant_prob(p, classes, malignant)
     flagged = p_mal >= threshold
@@ -85,13 +120,16 @@ def core_metrics(
     return out
 
 
-def bootstrap(y, p, classes, malignant, threshold, n: int, seed: int, prevalence=None) -> dict[str, list[float]]:
+def bootstrap(
+    y, p, classes, malignant, threshold, n: int, seed: int, prevalence=None, pred=None
+) -> dict[str, list[float]]:
     """95% percentile intervals of :func:`core_metrics` over ``n`` resamples of the test set."""
     rng = np.random.default_rng(seed)
+    pred = p.argmax(1) if pred is None else np.asarray(pred)
     draws: dict[str, list[float]] = {}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        for k, v in core_metrics(y[idx], p[idx], classes, malignant, threshold, prevalence).items():
+        for k, v in core_metrics(y[idx], p[idx], classes, malignant, threshold, prevalence, pred[idx]).items():
             draws.setdefault(k, []).append(v)
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
 

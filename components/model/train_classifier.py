@@ -39,7 +39,7 @@ from components.model.classifier import (
     load_model,
     predict,
 )
-from components.model.metrics import quick_metrics
+from components.model.metrics import fit_logit_adjustment, quick_metrics
 from components.step_report import say
 from infra.config import Config
 
@@ -180,6 +180,22 @@ def _augment(x, aug, gen):
         x = (x - gray) * sat + gray
         x = (x * bright).clamp(0, 1)
     return x
+
+
+def _adjustment(model, val, y_train: np.ndarray, k: int, mean, std, c, progress) -> dict[str, Any]:
+    """The chosen model's logit adjustment (``classifier.logit_adjustment``: the tau with the best validation
+    balanced accuracy, metrics.fit_logit_adjustment), which the service, the evaluation and the monitoring
+    reference answer with."""
+    if len(val.y) == 0 or c.logit_adjustment == [0.0]:
+        return {"tau": 0.0, "offsets": [0.0] * k, "val_balanced_accuracy": {}}
+    model.eval()
+    lv, _ = predict(model, val.x, mean, std, tta=c.tta)
+    fit = fit_logit_adjustment(lv, val.y, np.bincount(y_train, minlength=k), c.logit_adjustment)
+    progress(
+        f"classifier: logit adjustment tau {fit['tau']:g} (validation balanced accuracy by tau: "
+        f"{fit['val_balanced_accuracy']})"
+    )
+    return fit
 
 
 def train_classifier(
@@ -427,6 +443,7 @@ def train_classifier(
         "init": origin,
         "epochs_run": len(history),
         "params": cfg.classifier.model_dump(),
+        "logit_adjustment": _adjustment(model, val, train.y, len(classes), mean, std, c, progress),
     }
     # the drift-monitoring reference travels with the model (components/monitoring/reference.py), and so do the
     # photo-quality warning limits calibrated on the same training images

@@ -195,11 +195,14 @@ def fit(ref: dict[str, Any]) -> dict[str, Any]:
     return {"curves": curves, "malignant_curve": mal_curve, "mal_idx": mal_idx, **ref}
 
 
-def estimate(model: dict[str, Any], p: np.ndarray, flagged: np.ndarray | None = None) -> dict[str, float]:
+def estimate(
+    model: dict[str, Any], p: np.ndarray, flagged: np.ndarray | None = None, pred: np.ndarray | None = None
+) -> dict[str, float]:
     """CBPE's expected accuracy, balanced accuracy and malignant sensitivity / specificity for probabilities ``p``.
 
     ``flagged``: the service's malignant flags (risk not "low"); by default ``p``'s malignant mass at the
-    reference's threshold. Predictions are ``p``'s argmax, as served.
+    reference's threshold. ``pred``: the answered classes (the served labels: a model with a logit adjustment does
+    not answer ``p``'s argmax); by default ``p``'s argmax.
     """
     p = np.asarray(p, dtype=np.float64)
     n = len(p)
@@ -207,7 +210,7 @@ def estimate(model: dict[str, Any], p: np.ndarray, flagged: np.ndarray | None = 
         return {}
     cal = np.column_stack([np.interp(p[:, k], *model["curves"][k]) for k in range(p.shape[1])])
     cal = cal / np.clip(cal.sum(1, keepdims=True), 1e-12, None)
-    pred = p.argmax(1)
+    pred = p.argmax(1) if pred is None else np.asarray(pred, dtype=int)
     recalls = []
     for k in range(p.shape[1]):
         mass = cal[:, k].sum()
@@ -226,9 +229,10 @@ def estimate(model: dict[str, Any], p: np.ndarray, flagged: np.ndarray | None = 
     }
 
 
-def window_probabilities(rows: list[dict[str, Any]], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The reported lesion's probabilities (columns in ``classes`` order) and malignant flags of logged rows."""
-    p, flags = [], []
+def window_probabilities(rows: list[dict[str, Any]], classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reported lesion's probabilities (columns in ``classes`` order), malignant flags and answered classes
+    (indices in ``classes``) of logged rows."""
+    p, flags, pred = [], [], []
     for r in rows:
         les = reported(r)
         probs = les.get("probabilities") or {}
@@ -236,7 +240,13 @@ def window_probabilities(rows: list[dict[str, Any]], classes: list[str]) -> tupl
             continue
         p.append([float(probs.get(c, 0.0)) for c in classes])
         flags.append((r.get("risk") or les.get("risk") or "low") != "low")
-    return np.asarray(p, dtype=np.float64).reshape(-1, len(classes)), np.asarray(flags, dtype=bool)
+        label = les.get("label") or r.get("label")
+        pred.append(classes.index(label) if label in classes else int(np.argmax(p[-1])))
+    return (
+        np.asarray(p, dtype=np.float64).reshape(-1, len(classes)),
+        np.asarray(flags, dtype=bool),
+        np.asarray(pred, dtype=int),
+    )
 
 
 # ---------------------------------------------------------------- the report
@@ -359,8 +369,8 @@ def assess(cfg, log, performance_for, out_dir: Path, window_rows: list[dict[str,
             else f"{served} has no performance reference (evaluated before it was stored); retrain it"
         )
     else:
-        p, flags = window_probabilities(mine, ref["classes"])
-        result["estimate"] = {"version": served, "rows": len(p), **estimate(fit(ref), p, flags)}
+        p, flags, pred = window_probabilities(mine, ref["classes"])
+        result["estimate"] = {"version": served, "rows": len(p), **estimate(fit(ref), p, flags, pred)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "quality.html").write_text(html(result), encoding="utf-8")

@@ -104,7 +104,7 @@ def from_crops(feats, crops, model, mc, projection=None, n_components: int = 8, 
     import torch
 
     from components.data.preprocess import normalise
-    from components.model.metrics import softmax
+    from components.model.metrics import adjustment_offsets, decide, softmax
 
     embs, logits = [], []
     with torch.no_grad():
@@ -116,14 +116,15 @@ def from_crops(feats, crops, model, mc, projection=None, n_components: int = 8, 
     emb = np.concatenate(embs)
     if embeddings is not None:
         embeddings.append(emb)
-    p = softmax(np.concatenate(logits))
+    z = np.concatenate(logits)
+    p, pred = softmax(z), decide(z, adjustment_offsets(mc))  # answered as the service answers
     projection = projection or fit_projection(emb, n_components)
     pcs = project(emb, projection)
     df = pd.DataFrame(feats)
     for k in range(pcs.shape[1]):
         df[f"pc_{k}"] = pcs[:, k]
-    df["label"] = [mc["classes"][k] for k in p.argmax(1)]
-    df["confidence"] = p.max(1)
+    df["label"] = [mc["classes"][k] for k in pred]
+    df["confidence"] = p[np.arange(len(p)), pred]
     return df, projection
 
 

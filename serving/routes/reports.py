@@ -13,7 +13,7 @@ import anyio
 from bentoml import get_current_service
 from fastapi import APIRouter, Depends, Request
 
-from components.model.evaluate import DISCLAIMER
+from components.model.model_card import DISCLAIMER
 from components.monitoring.quality import reported
 from serving.app import MAX_CSV_IDS, REQUESTS, S, has_reviewer_key, json_object, options, require_reviewer
 from serving.inputs import InputError

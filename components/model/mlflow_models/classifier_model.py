@@ -24,7 +24,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         from components.data.images import decode
         from components.data.preprocess import to_uint8
         from components.model.classifier import predict
-        from components.model.metrics import softmax
+        from components.model.metrics import adjustment_offsets, decide, softmax
 
         c = self.config
         boxes = model_input["box"] if "box" in model_input else [None] * len(model_input)
@@ -38,7 +38,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         p = softmax(logits, c.get("temperature", 1.0))
         out = pd.DataFrame(p, columns=c["classes"])
         out["malignant_probability"] = out[c["malignant"]].sum(1)
-        out["label"] = [c["classes"][k] for k in p.argmax(1)]
+        out["label"] = [c["classes"][k] for k in decide(logits, adjustment_offsets(c))]
         return out
 
 
