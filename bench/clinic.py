@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--no-pretrained", action="store_true", help="skip the pretrained-init retrain")
     ap.add_argument("--bcn", help="the BCN20000 folder (default ../shared/data/bcn20000_84)")
     ap.add_argument("--work", default="bench/results/clinic-work", help="fine-tuned models go here")
+    ap.add_argument("--out", default="clinic", help="write bench/results/<out>.json (a partial curve: another name)")
     args = ap.parse_args()
     from flows.retrain import challenger_config
 
@@ -330,7 +331,7 @@ def main() -> None:
         "bcn_mel_sensitivity_after >= 0.60": result["bcn_mel_sensitivity_after"] >= 0.60,
         "drift on Barcelona, not on HAM10000": drift_bcn["drift"] and not drift_ham["drift"],
     }
-    out = ROOT / "bench" / "results" / "clinic.json"
+    out = ROOT / "bench" / "results" / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
     print(f"\n{'budget':>6} {'selection':<13} {'bcn bmca':>8} {'mal auc':>8} {'mel sens':>8} {'ham bacc':>8} {'s':>6}")

@@ -42,12 +42,22 @@ ANCHORS = [
     {"model": "seed 001 binary ResNet50 (ImageNet)", "malignant_auc": 0.8585, "malignant_sensitivity": 0.818},
     {"model": "ISIC 2018 Task 3 best without external data (full resolution, GPU ensembles)", "bacc": 0.845},
 ]
-REQUIRED = {"bacc": 0.60, "malignant_auc": 0.88, "wall_s": 1800}
-GOAL = {"acc": 0.85, "bacc": 0.70, "malignant_auc": 0.92, "malignant_sensitivity": 0.90, "map50": 0.95}
+REQUIRED = {"bacc": 0.70, "malignant_auc": 0.92, "wall_s": 1800}  # issue 23 (0.60 / 0.88 before)
+GOAL = {"acc": 0.85, "bacc": 0.75, "mel_recall": 0.70, "malignant_sensitivity": 0.90, "map50": 0.95}
 
 
 def figures(ev: dict) -> dict:
-    return {SHORT.get(k, k): ev["metrics"][k] for k in KEYS}
+    """The headline figures, melanoma recall and the per-class recall, and what the logit adjustment gave (the
+    test balanced accuracy of the plain argmax, the tau chosen on validation)."""
+    recall = {r["class"]: r["recall"] for r in ev["per_class"]}
+    adj = ev.get("logit_adjustment") or {}
+    return {
+        **{SHORT.get(k, k): ev["metrics"][k] for k in KEYS},
+        "mel_recall": recall.get("mel"),
+        "recall_per_class": recall,
+        "bacc_plain_argmax": adj.get("test_balanced_accuracy_plain_argmax"),
+        "logit_adjustment_tau": adj.get("tau"),
+    }
 
 
 def main() -> None:
@@ -160,7 +170,15 @@ def main() -> None:
     )
     if base_figures:
         print(f"same, from scratch ({scratch_note}) | " + " | ".join(f"{base_figures[k]:.3f}" for k in cols) + " | | ")
-    print(f"required BACC>=0.60, malignant AUC>=0.88 in <=1800 s: {'met' if result['meets_required'] else 'NOT met'}")
+    print(
+        f"BACC {result['bacc']:.3f} (plain argmax {result['bacc_plain_argmax'] or float('nan'):.3f}, logit adjustment "
+        f"tau {result['logit_adjustment_tau']}); melanoma recall {result['mel_recall']:.3f}; recall per class "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result["recall_per_class"].items())
+    )
+    print(
+        f"required BACC>={REQUIRED['bacc']}, malignant AUC>={REQUIRED['malignant_auc']} in <=1800 s: "
+        f"{'met' if result['meets_required'] else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from components.data.manifest import DataError
@@ -190,7 +191,7 @@ def test_the_monitoring_reference_is_stored_with_the_model_and_matches_serving(p
 @pytest.mark.slow
 def test_checkpoint_resume_continues_after_an_interruption(prepared):
     cfg, ds, split, root = prepared
-    two = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"epochs": 2})})
+    two = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"epochs": 2, "ema": 0.9})})
     calls = []
 
     def interrupt(msg):
@@ -201,6 +202,9 @@ def test_checkpoint_resume_continues_after_an_interruption(prepared):
     with pytest.raises(KeyboardInterrupt):
         train_classifier(split, ds, root / "resume", two, progress=interrupt)
     assert (root / "resume" / "checkpoint.pt").is_file()
+    ck = torch.load(root / "resume" / "checkpoint.pt", weights_only=False)
+    steps = ck["ema"]["steps"]  # the weight average travels with the checkpoint
+    assert steps > 0 and all(torch.equal(ck["best_state"][k], v) for k, v in ck["ema"]["state"].items())
     messages = []
     out = train_classifier(split, ds, root / "resume", two, progress=messages.append)
     assert any("resumed from" in m and "after epoch 1" in m for m in messages)
@@ -269,3 +273,26 @@ def test_calibration_and_threshold_helpers():
     assert ((p >= th) & (y_mal == 1)).sum() / 4 >= 0.75 and th == 0.3
     x = np.full((2, 8, 8, 3), 100, np.uint8)
     assert corrupt(x, "brightness", 1.5, 0).mean() == 150
+
+
+def test_the_weight_average_follows_the_weights_and_is_swapped_in_only_inside():
+    from components.model.train_classifier import WeightAverage
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        m[0].weight.fill_(0.0)
+    ema = WeightAverage(m, decay=0.5)
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    ema.update(m)  # warm-up: decay min(0.5, 2/11): the average moves most of the way
+    d = 2 / 11
+    assert torch.allclose(ema.state["0.weight"], torch.full((1, 2), 1 - d))
+    for _ in range(50):
+        ema.update(m)
+    assert torch.allclose(ema.state["0.weight"], torch.ones(1, 2), atol=1e-6)
+    assert ema.state["1.num_batches_tracked"].dtype == torch.long  # counters copied, not averaged
+    with torch.no_grad():
+        m[0].weight.fill_(5.0)
+    with ema.swapped_in(m) as judged:
+        assert torch.allclose(judged[0].weight, torch.ones(1, 2), atol=1e-6)
+    assert torch.equal(m[0].weight, torch.full((1, 2), 5.0))  # its own weights again after

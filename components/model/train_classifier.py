@@ -23,6 +23,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,44 @@ def _augment(x, aug, gen):
     return x
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics (``classifier.ema``: the decay
+    per step, warmed up as (1 + n) / (10 + n) so that the first steps do not hold the start). It starts with the
+    fine-tune (the linear probe's head is not averaged into it); validation, early stopping and the saved model
+    read the average (Polyak averaging; timm's ModelEmaV2 does the same)."""
+
+    def __init__(self, model, decay: float, state: dict | None = None, steps: int = 0) -> None:
+        self.decay, self.steps = decay, steps
+        self.state = state if state is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model) -> None:
+        import torch
+
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    self.state[k].copy_(v)
+
+    def swapped_in(self, model):
+        """Context: ``model`` holds the average inside, its own weights again after."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def swap():
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.state)
+            try:
+                yield model
+            finally:
+                model.load_state_dict(live)
+
+        return swap()
+
+
 def _adjustment(model, val, y_train: np.ndarray, k: int, mean, std, c, progress) -> dict[str, Any]:
     """The chosen model's logit adjustment (``classifier.logit_adjustment``: the tau with the best validation
     balanced accuracy, metrics.fit_logit_adjustment), which the service, the evaluation and the monitoring
@@ -312,6 +351,7 @@ def train_classifier(
     ckpt_path = out_dir / CHECKPOINT
     digest = cfg.digest()
     start_epoch, history, best, best_state, stale = 0, [], -math.inf, None, 0
+    ema: WeightAverage | None = None
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck.get("digest") == digest:
@@ -328,6 +368,8 @@ def train_classifier(
                 ck["stale"],
             )
             torch.set_rng_state(ck["rng"])
+            if ck.get("ema") is not None:
+                ema = WeightAverage(model, c.ema, ck["ema"]["state"], ck["ema"]["steps"])
             progress(f"classifier: resumed from {ckpt_path} after epoch {start_epoch}")
         else:
             progress(f"classifier: {ckpt_path} was written with other parameters; starting afresh")
@@ -376,15 +418,20 @@ def train_classifier(
             step_opt.step()
             if not head_only:
                 sched.step()
+                if c.ema:
+                    ema = ema or WeightAverage(model, c.ema)
+                    ema.update(model)
             losses.append(loss.item())
         model.eval()
-        _, pv = predict(model, val.x, mean, std, tta=c.tta)
+        with ema.swapped_in(model) if ema else nullcontext(model) as judged:
+            _, pv = predict(judged, val.x, mean, std, tta=c.tta)
+            judged_state = {n: t.detach().clone() for n, t in judged.state_dict().items()}
         m = quick_metrics(val.y, pv)
         score = m[metric] if not math.isnan(m[metric]) else m["accuracy"]
         improved = score > best
         if improved:
             best, stale = score, 0
-            best_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+            best_state = judged_state
         else:
             stale += 1
         history.append(
@@ -410,6 +457,7 @@ def train_classifier(
                 "stale": stale,
                 "history": history,
                 "rng": torch.get_rng_state(),
+                "ema": {"state": ema.state, "steps": ema.steps} if ema else None,
                 "digest": digest,
             },
             ckpt_path,
