@@ -189,7 +189,7 @@ def lesion_rows(image: dict[str, Any], result: dict[str, Any], pipeline, languag
                 **dict(zip(("box_x_min", "box_y_min", "box_x_max", "box_y_max"), box, strict=True)),
                 "detector_confidence": lesion["detector_confidence"],
                 "label": lesion["label"],
-                "confidence": max(lesion["probabilities"].values()),
+                "confidence": lesion["probabilities"][lesion["label"]],
                 **{f"p_{c}": v for c, v in lesion["probabilities"].items()},
                 "malignant_probability": lesion["malignant_probability"],
                 "risk": lesion["risk"],

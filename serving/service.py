@@ -236,7 +236,7 @@ class DrSpot:
             "embedding": main["embedding"],
             "lesions": main["lesions"],
             "label": top["label"],
-            "confidence": max(top["probabilities"].values()),
+            "confidence": top["probabilities"][top["label"]],  # of the answered class
             "malignant_probability": top["malignant_probability"],
             "risk": top["risk"],
             "fallback": main["fallback"],

@@ -178,7 +178,7 @@ async def predict_frames(request: Request, svc: Any = Depends(get_current_servic
     for t, result in zip(times, results, strict=True):
         top = reported(result)
         held = svc.pipeline.abstention(result["lesions"], top)
-        readings.append(Reading(t, top["label"], max(top["probabilities"].values()), held["abstain"]))
+        readings.append(Reading(t, top["label"], top["probabilities"][top["label"]], held["abstain"]))
     decision = window(readings, st)
     response = {
         **decision,
