@@ -276,7 +276,7 @@ def test_calibration_and_threshold_helpers():
 
 
 def test_the_weight_average_follows_the_weights_and_is_swapped_in_only_inside():
-    from components.model.train_classifier import WeightAverage
+    from components.model.ema import WeightAverage
 
     m = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
     with torch.no_grad():
