@@ -441,7 +441,8 @@ def test_quality_policy_reject_refuses_a_poor_photo():
 
 
 def test_after_a_promotion_deploy_and_restart_serve_the_new_champion(deployed, monkeypatch):
-    """Runs last: moves the champion, so the shared server above keeps serving the old one."""
+    """Moves the champion and deploys it, then puts the old one back and deploys it again: the session's shared
+    deployment is as the other modules expect it whatever order they run in."""
     from components.model import registry
     from tests.serving_fixtures import drspot
 
@@ -463,6 +464,9 @@ def test_after_a_promotion_deploy_and_restart_serve_the_new_champion(deployed, m
         assert _post(s, _jpeg()).json()["models"]["classifier"] == f"drspot-classifier/{new}"
     finally:
         s.stop()
+        registry.set_champion(registry.CLASSIFIER, deployed["versions"]["classifier"])
+        back = drspot("deploy", env=deployed["env"])
+        assert back.returncode == 0, back.stderr[-2000:]
 
 
 def test_the_bentos_dockerfile_keeps_the_state_outside_the_image(deployed):
