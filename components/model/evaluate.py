@@ -364,7 +364,7 @@ def evaluate(
 
     (out_dir / "gradcam").mkdir(exist_ok=True)
     cams = []
-    pred = pred_t
+    pred = pred_t  # the answered classes (Grad-CAM explains the class the service answers)
     for kind, idx in (("correct", np.flatnonzero(pred == yt)), ("wrong", np.flatnonzero(pred != yt))):
         for k in idx[: e.gradcam_samples]:
             x = torch.from_numpy(normalise(arrays["test"].x[k : k + 1], mc["mean"], mc["std"])).requires_grad_(False)

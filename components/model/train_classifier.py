@@ -388,13 +388,12 @@ def train_classifier(
         model.eval()
         with ema.swapped_in(model) if ema else nullcontext(model) as judged:
             _, pv = predict(judged, val.x, mean, std, tta=c.tta)
-            judged_state = {n: t.detach().clone() for n, t in judged.state_dict().items()}
         m = quick_metrics(val.y, pv)
         score = m[metric] if not math.isnan(m[metric]) else m["accuracy"]
         improved = score > best
-        if improved:
+        if improved:  # the weights validation judged: the average when there is one
             best, stale = score, 0
-            best_state = judged_state
+            best_state = {n: t.detach().clone() for n, t in (ema.state if ema else model.state_dict()).items()}
         else:
             stale += 1
         history.append(
