@@ -9,7 +9,8 @@ In one run, on the same images (the project's data/images, else freshly generate
   with in-process batching on and off (``serving.batching``), and batching on with 2 API worker processes
   (``serving.workers``: each loads both models), on each runtime.
 Reports requests/s and p50/p95/p99 latency, the HTTP/raw throughput ratios and p99/p50, the load generator's own
-CPU per request (it shares the machine's cores with the service), and writes
+CPU per request (bench/loadgen.py; it shares the machine's cores with the service; at concurrency 8 httpx's
+AsyncClient loads the same configuration too, ``httpx_client``), and writes
 bench/results/<out>.json (keys ``raw_batched_rps`` per runtime, ``http_c8_vs_raw_batched``, ``onnx_vs_eager_raw``).
 The raw pipeline and the HTTP endpoint (batching on) also run on ONNX Runtime
 (``serving.runtime: onnx``, the exports ``drspot deploy`` wrote and checked), in the same run.
@@ -99,6 +100,17 @@ def raw(imgs: list[bytes], n: int, runtime: str = "torch", batch: int = 1) -> di
 
 
 async def load(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[str, float]:
+    """``n`` multipart POSTs to /predict at ``concurrency`` from the lean load generator (bench/loadgen.py)."""
+    from bench.loadgen import multipart_request, run
+
+    r = await run(url, [multipart_request(url, "/predict", b) for b in imgs], n, concurrency)
+    # the load generator shares the CPU with the service: its own CPU per request is part of what the cores gave
+    cpu = r["client_cpu_ms_per_request"]
+    return {**stats(r["latencies"], r["wall"]), "errors": r["errors"], "client_cpu_ms_per_request": cpu}
+
+
+async def load_httpx(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[str, float]:
+    """The same load from httpx's AsyncClient (the generator of the earlier runs: ~1 CPU ms a request of its own)."""
     import httpx
 
     lat: list[float] = []
@@ -120,7 +132,6 @@ async def load(url: str, imgs: list[bytes], n: int, concurrency: int) -> dict[st
         t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    # the load generator shares the CPU with the service: its own CPU per request is part of what the cores gave
     return {**stats(lat, wall), "errors": errors, "client_cpu_ms_per_request": round(cpu / n * 1000, 2)}
 
 
@@ -182,6 +193,9 @@ def measure(imgs: list[bytes], n: int) -> list[dict]:
             try:
                 for c in (1, 8, 32):
                     r = asyncio.run(load(server.url, imgs, n, c))
+                    if c == 8:  # the same load from httpx, as the earlier runs measured it
+                        h = asyncio.run(load_httpx(server.url, imgs, n, c))
+                        r["httpx_client"] = {k: h[k] for k in ("rps", "p50_ms", "p99_ms", "client_cpu_ms_per_request")}
                     rows.append(
                         {
                             "config": label(batching, workers, runtime),
@@ -236,6 +250,9 @@ def summarise(rows: list[dict], n_images: int) -> dict:
         "http_c8_onnx": on["onnx"],
         "onnx_vs_eager_http_c8": round(on["onnx"]["rps"] / on["torch"]["rps"], 3),
         "client_cpu_ms_per_request_c8": on[fastest]["client_cpu_ms_per_request"],
+        "load_generator": "bench/loadgen.py (keep-alive HTTP/1.1, prebuilt requests)",
+        # the same configuration loaded by httpx's AsyncClient (~1 CPU ms a request of its own, on the same cores)
+        "http_c8_vs_raw_batched_httpx_client": round(on[fastest]["httpx_client"]["rps"] / rawb[fastest]["rps"], 3),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "images": n_images,
     }

@@ -286,6 +286,22 @@ def test_metrics_count_requests_fallbacks_and_rejections(server):
     assert 'drspot_requests_total{endpoint="/predict",status="200"}' in text
 
 
+def test_the_benchmarks_load_generator_reads_every_answer_of_the_real_endpoint(server):
+    """bench/loadgen.py (bench/serving.py's client): its prebuilt multipart request is answered as httpx's is, and it
+    counts a refusal as an error rather than as an answer."""
+    import asyncio
+
+    from bench.loadgen import Connection, multipart_request, run
+
+    photo = _jpeg()
+    status, body = asyncio.run(Connection(server.url).send(multipart_request(server.url, "/predict", photo)))
+    assert status == 200 and json.loads(body)["lesions"][0]["label"] in json.loads(body)["lesions"][0]["probabilities"]
+    r = asyncio.run(run(server.url, [multipart_request(server.url, "/predict", photo)], 12, 3))
+    assert r["errors"] == 0 and len(r["latencies"]) == 12
+    bad = asyncio.run(run(server.url, [multipart_request(server.url, "/predict", b"not a photo")], 4, 2, warmup=0))
+    assert bad["errors"] == 4
+
+
 def test_web_page_is_served(server):
     r = httpx.get(f"{server.url}/")
     assert r.status_code == 200 and 'id="drop"' in r.text and 'fetch("/predict/stream?"' in r.text
