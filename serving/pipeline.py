@@ -22,6 +22,7 @@ from components.model.metrics import adjustment_offsets, decide, softmax
 from components.model.model_card import DISCLAIMER
 from components.monitoring.reference import embed
 from infra.config import Config
+from serving.threads import model_threads, one_thread
 
 KNOWLEDGE = Path(__file__).parent / "knowledge" / "guidance.yaml"
 PREPROCESS = ("none", "color_constancy", "clahe")
@@ -69,14 +70,6 @@ def correct(rgb: Image.Image, how: str) -> Image.Image:
     if how == "clahe":
         return clahe(rgb)
     return rgb
-
-
-def model_threads(s) -> int:
-    """Intra-op threads of one API worker's models: ``serving.threads``, or the machine's cores shared among
-    ``serving.workers``."""
-    import os
-
-    return s.threads or max(1, (os.cpu_count() or 1) // s.workers)
 
 
 # --- the knowledge base -------------------------------------------------------------------------
@@ -226,20 +219,43 @@ class Pipeline:
         cfg: Config,
         versions: dict[str, str] | None = None,
     ) -> None:
-        import torch
+        self.cfg = cfg
+        self.versions = versions or {"classifier": str(classifier_dir), "detector": str(detector_dir)}
+        # the models' intra-op threads, given to the thread of each model call (use_threads); the models load on one
+        # thread, so that the thread building the pipeline starts no OpenMP team beside the model thread's
+        # (serving/threads.py: two teams made the service's eager PyTorch 2.5x slower)
+        self.threads = model_threads(cfg.serving)
+        with one_thread():
+            self._load(Path(classifier_dir), detector_dir)
+        s = cfg.serving
+        self.conf = s.detector_conf if s.detector_conf is not None else float(self.dc.get("conf", 0.25))
+        # the quality-warning limits in force: calibrated on this classifier's training images when it has them
+        limits = self.mc.get("quality_limits") if s.quality_limits == "calibrated" else None
+        self.serving = s.model_copy(update={k: limits[k] for k in QUALITY_KEYS if k in limits}) if limits else s
+        self.quality_source = (
+            f"calibrated: percentile {limits['percentile']:g} of {limits['images']} training images"
+            if limits
+            else "fixed (serving.blur_min / brightness_min / brightness_max)"
+        )
+        # out of distribution: the classifier's stored subspace, the threshold a quantile of its validation photos
+        from components.monitoring import ood
 
+        self.ood = ood.load(classifier_dir)
+        self.ood_threshold = ood.threshold(self.ood, s.ood_quantile) if self.ood is not None else None
+        self.ood_source = (
+            f"quantile {s.ood_quantile:g} of {len(self.ood['val_scores'])} validation photos' scores"
+            if self.ood is not None
+            else "not available: this classifier was trained before OOD scores were stored (retrain to get them)"
+        )
+
+    def _load(self, classifier_dir: Path, detector_dir: str | Path | None) -> None:
+        """The classifier (eager, or its ONNX export: ``serving.runtime``) and the detector if there is one; a
+        detector that does not load leaves ``detector_error`` (the service then classifies whole images)."""
         from components.model.classifier import MODEL_CONFIG, load_model
         from serving import onnx_export
 
-        self.cfg = cfg
-        self.versions = versions or {"classifier": str(classifier_dir), "detector": str(detector_dir)}
-        # the models' intra-op threads, decided here: importing ultralytics sets OMP_NUM_THREADS=1 for the whole
-        # process when it is unset (its training default), and OpenMP gives each new thread that many: every
-        # PyTorch call of the service, made from a worker thread, ran on one core (see :meth:`use_threads`)
-        self.threads = model_threads(cfg.serving)
-        torch.set_num_threads(self.threads)
         # serving.runtime: eager PyTorch, or ONNX Runtime on the exports `drspot deploy` checked against PyTorch
-        self.runtime = cfg.serving.runtime
+        self.runtime = self.cfg.serving.runtime
         self.ort = None
         if self.runtime == "onnx":
             exported = Path(classifier_dir) / onnx_export.CLASSIFIER_ONNX
@@ -279,26 +295,6 @@ class Pipeline:
                 self.detector_error = f"detector not loaded: {type(e).__name__}: {e}"
         else:
             self.detector_error = "no detector deployed"
-        s = cfg.serving
-        self.conf = s.detector_conf if s.detector_conf is not None else float(self.dc.get("conf", 0.25))
-        # the quality-warning limits in force: calibrated on this classifier's training images when it has them
-        limits = self.mc.get("quality_limits") if s.quality_limits == "calibrated" else None
-        self.serving = s.model_copy(update={k: limits[k] for k in QUALITY_KEYS if k in limits}) if limits else s
-        self.quality_source = (
-            f"calibrated: percentile {limits['percentile']:g} of {limits['images']} training images"
-            if limits
-            else "fixed (serving.blur_min / brightness_min / brightness_max)"
-        )
-        # out of distribution: the classifier's stored subspace, the threshold a quantile of its validation photos
-        from components.monitoring import ood
-
-        self.ood = ood.load(classifier_dir)
-        self.ood_threshold = ood.threshold(self.ood, s.ood_quantile) if self.ood is not None else None
-        self.ood_source = (
-            f"quantile {s.ood_quantile:g} of {len(self.ood['val_scores'])} validation photos' scores"
-            if self.ood is not None
-            else "not available: this classifier was trained before OOD scores were stored (retrain to get them)"
-        )
 
     def use_threads(self) -> None:
         """Give the calling thread's PyTorch work :attr:`threads` intra-op threads. OpenMP keeps the count per thread:

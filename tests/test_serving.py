@@ -318,6 +318,48 @@ def pipeline(deployed):
     return Pipeline(deployed["root"] / "clf", deployed["root"] / "det", load_config("test"))
 
 
+def test_the_models_load_on_one_thread_and_each_model_call_gets_the_configured_count(deployed, monkeypatch):
+    """serving/threads.py: the thread that builds a pipeline (the service's main thread) starts no OpenMP team of its
+    own while loading (two teams made eager PyTorch 2.5x slower in the service's model thread) and keeps its own
+    count; the thread that calls the models runs them on ``serving.threads``."""
+    import threading
+
+    import torch
+
+    from components.model import classifier
+    from infra.config import load_config
+    from serving.pipeline import Pipeline
+    from serving.threads import model_threads
+
+    seen: dict[str, int] = {}
+    real = classifier.load_model
+
+    def spy(*a, **k):
+        seen["loading"] = torch.get_num_threads()
+        return real(*a, **k)
+
+    monkeypatch.setattr(classifier, "load_model", spy)
+    before = torch.get_num_threads()
+    cfg = load_config("test")
+    try:
+        torch.set_num_threads(3)
+        p = Pipeline(deployed["root"] / "clf", deployed["root"] / "det", cfg)
+        assert seen["loading"] == 1 and torch.get_num_threads() == 3
+        rgb = Image.open(io.BytesIO(_jpeg())).convert("RGB")
+
+        def call():
+            torch.set_num_threads(1)
+            seen["answer"] = p.analyse(rgb)["lesions"][0]["label"]
+            seen["model_thread"] = torch.get_num_threads()
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+        assert seen["answer"] in cfg.classes.names and seen["model_thread"] == model_threads(cfg.serving)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_detector_that_raises_falls_back_to_the_whole_image(pipeline, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
