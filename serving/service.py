@@ -13,11 +13,13 @@ log).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,9 @@ class DrSpot:
         self._batcher: Batcher | None = None
         self._log_writer: Batcher | None = None  # the prediction log's group commit (:meth:`record`)
         self._cpu: anyio.CapacityLimiter | None = None
+        # serving.batching off: every model call still on one thread of its own (the pipeline's lock serialises them
+        # anyway); each thread calling PyTorch starts an OpenMP team, and two teams slow each other (serving/threads.py)
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drspot-model")
         # the last serving.report_photos photos, in memory only, for their /report PDFs (on disk: store_images)
         self.photos: OrderedDict[str, bytes] = OrderedDict()
         self.started = time.time()
@@ -140,10 +145,10 @@ class DrSpot:
 
     async def model(self, kind: str, items: list[Any]) -> list[Any]:
         """The pipeline's ``analyse`` / ``locate`` / ``lesions`` step over ``items``: batched with other requests'
-        when ``serving.batching`` is on (a 503 with Retry-After when the queue is over its budget), else in a
-        thread of its own."""
+        when ``serving.batching`` is on (a 503 with Retry-After when the queue is over its budget), else one call
+        at a time on the model thread."""
         if not S.batching:
-            return await anyio.to_thread.run_sync(self.steps[kind], items)
+            return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.steps[kind], items)
         try:
             return await self.batcher().submit(kind, items)
         except Overloaded as e:
