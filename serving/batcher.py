@@ -49,6 +49,7 @@ class Batcher:
         max_size: int,
         max_latency_ms: int,
         name: str = "model",
+        thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.kinds, self.max_size, self.max_latency_ms = kinds, max_size, max_latency_ms
         self.queue: deque[_Job] = deque()
@@ -57,7 +58,8 @@ class Batcher:
         # one thread runs every batch: the model's own thread pools (PyTorch's OpenMP team, ONNX Runtime's) belong to
         # the thread that calls them, so one caller keeps one team instead of one per worker thread that happens to
         # pick the batch up
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drspot-{name}")
+        # (``thread``: a one-thread executor the caller also runs other work of that kind on)
+        self.thread = thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drspot-{name}")
 
     async def submit(self, kind: str, items: list[Any]) -> list[Any]:
         """The results for ``items``, computed in batches with other requests' items of the same kind."""

@@ -85,8 +85,9 @@ class DrSpot:
         self._batcher: Batcher | None = None
         self._log_writer: Batcher | None = None  # the prediction log's group commit (:meth:`record`)
         self._cpu: anyio.CapacityLimiter | None = None
-        # serving.batching off: every model call still on one thread of its own (the pipeline's lock serialises them
-        # anyway); each thread calling PyTorch starts an OpenMP team, and two teams slow each other (serving/threads.py)
+        # the model thread: every model call runs on it, batched or not (serving.batching off: one call at a time, as
+        # the pipeline's lock has it anyway); each thread calling PyTorch starts an OpenMP team, and two teams slow
+        # each other (serving/threads.py)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drspot-model")
         # the last serving.report_photos photos, in memory only, for their /report PDFs (on disk: store_images)
         self.photos: OrderedDict[str, bytes] = OrderedDict()
@@ -129,7 +130,7 @@ class DrSpot:
     def batcher(self) -> Batcher:
         """The model stage's batcher, created in the worker's event loop on first use."""
         if self._batcher is None:
-            self._batcher = Batcher(self.steps, S.max_batch_size, S.max_latency_ms)
+            self._batcher = Batcher(self.steps, S.max_batch_size, S.max_latency_ms, thread=self._model_thread)
         return self._batcher
 
     async def record(self, row: dict[str, Any]) -> str:
