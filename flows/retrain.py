@@ -164,8 +164,12 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
     ``retrain.init: champion``: each kind's champion is downloaded under ``<paths.models>/init/<kind>/v<N>`` and
     named in ``<kind>.init`` (path, version, weights hash) with ``retrain.finetune``'s schedule; a kind without a
     champion, or whose champion another backbone / input size / class list / architecture made, starts as ``train``
-    does. The gate judges the challengers like any other model.
+    does. A champion trained on the data version in force is not fine-tuned on the same data again: the challenger
+    starts where that champion started (its parent version, or as ``train`` does), so a nightly run with unchanged
+    data, params and code is DVC's cache hit and registers nothing. The gate judges the challengers like any other
+    model.
     """
+    from components.data.versioning import data_version
     from components.model import registry, train_classifier, train_detector
 
     if cfg.retrain.init == "pretrained":
@@ -182,12 +186,20 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
         "detector": {"epochs": ft.detector_epochs, "lr0": ft.detector_lr0, "warmup_epochs": 0},
     }
     checks = {"classifier": train_classifier.check_init, "detector": train_detector.check_init}
+    current = data_version(cfg.home / "data.dvc")
     for kind in ("classifier", "detector"):
         name = registry.model_name(kind)
         version = (versions or {}).get(kind) or registry.champion(name)
         if version is None:
             starts[kind] = "as `train` starts: there is no champion yet"
             continue
+        note, what = "", "champion"
+        if kind not in (versions or {}):
+            version, note = _start_of_champion(registry, name, version, current)
+            what = "its parent" if note else what
+            if version is None:
+                starts[kind] = f"{note}as `train` starts, as it did"
+                continue
         folder = registry.download(name, version, cfg.resolve(cfg.paths.models) / "init" / kind / f"v{version}")
         weights = folder / ("model.pt" if kind == "classifier" else "detector.pt")
         where = os.path.relpath(folder, cfg.home) if folder.is_relative_to(cfg.home) else str(folder)
@@ -199,8 +211,18 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
             continue
         tree[kind] = {"init": init, **schedule[kind]}
         n = schedule[kind]["epochs"]
-        starts[kind] = f"fine-tunes champion v{version} for {n} epoch(s)"
+        starts[kind] = f"{note}fine-tunes {what} v{version} for {n} epoch(s)"
     return (cfg.updated(tree) if tree else cfg), starts
+
+
+def _start_of_champion(registry, name: str, version: str, current: str | None) -> tuple[str | None, str]:
+    """Which version a challenger of ``name`` fine-tunes: the champion ``version``, or, when the champion was trained
+    on the ``current`` data version, the version it was itself fine-tuned from (None: it started as ``train``
+    does), with the reason said in words ("" for the champion itself)."""
+    tags = registry.client().get_model_version(name, version).tags
+    if current is None or tags.get("data_version") != current:
+        return version, ""
+    return tags.get("init.parent_version"), f"champion v{version} was trained on this data ({current[:8]}): "
 
 
 @task(name="deploy", **DECLARED)

@@ -81,6 +81,28 @@ def test_register_gate_promote_reject_and_rollback(store):
 
 
 @pytest.mark.slow
+def test_a_registration_whose_answer_was_lost_leaves_one_version(store, monkeypatch):
+    """MLflow's client sends a POST again when its answer did not arrive; a server that had created the version
+    then creates a twin. `register` keeps the first and deletes the twin, so the weights are registered once."""
+    import mlflow
+
+    real = mlflow.register_model
+
+    def retried(uri, name, **kw):  # the first answer lost, the request sent again: two versions of one run
+        real(uri, name, **kw)
+        return real(uri, name, **kw)
+
+    monkeypatch.setattr(mlflow, "register_model", retried)
+    name, c = registry.CLASSIFIER, registry.client()
+    before = {str(v.version) for v in c.search_model_versions(f"name='{name}'")}
+    tags = registry.lineage(store["cfg"], store["split"], "v-test")
+    version = registry.register("classifier", store["root"] / "good", store["good"]["metrics"], tags)
+    new = {str(v.version) for v in c.search_model_versions(f"name='{name}'")} - before
+    assert new == {version}, new
+    assert str(c.get_model_version_by_alias(name, "challenger").version) == version
+
+
+@pytest.mark.slow
 def test_champion_loads_as_pyfunc_without_project_pickles(store):
     import mlflow
 

@@ -86,3 +86,28 @@ def test_a_new_clinics_few_cases_get_their_share_of_every_epoch(cfg):
     assert draw_weights(y, ["ham10000"] * 104, False, {"feedback": 0.3}).numpy().sum() == pytest.approx(1.0)
     with pytest.raises(Exception, match="source_share: the shares sum to 1.2"):
         cfg.updated({"classifier": {"source_share": {"a": 0.6, "b": 0.6}}})
+
+
+def test_a_champion_trained_on_the_data_in_force_is_not_fine_tuned_on_it_again(tmp_path, monkeypatch):
+    """A nightly run with no new data starts where the champion started (so DVC's cache answers and nothing new is
+    registered); on new data it fine-tunes the champion."""
+    from components.model import registry
+    from flows.retrain import _start_of_champion
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c, name = registry.client(), registry.CLASSIFIER  # the store of $MLFLOW_TRACKING_URI
+    c.create_registered_model(name)
+    tagged = [{"data_version": "aaaa1111.dir", "init": "pretrained"}]
+    tagged.append({"data_version": "bbbb2222.dir", "init": "champion", "init.parent_version": "1"})
+    for tags in tagged:
+        c.create_model_version(name, source=str(tmp_path), tags=tags)
+    assert _start_of_champion(registry, name, "2", "cccc3333.dir") == ("2", "")  # new data: the champion
+    assert _start_of_champion(registry, name, "2", "bbbb2222.dir") == (
+        "1",
+        "champion v2 was trained on this data (bbbb2222): ",
+    )
+    assert _start_of_champion(registry, name, "1", "aaaa1111.dir") == (
+        None,
+        "champion v1 was trained on this data (aaaa1111): ",
+    )
+    assert _start_of_champion(registry, name, "2", None) == ("2", "")  # no data version: nothing to compare

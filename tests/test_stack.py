@@ -293,7 +293,8 @@ def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source
     """Confirmed cases in the PostgreSQL log -> a worker runs `retrain`: the new data version goes to the S3 remote,
     the model to the MLflow server's registry with its artifacts in the object store. The object store killed
     before the run: the run fails at the push, saying which remote did not answer; after `drspot stack up` the
-    same deployment completes from where it stopped, with no case ingested twice and one registered version."""
+    same deployment completes from where it stopped, with no case ingested twice and one registered version. A
+    third run with nothing new registers nothing (the champion is not fine-tuned again on the data it learnt)."""
     import csv
 
     import pyarrow.parquet as pq
@@ -367,6 +368,10 @@ def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source
         for o in page.get("Contents", [])
     ]
     assert any(versions[0][1] in k for k in keys), keys[:20]
+    third = _run_retrain(env)
+    assert third["state"] == "COMPLETED", third
+    assert json.loads(_python(code, env, 120).strip().splitlines()[-1]) == versions
+    assert "champion v1 was trained on this data" in Path(rec["services"]["worker"]["log"]).read_text()
 
 
 def test_runuser_is_found_without_sbin_on_the_path(monkeypatch):

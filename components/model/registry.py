@@ -191,9 +191,25 @@ def register(
     # the version is created with its tags in one call: a process killed here leaves either no version or a
     # version that find_version() recognises by its model_hash, never an untagged twin (tests/test_retrain_resume.py)
     version_tags = {**tags, **{f"metric.{m}": str(x) for m, x in _finite(metrics).items()}}
-    version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    version = _first_of_twins(c, name, str(mv.version), mv.run_id, tags["model_hash"])
     c.set_registered_model_alias(name, "challenger", version)
     return version
+
+
+def _first_of_twins(c, name: str, version: str, run_id: str, model_hash: str) -> str:
+    """The version one ``register_model`` call created, once. MLflow's HTTP client retries a POST whose answer did
+    not arrive (a 5xx, a read timeout: urllib3 with ``allowed_methods=None``), so a server that created the
+    version and answered late gets the request again and creates a twin: the same run's model, the same weights.
+    The first stays; its twins are deleted."""
+    twins = sorted(
+        int(v.version)
+        for v in c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if v.tags.get("model_hash") == model_hash
+    )
+    for extra in twins[1:]:
+        c.delete_model_version(name, str(extra))
+    return str(twins[0]) if twins else version
 
 
 def find_version(name: str, model_hash: str) -> str | None:
@@ -202,8 +218,10 @@ def find_version(name: str, model_hash: str) -> str | None:
 
     try:
         versions = client().search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise  # a server that did not answer is not "never registered" (the task's retry policy decides)
     hits = sorted((int(v.version) for v in versions if v.tags.get("model_hash") == model_hash), reverse=True)
     return str(hits[0]) if hits else None
 
