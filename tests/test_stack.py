@@ -236,17 +236,25 @@ def test_an_object_store_stopped_during_a_push_fails_clearly_and_a_rerun_complet
     assert len(listing) == 300 and all(f"store/files/md5/{f['md5'][:2]}/{f['md5'][2:]}" in keys for f in listing)
 
 
-def test_the_projects_deployments_run_on_the_stacks_worker(stack_home):
-    """`drspot schedule --pool drspot` registers the deployments on the stack's Prefect server; the worker runs them
-    (not the calling process), against the stack's MLflow server; the drift event starts the retrain on the worker."""
+@pytest.fixture(scope="module")
+def deployed(stack_home):
+    """`drspot schedule --pool drspot` on the stack: the project's deployments on its Prefect server; what it said."""
     home, _, rec, _ = stack_home
     env = shell_env(DRSPOT_HOME=str(home), DRSPOT_PROFILE="test", **rec["env"])
     made = subprocess.run(
         [DRSPOT, "schedule", "--pool", "drspot"], env=env, capture_output=True, text=True, timeout=300
     )
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    return made.stdout
+
+
+def test_the_projects_deployments_run_on_the_stacks_worker(stack_home, deployed):
+    """`drspot schedule --pool drspot` registers the deployments on the stack's Prefect server; the worker runs them
+    (not the calling process), against the stack's MLflow server; the drift event starts the retrain on the worker."""
+    home, _, rec, _ = stack_home
+    env = shell_env(DRSPOT_HOME=str(home), DRSPOT_PROFILE="test", **rec["env"])
     for name in ("monitor/hourly", "retrain/nightly", "retrain/feedback-threshold", "retrain/on-drift"):
-        assert f"deployed {name} to work pool drspot on {rec['env']['PREFECT_API_URL']}" in made.stdout
+        assert f"deployed {name} to work pool drspot on {rec['env']['PREFECT_API_URL']}" in deployed
     code = (
         "import json, time\n"
         "from prefect.deployments import run_deployment\n"
@@ -289,7 +297,7 @@ def _run_retrain(env: dict) -> dict:
     return {"state": state, "pool": pool, "message": message}
 
 
-def test_the_flywheel_runs_across_the_topology(stack_home, cfg, synthetic_source):
+def test_the_flywheel_runs_across_the_topology(stack_home, deployed, cfg, synthetic_source):
     """Confirmed cases in the PostgreSQL log -> a worker runs `retrain`: the new data version goes to the S3 remote,
     the model to the MLflow server's registry with its artifacts in the object store. The object store killed
     before the run: the run fails at the push, saying which remote did not answer; after `drspot stack up` the
