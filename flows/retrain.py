@@ -195,7 +195,8 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
             continue
         note, what = "", "champion"
         if kind not in (versions or {}):
-            version, note = _start_of_champion(registry, name, version, current)
+            tags = registry.client().get_model_version(name, version).tags
+            version, note = _start_of_champion(tags, version, current)
             what = "its parent" if note else what
             if version is None:
                 starts[kind] = f"{note}as `train` starts, as it did"
@@ -207,7 +208,7 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
         candidate = cfg.updated({kind: {"init": init, **schedule[kind]}})
         problem = checks[kind](candidate)
         if problem:
-            starts[kind] = f"as `train` starts: champion v{version} cannot be fine-tuned ({problem})"
+            starts[kind] = f"as `train` starts: {what} v{version} cannot be fine-tuned ({problem})"
             continue
         tree[kind] = {"init": init, **schedule[kind]}
         n = schedule[kind]["epochs"]
@@ -215,11 +216,10 @@ def challenger_config(cfg: Config, versions: dict[str, str] | None = None) -> tu
     return (cfg.updated(tree) if tree else cfg), starts
 
 
-def _start_of_champion(registry, name: str, version: str, current: str | None) -> tuple[str | None, str]:
-    """Which version a challenger of ``name`` fine-tunes: the champion ``version``, or, when the champion was trained
-    on the ``current`` data version, the version it was itself fine-tuned from (None: it started as ``train``
-    does), with the reason said in words ("" for the champion itself)."""
-    tags = registry.client().get_model_version(name, version).tags
+def _start_of_champion(tags: dict[str, str], version: str, current: str | None) -> tuple[str | None, str]:
+    """Which version a challenger fine-tunes, from the champion ``version``'s registry ``tags``: the champion, or,
+    when it was trained on the ``current`` data version, the version it was itself fine-tuned from (None: it started
+    as ``train`` does), with the reason said in words ("" for the champion itself)."""
     if current is None or tags.get("data_version") != current:
         return version, ""
     return tags.get("init.parent_version"), f"champion v{version} was trained on this data ({current[:8]}): "

@@ -101,13 +101,14 @@ def test_a_champion_trained_on_the_data_in_force_is_not_fine_tuned_on_it_again(t
     tagged.append({"data_version": "bbbb2222.dir", "init": "champion", "init.parent_version": "1"})
     for tags in tagged:
         c.create_model_version(name, source=str(tmp_path), tags=tags)
-    assert _start_of_champion(registry, name, "2", "cccc3333.dir") == ("2", "")  # new data: the champion
-    assert _start_of_champion(registry, name, "2", "bbbb2222.dir") == (
+    v1, v2 = (c.get_model_version(name, v).tags for v in ("1", "2"))  # as the retrain reads them
+    assert _start_of_champion(v2, "2", "cccc3333.dir") == ("2", "")  # new data: the champion
+    assert _start_of_champion(v2, "2", "bbbb2222.dir") == (
         "1",
         "champion v2 was trained on this data (bbbb2222): ",
     )
-    assert _start_of_champion(registry, name, "1", "aaaa1111.dir") == (
+    assert _start_of_champion(v1, "1", "aaaa1111.dir") == (
         None,
         "champion v1 was trained on this data (aaaa1111): ",
     )
-    assert _start_of_champion(registry, name, "2", None) == ("2", "")  # no data version: nothing to compare
+    assert _start_of_champion(v2, "2", None) == ("2", "")  # no data version: nothing to compare
