@@ -71,6 +71,41 @@ def test_logit_adjustment_takes_back_a_models_lean_towards_the_common_class():
     assert even["tau"] == 0.0 and (decide(test_logits, even["offsets"]) == decide(test_logits)).all()
 
 
+def test_logit_adjustment_weighs_each_validation_source_alike():
+    """A new clinic's few validation photos against the old clinic's many: pooled, the old clinic (which suits the
+    plain argmax) chooses tau 0; by the mean over sources, the tau that serves both is chosen, and each source's
+    figures are kept."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(1)
+    means = np.array([[0.0, 0.0], [1.5, 0.0]])
+    log_prior = np.log(np.array([0.9, 0.1]))
+
+    def draw(n_per_class, lean):
+        y = np.repeat(np.arange(2), n_per_class)
+        x = means[y] + rng.normal(size=(len(y), 2))
+        log_lik = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(2)
+        return log_lik + lean * log_prior, y
+
+    old_l, old_y = draw([900, 100], 0.0)  # the old clinic: a model whose plain argmax is already balanced there
+    new_l, new_y = draw([60, 60], 1.0)  # the new clinic: the same model leans to class 0 on its photos
+    logits, y = np.concatenate([old_l, new_l]), np.concatenate([old_y, new_y])
+    sources = ["ham10000"] * len(old_y) + ["feedback"] * len(new_y)
+    counts = [900, 100]
+    pooled = fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0])
+    fair = fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0], sources)
+    assert pooled["tau"] == 0.0 and "criterion" not in pooled, pooled
+    assert fair["tau"] > 0 and fair["criterion"] == "mean over sources (feedback, ham10000)", fair
+    by = fair["val_balanced_accuracy_by_source"]
+    assert fair["val_balanced_accuracy"]["0"] == pytest.approx(
+        (by["0"]["feedback"] + by["0"]["ham10000"]) / 2, abs=1e-3
+    )
+    new_plain = balanced_accuracy_score(new_y, decide(new_l))
+    assert balanced_accuracy_score(new_y, decide(new_l, fair["offsets"])) > new_plain + 0.05
+    # one source: the pooled criterion, as before
+    assert fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0], ["ham10000"] * len(y)) == pooled
+
+
 def test_core_metrics_score_the_answered_classes_not_the_argmax():
     classes, malignant = ["mel", "nv"], ["mel"]
     y = np.array([0, 0, 1, 1])

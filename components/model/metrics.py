@@ -57,25 +57,41 @@ def adjustment_offsets(model_config: dict[str, Any]) -> list[float] | None:
     return (model_config.get("logit_adjustment") or {}).get("offsets")
 
 
-def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus) -> dict[str, Any]:
+def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus, sources=None) -> dict[str, Any]:
     """Post-hoc logit adjustment (Menon et al., ICLR 2021): offsets ``-tau * log(prior)``, ``prior`` the training
     class shares (add-one smoothed), with the ``tau`` of ``taus`` whose answers reach the best balanced accuracy on
     the validation ``logits`` (ties to the smaller tau). A model trained mostly on one class leans towards it;
-    the offsets take the lean back by as much as validation shows pays."""
+    the offsets take the lean back by as much as validation shows pays.
+
+    ``sources`` (one per validation row): with more than one, the criterion is the mean of each source's balanced
+    accuracy, as the gate judges each source (``gate.slices.sources``): a new clinic's few validation photos weigh
+    as much as the old clinic's many (pooled, the old clinic's 90% chose the tau, and the new clinic got the one that
+    suits the old)."""
     from sklearn.metrics import balanced_accuracy_score
 
     counts = np.asarray(train_counts, dtype=np.float64)
     log_prior = np.log((counts + 1) / (counts.sum() + len(counts)))
-    tried = {}
+    groups = sorted(set(sources)) if sources is not None else []
+    src = np.asarray(sources) if sources is not None else None
+    tried, by_source = {}, {}
     for tau in sorted(set(float(t) for t in taus)):
         pred = decide(logits, -tau * log_prior)
-        tried[tau] = float(balanced_accuracy_score(y, pred)) if len(y) else float("nan")
+        if len(groups) > 1:
+            per = {g: float(balanced_accuracy_score(y[src == g], pred[src == g])) for g in groups}
+            by_source[f"{tau:g}"] = {g: round(v, 4) for g, v in per.items()}
+            tried[tau] = float(np.mean(list(per.values())))
+        else:
+            tried[tau] = float(balanced_accuracy_score(y, pred)) if len(y) else float("nan")
     best = min(tried, key=lambda t: (-np.nan_to_num(tried[t], nan=-1.0), t))
-    return {
+    out = {
         "tau": best,
         "offsets": [round(float(v), 6) for v in -best * log_prior],
         "val_balanced_accuracy": {f"{t:g}": round(v, 4) for t, v in tried.items()},
     }
+    if by_source:
+        out["criterion"] = f"mean over sources ({', '.join(groups)})"
+        out["val_balanced_accuracy_by_source"] = by_source
+    return out
 
 
 def core_metrics(

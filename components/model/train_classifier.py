@@ -184,18 +184,18 @@ def _augment(x, aug, gen):
     return x
 
 
-def _adjustment(model, val, y_train: np.ndarray, k: int, mean, std, c, progress) -> dict[str, Any]:
+def _adjustment(model, val, sources: list[str], y_train: np.ndarray, k: int, mean, std, c, progress) -> dict[str, Any]:
     """The chosen model's logit adjustment (``classifier.logit_adjustment``: the tau with the best validation
-    balanced accuracy, metrics.fit_logit_adjustment), which the service, the evaluation and the monitoring
-    reference answer with."""
+    balanced accuracy, the mean over the validation rows' ``sources`` when there are several;
+    metrics.fit_logit_adjustment), which the service, the evaluation and the monitoring reference answer with."""
     if len(val.y) == 0 or c.logit_adjustment == [0.0]:
         return {"tau": 0.0, "offsets": [0.0] * k, "val_balanced_accuracy": {}}
     model.eval()
     lv, _ = predict(model, val.x, mean, std, tta=c.tta)
-    fit = fit_logit_adjustment(lv, val.y, np.bincount(y_train, minlength=k), c.logit_adjustment)
+    fit = fit_logit_adjustment(lv, val.y, np.bincount(y_train, minlength=k), c.logit_adjustment, sources)
     progress(
-        f"classifier: logit adjustment tau {fit['tau']:g} (validation balanced accuracy by tau: "
-        f"{fit['val_balanced_accuracy']})"
+        f"classifier: logit adjustment tau {fit['tau']:g} (validation balanced accuracy by tau"
+        f"{', ' + fit['criterion'] if 'criterion' in fit else ''}: {fit['val_balanced_accuracy']})"
     )
     return fit
 
@@ -261,6 +261,7 @@ def train_classifier(
         w = 1 / np.sqrt(np.maximum(freq, 1))
         weights = torch.tensor(w / (w * freq).sum() * freq.sum(), dtype=torch.float32)
     source_of = {r["image_id"]: r["source"] for r in train_rows}
+    val_source = {r["image_id"]: r["source"] for r in val_rows}
     draw = draw_weights(
         train.y, [source_of[i] for i in train.image_ids], c.imbalance == "weighted_sampling", c.source_share
     )
@@ -453,7 +454,9 @@ def train_classifier(
         "init": origin,
         "epochs_run": len(history),
         "params": cfg.classifier.model_dump(),
-        "logit_adjustment": _adjustment(model, val, train.y, len(classes), mean, std, c, progress),
+        "logit_adjustment": _adjustment(
+            model, val, [val_source[i] for i in val.image_ids], train.y, len(classes), mean, std, c, progress
+        ),
     }
     # the drift-monitoring reference travels with the model (components/monitoring/reference.py), and so do the
     # photo-quality warning limits calibrated on the same training images
