@@ -222,6 +222,7 @@ class Classifier(_Strict):
     tta: bool
     ema: float = Field(default=0.0, ge=0, lt=1)
     logit_adjustment: list[Annotated[float, Field(ge=0, le=3)]] = Field(default_factory=lambda: [0.0], min_length=1)
+    logit_adjustment_source_min_rows: int = Field(default=50, ge=0)
     threads: int = Field(ge=0)
     init: ModelInit = ModelInit()
 

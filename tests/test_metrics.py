@@ -104,6 +104,11 @@ def test_logit_adjustment_weighs_each_validation_source_alike():
     assert balanced_accuracy_score(new_y, decide(new_l, fair["offsets"])) > new_plain + 0.05
     # one source: the pooled criterion, as before
     assert fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0], ["ham10000"] * len(y)) == pooled
+    # a source with fewer validation rows than the floor is judged with the largest one: pooled, and said
+    floored = fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0], sources, min_rows=121)
+    assert floored["tau"] == pooled["tau"] and "criterion" not in floored, floored
+    assert floored["pooled_sources"] == {"feedback": "120 validation rows (< 121): judged with ham10000"}
+    assert fit_logit_adjustment(logits, y, counts, [0, 0.5, 1.0], sources, min_rows=120)["tau"] == fair["tau"]
 
 
 def test_core_metrics_score_the_answered_classes_not_the_argmax():

@@ -57,7 +57,9 @@ def adjustment_offsets(model_config: dict[str, Any]) -> list[float] | None:
     return (model_config.get("logit_adjustment") or {}).get("offsets")
 
 
-def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus, sources=None) -> dict[str, Any]:
+def fit_logit_adjustment(
+    logits: np.ndarray, y: np.ndarray, train_counts, taus, sources=None, min_rows: int = 0
+) -> dict[str, Any]:
     """Post-hoc logit adjustment (Menon et al., ICLR 2021): offsets ``-tau * log(prior)``, ``prior`` the training
     class shares (add-one smoothed), with the ``tau`` of ``taus`` whose answers reach the best balanced accuracy on
     the validation ``logits`` (ties to the smaller tau). A model trained mostly on one class leans towards it;
@@ -66,13 +68,14 @@ def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus, 
     ``sources`` (one per validation row): with more than one, the criterion is the mean of each source's balanced
     accuracy, as the gate judges each source (``gate.slices.sources``): a new clinic's few validation photos weigh
     as much as the old clinic's many (pooled, the old clinic's 90% chose the tau, and the new clinic got the one that
-    suits the old)."""
+    suits the old). A source with fewer than ``min_rows`` validation rows is too few to judge on its own (one
+    photo would move its balanced accuracy by a class's share): its rows count with the largest source's."""
     from sklearn.metrics import balanced_accuracy_score
 
     counts = np.asarray(train_counts, dtype=np.float64)
     log_prior = np.log((counts + 1) / (counts.sum() + len(counts)))
-    groups = sorted(set(sources)) if sources is not None else []
-    src = np.asarray(sources) if sources is not None else None
+    src, few = _judged_sources(sources, min_rows)
+    groups = sorted(set(src.tolist())) if src is not None else []
     tried, by_source = {}, {}
     for tau in sorted(set(float(t) for t in taus)):
         pred = decide(logits, -tau * log_prior)
@@ -91,7 +94,26 @@ def fit_logit_adjustment(logits: np.ndarray, y: np.ndarray, train_counts, taus, 
     if by_source:
         out["criterion"] = f"mean over sources ({', '.join(groups)})"
         out["val_balanced_accuracy_by_source"] = by_source
+    if few:
+        out["pooled_sources"] = few
     return out
+
+
+def _judged_sources(sources, min_rows: int) -> tuple[np.ndarray | None, dict[str, str]]:
+    """The validation rows' sources as :func:`fit_logit_adjustment` judges them: one with fewer than ``min_rows``
+    rows relabelled as the largest (ties: the first by name), and why, by source."""
+    if sources is None:
+        return None, {}
+    src = np.asarray(sources, dtype=object)
+    names, n = np.unique(src, return_counts=True)
+    largest = names[int(np.argmax(n))]
+    few = {
+        str(g): f"{c} validation rows (< {min_rows}): judged with {largest}" for g, c in zip(names, n) if c < min_rows
+    }
+    few.pop(str(largest), None)
+    if few:
+        src = np.where(np.isin(src, list(few)), largest, src)
+    return src, few
 
 
 def core_metrics(

@@ -192,10 +192,13 @@ def _adjustment(model, val, sources: list[str], y_train: np.ndarray, k: int, mea
         return {"tau": 0.0, "offsets": [0.0] * k, "val_balanced_accuracy": {}}
     model.eval()
     lv, _ = predict(model, val.x, mean, std, tta=c.tta)
-    fit = fit_logit_adjustment(lv, val.y, np.bincount(y_train, minlength=k), c.logit_adjustment, sources)
+    fit = fit_logit_adjustment(
+        lv, val.y, np.bincount(y_train, minlength=k), c.logit_adjustment, sources, c.logit_adjustment_source_min_rows
+    )
     progress(
         f"classifier: logit adjustment tau {fit['tau']:g} (validation balanced accuracy by tau"
         f"{', ' + fit['criterion'] if 'criterion' in fit else ''}: {fit['val_balanced_accuracy']})"
+        + "".join(f"; {g}: {why}" for g, why in fit.get("pooled_sources", {}).items())
     )
     return fit
 
