@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import components  # noqa: F401  (offline settings first)
-from infra.config import load_config
+from infra.config import ConfigError, load_config
 from infra.env import check_home
 from serving.inputs import InputError, body_limit, check_length
 from serving.pipeline import PREPROCESS, KnowledgeError, resolve_language
@@ -26,7 +26,12 @@ from serving.store import KeyReused
 
 # the configuration `drspot serve` resolved ($DRSPOT_CONFIG) and the state home it handed over ($DRSPOT_HOME):
 # a service whose log would land inside its own Bento refuses to start here, naming the setting to give
-CFG = load_config()
+try:
+    CFG = load_config()
+except ConfigError as e:
+    # a ValueError raised while a Bento loads reads to BentoML as "not a Bento tag", and it reports an unrelated
+    # import error instead ("No module named 'drspot'", bentoml/_internal/service/loader.py): raised as what it is
+    raise RuntimeError(f"the service's configuration does not load: {e}") from None
 HOME = check_home(CFG.home)
 S = CFG.serving
 # the model tags: pinned by `drspot deploy` as Bento build arguments; else the newest in the store

@@ -549,6 +549,25 @@ def test_the_bentos_dockerfile_keeps_the_state_outside_the_image(deployed):
     assert "torch==2.14.1" in requirements and "bentoml==1.4.39" in requirements
 
 
+def test_a_bento_given_a_configuration_it_cannot_read_says_so(deployed, server, tmp_path):
+    """A Bento whose code predates a setting of the configuration handed to it (an upgrade, `--config` of a newer
+    params.yaml) names the setting, not BentoML's unrelated 'No module named ...'."""
+    import subprocess
+    import sys
+
+    from infra.state import StatePaths
+    from tests.serving_fixtures import free_port
+
+    bad = tmp_path / "newer.yaml"
+    bad.write_text(StatePaths(deployed["root"]).deployed_config.read_text() + "\nsetting_of_a_later_release: 1\n")
+    env = {**deployed["env"], "DRSPOT_CONFIG": str(bad), "BENTOML_HOME": str(deployed["root"] / ".drspot" / "bentoml")}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "drspot:latest", "--host", "127.0.0.1", "--port", str(free_port())]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=deployed["root"])
+    assert out.returncode != 0
+    assert "the service's configuration does not load" in out.stderr, out.stderr[-2000:]
+    assert "unknown key 'setting_of_a_later_release'" in out.stderr and "No module named" not in out.stderr
+
+
 def test_a_plain_drspot_serve_serves_the_configuration_the_bento_was_deployed_with(deployed, tmp_path):
     """`drspot deploy` ran under the test profile; `drspot serve` with no profile of its own serves that configuration
     (not the default demo profile), says so at /readyz, and an explicit option still wins."""

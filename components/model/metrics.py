@@ -108,7 +108,9 @@ def _judged_sources(sources, min_rows: int) -> tuple[np.ndarray | None, dict[str
     names, n = np.unique(src, return_counts=True)
     largest = names[int(np.argmax(n))]
     few = {
-        str(g): f"{c} validation rows (< {min_rows}): judged with {largest}" for g, c in zip(names, n) if c < min_rows
+        str(g): f"{c} validation rows (< {min_rows}): judged with {largest}"
+        for g, c in zip(names, n, strict=True)
+        if c < min_rows
     }
     few.pop(str(largest), None)
     if few:
