@@ -8,6 +8,7 @@ moment the other one started. Each backend DrSpot starts gets a folder of its ow
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def command(target: str, host: str, port: int, metrics: Path) -> list[str]:
 
 def main() -> None:
     metrics_dir, args = sys.argv[1], sys.argv[2:]
+    # every thread that calls PyTorch starts an OpenMP team of OMP_NUM_THREADS (default: one per core) whose threads
+    # spin while idle; only the model thread should run one, and it sets its own count per call (serving.threads,
+    # serving/threads.py). Its default for the API workers this spawns, one: request threads, the log writer and
+    # ultralytics' tensor steps get no team. Measured (bench, 2 cores, 2 workers on ONNX Runtime, concurrency 8): 55
+    # -> 100 photos/s, the server's CPU per answer 35 -> 19.6 ms; the benchmark had run with it set all along, as
+    # importing ultralytics in its own process sets it, and `drspot serve` from a shell did not.
+    os.environ["OMP_NUM_THREADS"] = "1"
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     BentoMLContainer.prometheus_multiproc_dir.set(metrics_dir)

@@ -361,6 +361,22 @@ def test_the_models_load_on_one_thread_and_each_model_call_gets_the_configured_c
         torch.set_num_threads(before)
 
 
+def test_the_api_workers_start_no_openmp_team_but_the_model_threads(server):
+    """The service's API workers are started with OMP_NUM_THREADS=1 (serving/backend.py), whatever the shell of
+    `drspot serve` had: only the model thread runs a team, at serving.threads (idle teams of other threads spun on
+    the cores the models need: 2 workers on ONNX Runtime answered at half the rate)."""
+    import psutil
+
+    workers = [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    ]
+    assert workers, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    for w in workers:
+        assert w.environ().get("OMP_NUM_THREADS") == "1", (w.pid, w.environ().get("OMP_NUM_THREADS"))
+
+
 def test_detector_that_raises_falls_back_to_the_whole_image(pipeline, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
