@@ -558,6 +558,7 @@ def test_the_bentos_dockerfile_keeps_the_state_outside_the_image(deployed):
         ("DRSPOT_HOME", "/home/bentoml/state"),
         ("YOLO_OFFLINE", "true"),
         ("BENTOML_DO_NOT_TRACK", "true"),
+        ("OMP_NUM_THREADS", "1"),  # the container's workers, as drspot serve's (serving/backend.py)
     ):
         assert f"ARG {name}={value}" in text.replace("'", "").replace('"', ""), name
         assert f"ENV {name}=${name}" in text, name
