@@ -50,6 +50,12 @@ LATENCY = bentoml.metrics.Histogram(
     labelnames=["endpoint"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+MODEL_BATCH = bentoml.metrics.Histogram(
+    name="drspot_model_batch_size",
+    documentation="photos (or crops) per model call of the in-process batcher, by kind of call",
+    labelnames=["kind"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
 FALLBACKS = bentoml.metrics.Counter(
     name="drspot_fallbacks_total", documentation="whole-image fallbacks by reason", labelnames=["reason"]
 )

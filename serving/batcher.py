@@ -3,9 +3,12 @@
 Each prediction route awaits :meth:`Batcher.submit` with its decoded pictures; one consumer task runs the model on
 everything waiting (up to ``serving.max_batch_size``), in a worker thread, one batch at a time, and hands each
 request its own results. An idle model starts at once (no timer: a lone request is not held back); under load the
-requests that arrive while a batch runs form the next one. Requests that waited longer than
-``serving.max_latency_ms`` are refused with a 503 and ``Retry-After`` instead of adding to the queue's delay; a
-request whose client has gone (its task cancelled) is dropped before it reaches the model.
+requests that arrive while a batch runs form the next one. (Holding an idle model up to 20 ms for requests still
+being decoded was measured and dropped: at concurrency 8 on 2 workers, 914 and 844 model calls for 1,700 photos
+against 890 and 437 without, 96-101 photos/s against 69-96: the batches' sizes are set by how the connections fall
+on the workers, not by the decode.) Requests that waited longer than ``serving.max_latency_ms`` are refused with a
+503 and ``Retry-After`` instead of adding to the queue's delay; a request whose client has gone (its task cancelled)
+is dropped before it reaches the model. Each batch's size goes to the ``drspot_model_batch_size`` histogram.
 
 This replaced BentoML's batchable API as the model stage (measured in ``bench/serving.py``): that stage is another
 HTTP hop inside the service, so each photo was base64-encoded, sent, decoded a second time and its answer
@@ -41,7 +44,8 @@ class _Job:
 
 class Batcher:
     """Batches of one kind of work (``kinds``: name -> a function from a list of items to a list of results), run in
-    one thread of their own (``name``: the model's, or the prediction log's group commit in serving/service.py)."""
+    one thread of their own (``name``: the model's, or the prediction log's group commit in serving/service.py);
+    ``observe(kind, size)`` is called with each batch before it runs."""
 
     def __init__(
         self,
@@ -50,8 +54,10 @@ class Batcher:
         max_latency_ms: int,
         name: str = "model",
         thread: ThreadPoolExecutor | None = None,
+        observe: Callable[[str, int], None] | None = None,
     ) -> None:
         self.kinds, self.max_size, self.max_latency_ms = kinds, max_size, max_latency_ms
+        self.observe = observe  # told each batch's kind and size (the service's batch-size histogram)
         self.queue: deque[_Job] = deque()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -106,6 +112,8 @@ class Batcher:
             if not batch:
                 continue
             fn = self.kinds[batch[0].kind]
+            if self.observe is not None:
+                self.observe(batch[0].kind, len(batch))
             try:
                 items = [j.item for j in batch]
                 results = await asyncio.get_running_loop().run_in_executor(self.thread, fn, items)

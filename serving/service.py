@@ -37,6 +37,7 @@ from serving.app import (
     FALLBACKS,
     HOME,
     LATENCY,
+    MODEL_BATCH,
     PHOTO_BUDGET,
     READY,
     REQUESTS,
@@ -130,7 +131,13 @@ class DrSpot:
     def batcher(self) -> Batcher:
         """The model stage's batcher, created in the worker's event loop on first use."""
         if self._batcher is None:
-            self._batcher = Batcher(self.steps, S.max_batch_size, S.max_latency_ms, thread=self._model_thread)
+            self._batcher = Batcher(
+                self.steps,
+                S.max_batch_size,
+                S.max_latency_ms,
+                thread=self._model_thread,
+                observe=lambda kind, n: MODEL_BATCH.labels(kind=kind).observe(n),
+            )
         return self._batcher
 
     async def record(self, row: dict[str, Any]) -> str:
@@ -157,12 +164,6 @@ class DrSpot:
                 503, "busy", f"the model queue is full ({e}); retry shortly", "overloaded", {"Retry-After": "1"}
             ) from e
 
-    async def analyse(self, up, variants: list[str]) -> list[dict[str, Any]]:
-        """Both stages on the photo, once per correction in ``variants``."""
-        # the corrections run off the event loop (colour constancy and CLAHE are whole-picture numpy work)
-        images = await self.cpu(lambda: [correct(up.rgb, v) for v in variants])
-        return await self.model("analyse", images)
-
     async def answer_photo(
         self, data: bytes, preprocess: str, compare: bool, language: str, endpoint: str, key: str | None = None
     ):
@@ -172,7 +173,10 @@ class DrSpot:
         # compare: the original beside the corrected photo (colour constancy when none was asked for)
         corrected = preprocess if preprocess != "none" else "color_constancy"
         variants = ["none", corrected] if compare else [preprocess]
-        results = await self.analyse(up, variants)
+        # the corrections run off the event loop (colour constancy and CLAHE are whole-picture numpy work); the photo
+        # as sent needs no thread
+        images = [up.rgb] if variants == ["none"] else await self.cpu(lambda: [correct(up.rgb, v) for v in variants])
+        results = await self.model("analyse", images)
         extra = self.pipeline.answer(results[-1], language)
         response = await self.respond(up, variants, results, extra, uuid.uuid4().hex, endpoint, t0, t_decode, key)
         return JSONResponse(response)

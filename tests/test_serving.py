@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -284,6 +285,10 @@ def test_metrics_count_requests_fallbacks_and_rejections(server):
     assert 'drspot_rejections_total{reason="empty"}' in text
     assert "drspot_request_latency_seconds_bucket" in text
     assert 'drspot_requests_total{endpoint="/predict",status="200"}' in text
+    # the model calls' batch sizes (serving/batcher.py): every photo analysed so far went through one
+    calls = re.search(r'drspot_model_batch_size_count\{kind="analyse"\} ([0-9.]+)', text)
+    photos = re.search(r'drspot_model_batch_size_sum\{kind="analyse"\} ([0-9.]+)', text)
+    assert calls and photos and 1 <= float(calls[1]) <= float(photos[1])
 
 
 def test_the_benchmarks_load_generator_reads_every_answer_of_the_real_endpoint(server):
