@@ -219,7 +219,7 @@ class Classifier(_Strict):
     pretrained_path: str | None
     lp_ft: LPFT
     distillation: Distillation
-    tta: bool
+    tta: bool | Literal["none", "flip", "flips", "dihedral"]  # true = flip (components/model/classifier.py)
     ema: float = Field(default=0.0, ge=0, lt=1)
     logit_adjustment: list[Annotated[float, Field(ge=0, le=3)]] = Field(default_factory=lambda: [0.0], min_length=1)
     logit_adjustment_source_min_rows: int = Field(default=50, ge=0)

@@ -86,7 +86,7 @@ def export_classifier(model_dir: str | Path, limit: float) -> dict[str, Any]:
 
     model_dir = Path(model_dir)
     model, mc = load_model(model_dir)
-    tta = bool(mc.get("tta", False))
+    tta = mc.get("tta", False)
 
     class Served(torch.nn.Module):
         def __init__(self) -> None:

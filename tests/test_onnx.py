@@ -118,3 +118,25 @@ def test_the_service_serves_on_onnx_runtime(deployed, server):
             assert abs(a["lesions"][0]["malignant_probability"] - b["lesions"][0]["malignant_probability"]) < 1e-3
     finally:
         onnx.stop()
+
+
+def test_the_eight_view_test_time_augmentation_exports_within_the_limit(deployed, tmp_path):
+    """classifier.tta: dihedral puts the eight flips and quarter turns of each crop inside the ONNX graph; the
+    export agrees with PyTorch's eight-view logits, and ONNX Runtime answers the averaged logits, not one view's."""
+    import numpy as np
+
+    from serving.onnx_export import export_classifier, session
+
+    folder = tmp_path / "clf"
+    shutil.copytree(_bento_model(deployed, "classifier"), folder)
+    (folder / "classifier.onnx").unlink()
+    mc = json.loads((folder / "model_config.json").read_text())
+    flip = session(_bento_model(deployed, "classifier") / "classifier.onnx")
+    (folder / "model_config.json").write_text(json.dumps({**mc, "tta": "dihedral"}))
+    check = export_classifier(folder, 1e-3)
+    assert 0 <= max(check["max_abs_diff"].values()) <= 1e-3, check
+    x = np.random.default_rng(1).normal(size=(2, 3, mc["input_size"], mc["input_size"])).astype(np.float32)
+    eight = session(folder / "classifier.onnx").run(None, {"input": x})
+    two = flip.run(None, {"input": x})
+    np.testing.assert_allclose(eight[0], two[0], atol=1e-4)  # the embedding: the crop as it is
+    assert np.abs(eight[1] - two[1]).max() > 1e-3  # the logits: eight views averaged, not two

@@ -296,3 +296,37 @@ def test_the_weight_average_follows_the_weights_and_is_swapped_in_only_inside():
     with ema.swapped_in(m) as judged:
         assert torch.allclose(judged[0].weight, torch.ones(1, 2), atol=1e-6)
     assert torch.equal(m[0].weight, torch.full((1, 2), 5.0))  # its own weights again after
+
+
+def test_test_time_augmentation_averages_the_named_views_of_a_crop():
+    """classifier.tta: the logits are the mean over the views of the crop (the flip, the four flips, the eight flips
+    and quarter turns), the same in predict() and in the served embed(); a bool of an older model means the flip."""
+    import timm
+
+    from components.model.classifier import predict, tta_views, view
+    from components.monitoring.reference import embed
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3, pretrained=False).eval()
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    mean, std = [0.5] * 3, [0.25] * 3
+    x = torch.from_numpy((crops.astype(np.float32) / 255 - 0.5) / 0.25).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        each = [model(view(x, k)).numpy() for k in range(8)]
+        # the eight views are the dihedral group of the square: all different pictures of one crop
+        pics = {view(x, k)[0].numpy().tobytes() for k in range(8)}
+        assert len(pics) == 8
+        assert np.array_equal(view(x, 3).numpy(), torch.rot90(x, 2, (2, 3)).numpy())
+        for tta, n in (("none", 1), (False, 1), ("flip", 2), (True, 2), ("flips", 4), ("dihedral", 8)):
+            assert tta_views(tta) == n
+            logits, _ = predict(model, crops, mean, std, tta=tta)
+            np.testing.assert_allclose(logits, np.mean(each[:n], axis=0), atol=1e-4)
+            _, served = embed(model, x, tta)
+            np.testing.assert_allclose(served.numpy(), logits, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'; known: none, flip, flips, dihedral"):
+        tta_views("rotate")
+    cfg = load_config("test")
+    assert cfg.updated({"classifier": {"tta": "dihedral"}}).classifier.tta == "dihedral"
+    with pytest.raises(ValueError, match="tta"):
+        cfg.updated({"classifier": {"tta": "rotate"}})

@@ -33,14 +33,18 @@ PROJECTION = "projection.json"
 FEATURES = QUALITY_FEATURES
 
 
-def embed(model, x, tta: bool = False):
-    """Penultimate-layer embeddings and logits of a timm model for a normalised NCHW tensor."""
+def embed(model, x, tta: bool | str = False):
+    """Penultimate-layer embeddings (of the crop as it is) and logits (averaged over ``tta``'s views,
+    components/model/classifier.py::view) of a timm model for a normalised NCHW tensor."""
+    from components.model.classifier import tta_views, view
+
     emb = model.forward_head(model.forward_features(x), pre_logits=True)
     logits = model.get_classifier()(emb)
-    if tta:
-        flipped = model.forward_head(model.forward_features(x.flip(3)), pre_logits=True)
-        logits = (logits + model.get_classifier()(flipped)) / 2
-    return emb, logits
+    n = tta_views(tta)
+    for k in range(1, n):
+        other = model.forward_head(model.forward_features(view(x, k)), pre_logits=True)
+        logits = logits + model.get_classifier()(other)
+    return emb, logits / n if n > 1 else logits
 
 
 def fit_projection(emb: np.ndarray, n_components: int) -> dict[str, Any]:
