@@ -74,21 +74,28 @@ def stats(lat: list[float], wall: float) -> dict[str, float]:
     }
 
 
+def deployed_pipeline(runtime: str, threads: int | None = None):
+    """The in-process pipeline on the deployed champions, on ``runtime`` (and ``threads`` intra-op threads when
+    given; else ``serving.threads``)."""
+    import bentoml
+
+    from serving.pipeline import Pipeline
+
+    cfg = load_config()
+    update = {"runtime": runtime} | ({"threads": threads} if threads is not None else {})
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update=update)})
+    tags = json.loads(cfg.runtime.deployed.read_text())["models"]
+    return Pipeline(bentoml.models.get(tags["classifier"]).path, bentoml.models.get(tags["detector"]).path, cfg)
+
+
 def raw(imgs: list[bytes], n: int, runtime: str = "torch", batch: int = 1) -> dict[str, float]:
     """The in-process pipeline on ``runtime`` (eager PyTorch or ONNX Runtime on the deployed exports), ``batch``
     photos per model call: decode as the service does (``serving.work_side``), detector, crops, classifier. Latency
     is per photo (a batch's time over its photos)."""
-    import bentoml
-
     from components.data.images import decode
-    from serving.pipeline import Pipeline
 
-    cfg = load_config()
-    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
-    tags = json.loads(cfg.runtime.deployed.read_text())["models"]
-    cm, dm = bentoml.models.get(tags["classifier"]), bentoml.models.get(tags["detector"])
-    p = Pipeline(cm.path, dm.path, cfg)
-    side = cfg.serving.work_side
+    p = deployed_pipeline(runtime)
+    side = p.cfg.serving.work_side
     p.analyse_many([decode(b, max_side=side).rgb for b in imgs[:batch]])  # warm-up
     lat = []
     t0 = time.perf_counter()

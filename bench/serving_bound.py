@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import images, serve  # noqa: E402
+from bench.serving import deployed_pipeline, images, serve  # noqa: E402
 from infra.config import load_config  # noqa: E402
 
 CONCURRENCY = 8
@@ -50,16 +50,10 @@ def raw_worker(batch: int, threads: int) -> None:
     """One process of the raw pipeline on ONNX Runtime: ``threads`` intra-op threads, ``batch`` photos a call; says
     ``ready`` once loaded, waits for a line on stdin (so that several processes start together), warms up again,
     then prints photos/s."""
-    import bentoml
-
     from components.data.images import decode
-    from serving.pipeline import Pipeline
 
-    cfg = load_config()
-    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": "onnx", "threads": threads})})
-    tags = json.loads(cfg.runtime.deployed.read_text())["models"]
-    p = Pipeline(bentoml.models.get(tags["classifier"]).path, bentoml.models.get(tags["detector"]).path, cfg)
-    imgs, side = images(48), cfg.serving.work_side
+    p = deployed_pipeline("onnx", threads)
+    imgs, side = images(48), p.cfg.serving.work_side
 
     def call(start: int) -> None:
         p.analyse_many([decode(imgs[k % len(imgs)], max_side=side).rgb for k in range(start, start + batch)])

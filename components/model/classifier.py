@@ -45,6 +45,16 @@ def view(x, k: int):
     return x
 
 
+def over_views(first, fn, x, tta: bool | str):
+    """The mean of ``first`` (``fn`` of the crops ``x`` as they are) and ``fn`` of each other view of ``tta``: the one
+    averaging that :func:`predict` and the served ``embed`` (components/monitoring/reference.py) share."""
+    n = tta_views(tta)
+    total = first
+    for k in range(1, n):
+        total = total + fn(view(x, k))
+    return total / n if n > 1 else total
+
+
 class TrainingError(ValueError):
     """Training cannot start: the message says which setting or which data is wrong."""
 
@@ -135,10 +145,7 @@ def predict(
         for i in range(0, len(x_uint8), batch):
             xb = torch.from_numpy(normalise(x_uint8[i : i + batch], mean, std))
             xb = xb.contiguous(memory_format=torch.channels_last)
-            n = tta_views(tta)
-            logits = model(xb)
-            for k in range(1, n):
-                logits = logits + model(view(xb, k).contiguous(memory_format=torch.channels_last))
-            outs.append(logits / n)
+            logits = over_views(model(xb), lambda v: model(v.contiguous(memory_format=torch.channels_last)), xb, tta)
+            outs.append(logits)
     logits = torch.cat(outs) if outs else torch.zeros((0, 1))
     return logits.numpy(), torch.softmax(logits, 1).numpy()

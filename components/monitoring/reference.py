@@ -36,15 +36,14 @@ FEATURES = QUALITY_FEATURES
 def embed(model, x, tta: bool | str = False):
     """Penultimate-layer embeddings (of the crop as it is) and logits (averaged over ``tta``'s views,
     components/model/classifier.py::view) of a timm model for a normalised NCHW tensor."""
-    from components.model.classifier import tta_views, view
+    from components.model.classifier import over_views
 
     emb = model.forward_head(model.forward_features(x), pre_logits=True)
-    logits = model.get_classifier()(emb)
-    n = tta_views(tta)
-    for k in range(1, n):
-        other = model.forward_head(model.forward_features(view(x, k)), pre_logits=True)
-        logits = logits + model.get_classifier()(other)
-    return emb, logits / n if n > 1 else logits
+    head = model.get_classifier()
+    logits = over_views(
+        head(emb), lambda v: head(model.forward_head(model.forward_features(v), pre_logits=True)), x, tta
+    )
+    return emb, logits
 
 
 def fit_projection(emb: np.ndarray, n_components: int) -> dict[str, Any]:
