@@ -114,7 +114,7 @@ def main() -> None:
             d = train_detector(split, ds, work / "detector", cfg)
             det_metrics = d["metrics"]
             t = lap("detector", t)
-        train_classifier(split, ds, work / "classifier", cfg, resume=False)
+        mc = train_classifier(split, ds, work / "classifier", cfg, resume=False)["model_config"]
         t = lap("classifier", t)
         ev = evaluate(work / "classifier", split, ds, ROOT / "bench" / "results" / "ham10000_eval", cfg)
         t = lap("evaluate", t)
@@ -139,6 +139,9 @@ def main() -> None:
         "timings_s": timings,
         "test_crops": ev["test_images"],
         "malignant_threshold": ev["malignant_threshold"],
+        # the test-time views the model serves with (classifier.tta_choices: chosen on validation)
+        "tta": mc["tta"],
+        "tta_val_balanced_accuracy": mc["logit_adjustment"].get("tta_val_balanced_accuracy"),
         "recipe": {"classifier": cfg.classifier.model_dump(), "detector": cfg.detector.model_dump()},
         "scratch": base_figures,
         "scratch_measured": scratch_note if base_figures else None,
@@ -172,7 +175,8 @@ def main() -> None:
         print(f"same, from scratch ({scratch_note}) | " + " | ".join(f"{base_figures[k]:.3f}" for k in cols) + " | | ")
     print(
         f"BACC {result['bacc']:.3f} (plain argmax {result['bacc_plain_argmax'] or float('nan'):.3f}, logit adjustment "
-        f"tau {result['logit_adjustment_tau']}); melanoma recall {result['mel_recall']:.3f}; recall per class "
+        f"tau {result['logit_adjustment_tau']}; test-time views {result['tta']}, validation BACC by views "
+        f"{result['tta_val_balanced_accuracy']}); melanoma recall {result['mel_recall']:.3f}; recall per class "
         + ", ".join(f"{k} {v:.3f}" for k, v in result["recall_per_class"].items())
     )
     print(

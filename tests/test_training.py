@@ -330,3 +330,51 @@ def test_test_time_augmentation_averages_the_named_views_of_a_crop():
     assert cfg.updated({"classifier": {"tta": "dihedral"}}).classifier.tta == "dihedral"
     with pytest.raises(ValueError, match="tta"):
         cfg.updated({"classifier": {"tta": "rotate"}})
+
+
+def test_the_served_views_are_chosen_on_validation_and_a_tie_goes_to_fewer():
+    """classifier.tta_choices: after training, the views whose best tau reaches the best validation balanced accuracy
+    are the model's `tta`; equal accuracy goes to fewer views (each is a forward pass per crop when serving)."""
+    from types import SimpleNamespace
+
+    from components.model.train_classifier import _adjustment
+
+    class Below(torch.nn.Module):
+        """Class 1 only when the bright half is on top: seen upside down, a crop bright below is class 1."""
+
+        def forward(self, x):
+            h = x.shape[2] // 2
+            lean = torch.relu(x[:, :, :h].mean((1, 2, 3)) - x[:, :, h:].mean((1, 2, 3)))
+            return torch.stack([torch.ones_like(lean), 4 * lean], 1)
+
+    crops = np.zeros((8, 16, 16, 3), np.uint8)
+    crops[4:, 8:] = 255  # the class-1 crops: bright below
+    val = SimpleNamespace(x=crops, y=np.array([0] * 4 + [1] * 4))
+    c = load_config("test").classifier.model_copy(update={"tta": "flip", "logit_adjustment": [0.0, 0.5]})
+    said = []
+
+    def chosen(choices):
+        return _adjustment(
+            Below(),
+            val,
+            ["a"] * 8,
+            np.array([0, 1] * 4),
+            2,
+            [0.0] * 3,
+            [1.0] * 3,
+            c.model_copy(update={"tta_choices": choices}),
+            said.append,
+        )
+
+    tta, fit = chosen(["flip", "flips"])  # the four flips see it upside down: (0 + 0 + 4 + 4) / 4 > 1
+    assert tta == "flips" and fit["tta_val_balanced_accuracy"] == {"flip": 0.5, "flips": 1.0}
+    assert (
+        "classifier: test-time views flips (validation balanced accuracy by views: {'flip': 0.5, 'flips': 1.0})" in said
+    )
+    assert fit["tau"] == 0.0 and fit["offsets"] == [0.0, 0.0]
+    tta, fit = chosen(["flip", "none"])  # neither sees it: 0.5 each, the crop alone is cheaper
+    assert tta == "none" and fit["tta_val_balanced_accuracy"] == {"flip": 0.5, "none": 0.5}
+    tta, fit = chosen([])  # no choices: the configured views, nothing to report about them
+    assert tta == "flip" and "tta_val_balanced_accuracy" not in fit
+    with pytest.raises(ValueError, match="tta_choices"):
+        load_config("test").updated({"classifier": {"tta_choices": ["rotate"]}})

@@ -16,11 +16,10 @@ MODEL_CONFIG = "model_config.json"
 
 
 # test-time augmentation (``classifier.tta``): the views of a square crop whose logits are averaged; a lesion seen from
-# above has no "up", so the flips and quarter turns of the dihedral group are all photos of the same lesion. Measured
-# on HAM10000 (EfficientNet-Lite0 @128, tau chosen on validation; docs/benchmarks.md): on one trained model the flip
-# 0.684 test BACC, the four flips 0.707, all eight 0.714; but a whole run with the eight views (its epoch chosen on
-# them too) gave a worse model (0.667 with eight views, 0.651 with the flip) than the flip recipe's 0.694, so the
-# profiles keep the flip.
+# above has no "up", so the flips and quarter turns of the dihedral group are all photos of the same lesion. The sets
+# are nested (the first 1, 2, 4 or 8 of :func:`view`), so one pass per view serves every set (:func:`view_logits`);
+# ``classifier.tta_choices`` picks the set on validation after training (train_classifier._adjustment). Measured on
+# HAM10000 (docs/benchmarks.md): more views lifted test balanced accuracy, not melanoma recall; profiles keep the flip.
 TTA_VIEWS = {"none": 1, "flip": 2, "flips": 4, "dihedral": 8}
 
 
@@ -149,3 +148,20 @@ def predict(
             outs.append(logits)
     logits = torch.cat(outs) if outs else torch.zeros((0, 1))
     return logits.numpy(), torch.softmax(logits, 1).numpy()
+
+
+def view_logits(model, x_uint8: np.ndarray, mean, std, views: int, batch: int = 256) -> np.ndarray:
+    """The logits of each of the first ``views`` views (:func:`view`) of uint8 crops, shape (views, N, classes): the
+    mean of the first :func:`tta_views` of them is :func:`predict`'s logits for that setting (the sets are nested)."""
+    import torch
+
+    from components.data.preprocess import normalise
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x_uint8), batch):
+            xb = torch.from_numpy(normalise(x_uint8[i : i + batch], mean, std))
+            outs.append(
+                torch.stack([model(view(xb, k).contiguous(memory_format=torch.channels_last)) for k in range(views)])
+            )
+    return torch.cat(outs, 1).numpy() if outs else np.zeros((views, 0, 1), np.float32)
