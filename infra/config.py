@@ -220,7 +220,7 @@ class Classifier(_Strict):
     lp_ft: LPFT
     distillation: Distillation
     tta: bool | Literal["none", "flip", "flips", "dihedral"]  # true = flip (components/model/classifier.py)
-    # the trained model's views chosen on validation among these (train_classifier._adjustment); empty: ``tta``
+    # the trained model's views chosen on validation among these (components/model/answer.py); empty: ``tta``
     tta_choices: list[Literal["none", "flip", "flips", "dihedral"]] = Field(default_factory=list)
     ema: float = Field(default=0.0, ge=0, lt=1)
     logit_adjustment: list[Annotated[float, Field(ge=0, le=3)]] = Field(default_factory=lambda: [0.0], min_length=1)

@@ -337,7 +337,7 @@ def test_the_served_views_are_chosen_on_validation_and_a_tie_goes_to_fewer():
     are the model's `tta`; equal accuracy goes to fewer views (each is a forward pass per crop when serving)."""
     from types import SimpleNamespace
 
-    from components.model.train_classifier import _adjustment
+    from components.model.answer import choose_answer
 
     class Below(torch.nn.Module):
         """Class 1 only when the bright half is on top: seen upside down, a crop bright below is class 1."""
@@ -354,7 +354,7 @@ def test_the_served_views_are_chosen_on_validation_and_a_tie_goes_to_fewer():
     said = []
 
     def chosen(choices):
-        return _adjustment(
+        return choose_answer(
             Below(),
             val,
             ["a"] * 8,

@@ -18,7 +18,7 @@ MODEL_CONFIG = "model_config.json"
 # test-time augmentation (``classifier.tta``): the views of a square crop whose logits are averaged; a lesion seen from
 # above has no "up", so the flips and quarter turns of the dihedral group are all photos of the same lesion. The sets
 # are nested (the first 1, 2, 4 or 8 of :func:`view`), so one pass per view serves every set (:func:`view_logits`);
-# ``classifier.tta_choices`` picks the set on validation after training (train_classifier._adjustment). Measured on
+# ``classifier.tta_choices`` picks the set on validation after training (components/model/answer.py). Measured on
 # HAM10000 (docs/benchmarks.md): more views lifted test balanced accuracy, not melanoma recall; profiles keep the flip.
 TTA_VIEWS = {"none": 1, "flip": 2, "flips": 4, "dihedral": 8}
 
