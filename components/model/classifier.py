@@ -45,8 +45,8 @@ def view(x, k: int):
 
 
 def over_views(first, fn, x, tta: bool | str):
-    """The mean of ``first`` (``fn`` of the crops ``x`` as they are) and ``fn`` of each other view of ``tta``: the one
-    averaging that :func:`predict` and the served ``embed`` (components/monitoring/reference.py) share."""
+    """The mean of ``first`` (``fn`` of the crops ``x`` as they are) and ``fn`` of each other view of ``tta``, in one
+    traceable expression: the served ``embed`` (components/monitoring/reference.py, also the ONNX graph)."""
     n = tta_views(tta)
     total = first
     for k in range(1, n):
@@ -134,25 +134,17 @@ def predict(
     model, x_uint8: np.ndarray, mean, std, batch: int = 256, tta: bool | str = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and softmax probabilities for uint8 crops (N, S, S, 3); with ``tta``, the logits averaged over its
-    views (:func:`view`)."""
+    views (:func:`view_logits`)."""
     import torch
 
-    from components.data.preprocess import normalise
-
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x_uint8), batch):
-            xb = torch.from_numpy(normalise(x_uint8[i : i + batch], mean, std))
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            logits = over_views(model(xb), lambda v: model(v.contiguous(memory_format=torch.channels_last)), xb, tta)
-            outs.append(logits)
-    logits = torch.cat(outs) if outs else torch.zeros((0, 1))
+    logits = torch.from_numpy(view_logits(model, x_uint8, mean, std, tta_views(tta), batch).mean(0))
     return logits.numpy(), torch.softmax(logits, 1).numpy()
 
 
 def view_logits(model, x_uint8: np.ndarray, mean, std, views: int, batch: int = 256) -> np.ndarray:
     """The logits of each of the first ``views`` views (:func:`view`) of uint8 crops, shape (views, N, classes): the
-    mean of the first :func:`tta_views` of them is :func:`predict`'s logits for that setting (the sets are nested)."""
+    mean of the first :func:`tta_views` of them is :func:`predict`'s logits for that setting (the sets are nested,
+    so one pass per view serves every set)."""
     import torch
 
     from components.data.preprocess import normalise
