@@ -300,11 +300,16 @@ class Pipeline:
         """Give the calling thread's PyTorch work :attr:`threads` intra-op threads. OpenMP keeps the count per thread:
         ``torch.set_num_threads`` in the main thread leaves a worker thread at OMP_NUM_THREADS (1 once ultralytics
         is imported), so each model call sets it for its own thread (measured: a 3x3 conv batch 0.99 s from a worker
-        thread as it was, 0.53 s so)."""
+        thread as it was, 0.53 s so).
+
+        On ONNX Runtime the sessions have their own pools, and the calling thread's only PyTorch work is ultralytics'
+        pre- and post-processing around the detector's session: one thread. Left at the default (one per core), its
+        OpenMP team spun on the cores the sessions need after every call: in process (``drspot batch``, the canary,
+        bench/serving.py's raw pipeline) the demo's models took 19.2 CPU ms a photo at batch 1 instead of 11.5, 6.1
+        of them in the spinning thread (the service's API workers start with OMP_NUM_THREADS=1 and were spared)."""
         import torch
 
-        if self.runtime == "torch":
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads if self.runtime == "torch" else 1)
 
     # stage 1
     def detect(self, images: list[Image.Image]) -> list[list[tuple[list[float], float]]]:
