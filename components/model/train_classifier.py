@@ -299,29 +299,11 @@ def train_classifier(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
     digest = cfg.digest()
-    start_epoch, history, best, best_state, stale = 0, [], -math.inf, None, 0
-    ema: WeightAverage | None = None
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("digest") == digest:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            if probe_opt is not None and ck.get("probe_optimizer"):
-                probe_opt.load_state_dict(ck["probe_optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            start_epoch, history, best, best_state, stale = (
-                ck["epoch"],
-                ck["history"],
-                ck["best"],
-                ck["best_state"],
-                ck["stale"],
-            )
-            torch.set_rng_state(ck["rng"])
-            if ck.get("ema") is not None:
-                ema = WeightAverage(model, c.ema, ck["ema"]["state"], ck["ema"]["steps"])
-            progress(f"classifier: resumed from {ckpt_path} after epoch {start_epoch}")
-        else:
-            progress(f"classifier: {ckpt_path} was written with other parameters; starting afresh")
+    start_epoch, history, best, best_state, stale, ema = (
+        _resume(ckpt_path, digest, model, opt, probe_opt, sched, c.ema, progress)
+        if resume and ckpt_path.is_file()
+        else (0, [], -math.inf, None, 0, None)
+    )
 
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
@@ -444,9 +426,22 @@ def train_classifier(
         "params": cfg.classifier.model_dump(),
         "logit_adjustment": adjustment,
     }
-    # the drift-monitoring reference travels with the model (components/monitoring/reference.py), and so do the
-    # photo-quality warning limits calibrated on the same training images
-    from components.monitoring import reference
+    model_config["quality_limits"] = _monitoring(
+        model, model_config, train_rows, val_rows, dataset_dir, out_dir, cfg, progress
+    )
+    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
+    ckpt_path.unlink(missing_ok=True)
+    progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")
+    return {"history": history, "best": best, "model_config": model_config}
+
+
+def _monitoring(model, model_config, train_rows, val_rows, dataset_dir: Path, out_dir: Path, cfg: Config, progress):
+    """What travels with a trained classifier for monitoring, written to ``out_dir``: the drift-monitoring reference
+    (components/monitoring/reference.py) and the out-of-distribution subspace (components/monitoring/ood.py), from the
+    same embeddings of the training and validation images. Returns the photo-quality warning limits calibrated on the
+    training images (``model_config["quality_limits"]``)."""
+    from components.monitoring import ood, reference
 
     model.eval()
     embeddings: dict = {}
@@ -454,14 +449,11 @@ def train_classifier(
         model, model_config, train_rows, dataset_dir, val_rows=val_rows, embeddings=embeddings, cfg=cfg
     )
     reference.write(out_dir, ref, projection)
-    # the out-of-distribution score's subspace, from the same embeddings (components/monitoring/ood.py)
-    from components.monitoring import ood
-
     ood_model = ood.fit(embeddings["train"], embeddings["val"])
     ood.write(out_dir, ood_model)
     trained_on = ref[ref["part"] == "train"] if "part" in ref.columns else ref
     pct = cfg.serving.quality_percentile
-    model_config["quality_limits"] = {
+    limits = {
         **reference.quality_limits(
             {k: trained_on[k] for k in ("blur", "brightness", "width", "height")},
             pct,
@@ -470,14 +462,31 @@ def train_classifier(
         "percentile": pct,
         "images": int(len(trained_on)),
     }
-    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
-    (out_dir / HISTORY).write_text(json.dumps(history, indent=2))
     progress(
         f"classifier: monitoring reference of {len(train_rows)} training + {len(val_rows)} validation images, "
-        f"{len(projection['components'])} PCs; quality limits {model_config['quality_limits']}; OOD subspace of "
+        f"{len(projection['components'])} PCs; quality limits {limits}; OOD subspace of "
         f"{len(ood_model['variance'])} components, threshold at the 0.99 quantile of validation "
         f"{ood.threshold(ood_model, 0.99) if len(ood_model['val_scores']) else float('nan'):.2f}"
     )
-    ckpt_path.unlink(missing_ok=True)
-    progress(f"classifier: best val {metric} {best:.4f}; wrote {out_dir / MODEL} ({time.monotonic() - t0:.0f}s)")
-    return {"history": history, "best": best, "model_config": model_config}
+    return limits
+
+
+def _resume(ckpt_path: Path, digest: str, model, opt, probe_opt, sched, ema_decay: float, progress):
+    """The training state of the checkpoint at ``ckpt_path`` loaded into ``model`` and its optimisers, when it was
+    written with the same parameters (``digest``); returns (epochs done, history, best score, best weights, epochs
+    without improvement, weight average), a fresh start's when the parameters differ."""
+    import torch
+
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ck.get("digest") != digest:
+        progress(f"classifier: {ckpt_path} was written with other parameters; starting afresh")
+        return 0, [], -math.inf, None, 0, None
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if probe_opt is not None and ck.get("probe_optimizer"):
+        probe_opt.load_state_dict(ck["probe_optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
+    ema = WeightAverage(model, ema_decay, ck["ema"]["state"], ck["ema"]["steps"]) if ck.get("ema") is not None else None
+    progress(f"classifier: resumed from {ckpt_path} after epoch {ck['epoch']}")
+    return ck["epoch"], ck["history"], ck["best"], ck["best_state"], ck["stale"], ema
