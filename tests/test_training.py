@@ -130,6 +130,8 @@ def test_train_writes_a_model_and_evaluation_reports(prepared):
     assert ev["complexity"]["classifier"]["parameters"] > 1e6
     assert {r["corruption"] for r in ev["robustness"]} == {"blur", "noise", "brightness", "jpeg"}
     assert (root / "eval" / "report.html").is_file() and (root / "eval" / "plots" / "curves.png").is_file()
+    assert (root / "eval" / "plots" / "confusion_matrix.png").stat().st_size > 1000
+    assert ev["gradcam"] and all((root / "eval" / "gradcam" / name).is_file() for name in ev["gradcam"])
     card = (root / "eval" / "model_card.md").read_text()
     assert "## Intended use" in card and "does not diagnose" in card and "Data version" in card
     spec, (lo, hi) = ev["metrics"]["malignant_specificity"], ev["intervals_95"]["malignant_specificity"]

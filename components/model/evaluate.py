@@ -249,6 +249,97 @@ def score(model_dir: str | Path, split_manifest: str | Path, dataset_dir: str | 
     return Scored(model, mc, by_split, arrays, logits, temperature, threshold, pv, pt, metrics, slices, pred)
 
 
+def _robustness(model, mc, x, yt, temperature, threshold, corruptions, seed: int) -> list[dict[str, Any]]:
+    """The answered figures on the test crops ``x`` under each corruption (``evaluate.robustness``: kind ->
+    severities)."""
+    from components.model.classifier import predict
+
+    out = []
+    for kind, severities in corruptions.items():
+        for sev in severities:
+            lc, _ = predict(model, corrupt(x, kind, sev, seed), mc["mean"], mc["std"], tta=mc.get("tta", False))
+            pc = decide(lc, adjustment_offsets(mc))
+            m = core_metrics(yt, softmax(lc, temperature), mc["classes"], mc["malignant"], threshold, pred=pc)
+            out.append(
+                {
+                    "corruption": kind,
+                    "severity": sev,
+                    **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_auc", "malignant_sensitivity")},
+                }
+            )
+    return out
+
+
+def _plots(folder: Path, cm, yt, pt, classes, malignant, reliability, temperature, ece_before, ece_after) -> None:
+    """The confusion matrix and the curves (ROC one vs rest and malignant, PR malignant, reliability) in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(folder / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for k, c in enumerate(classes):
+        if 0 < (yt == k).sum() < len(yt):
+            fpr, tpr, _ = roc_curve(yt == k, pt[:, k])
+            axes[0].plot(fpr, tpr, label=c)
+    y_mal_t = np.isin(yt, [classes.index(m) for m in malignant]).astype(int)
+    p_mal_t = malignant_prob(pt, classes, malignant)
+    if 0 < y_mal_t.sum() < len(y_mal_t):
+        fpr, tpr, _ = roc_curve(y_mal_t, p_mal_t)
+        axes[0].plot(fpr, tpr, "k--", label="malignant")
+        pr, rc, _ = precision_recall_curve(y_mal_t, p_mal_t)
+        axes[1].plot(rc, pr, "k")
+    axes[0].set(title="ROC (one vs rest)", xlabel="false positive rate", ylabel="true positive rate")
+    axes[0].legend(fontsize=7)
+    axes[1].set(title="PR, malignant vs benign", xlabel="recall", ylabel="precision")
+    axes[2].plot([0, 1], [0, 1], ":", color="grey")
+    axes[2].plot(
+        [r["confidence"] for r in reliability],
+        [r["accuracy"] for r in reliability],
+        "o-",
+        label=f"T={temperature:.2f}, ECE {ece_after:.3f} (was {ece_before:.3f})",
+    )
+    axes[2].set(title="reliability (calibrated)", xlabel="confidence", ylabel="accuracy")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _gradcams(model, mc, test, yt, pred, classes, samples: int, folder: Path) -> list[str]:
+    """Grad-CAM overlays of up to ``samples`` correct and ``samples`` wrong test crops, for the class the service
+    answers (``pred``), written to ``folder``; their file names."""
+    import torch
+    from PIL import Image
+
+    from components.data.preprocess import normalise
+
+    folder.mkdir(exist_ok=True)
+    cams = []
+    for kind, idx in (("correct", np.flatnonzero(pred == yt)), ("wrong", np.flatnonzero(pred != yt))):
+        for k in idx[:samples]:
+            x = torch.from_numpy(normalise(test.x[k : k + 1], mc["mean"], mc["std"])).requires_grad_(False)
+            cam = gradcam(model, x, int(pred[k]))
+            if cam is None:
+                break
+            name = f"{kind}_{test.image_ids[k]}_{classes[yt[k]]}_as_{classes[pred[k]]}.png"
+            Image.fromarray(_overlay(test.x[k], cam)).resize((128, 128)).save(folder / name)
+            cams.append(name)
+    return cams
+
+
 def evaluate(
     model_dir: str | Path,
     split_manifest: str | Path,
@@ -259,14 +350,7 @@ def evaluate(
     data_version: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the classifier in ``model_dir`` (and the detector in ``detector_dir``) on the test split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from sklearn.metrics import confusion_matrix, precision_recall_curve, precision_recall_fscore_support, roc_curve
-
-    from components.model.classifier import predict
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     e = cfg.evaluate
     out_dir = Path(out_dir)
@@ -301,79 +385,11 @@ def evaluate(
 
     slices = sc.slices
 
-    # robustness
-    robustness = []
-    for kind, severities in e.robustness.items():
-        for sev in severities:
-            xc = corrupt(arrays["test"].x, kind, sev, cfg.seed)
-            lc, _ = predict(model, xc, mc["mean"], mc["std"], tta=mc.get("tta", False))
-            pc = decide(lc, adjustment_offsets(mc))
-            m = core_metrics(yt, softmax(lc, temperature), classes, malignant, threshold, pred=pc)
-            robustness.append(
-                {
-                    "corruption": kind,
-                    "severity": sev,
-                    **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_auc", "malignant_sensitivity")},
-                }
-            )
+    robustness = _robustness(model, mc, arrays["test"].x, yt, temperature, threshold, e.robustness, cfg.seed)
 
-    # plots
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45)
-    ax.set_yticks(range(len(classes)), classes)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(out_dir / "plots" / "confusion_matrix.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for k, c in enumerate(classes):
-        if 0 < (yt == k).sum() < len(yt):
-            fpr, tpr, _ = roc_curve(yt == k, pt[:, k])
-            axes[0].plot(fpr, tpr, label=c)
-    y_mal_t = np.isin(yt, [classes.index(m) for m in malignant]).astype(int)
-    p_mal_t = malignant_prob(pt, classes, malignant)
-    if 0 < y_mal_t.sum() < len(y_mal_t):
-        fpr, tpr, _ = roc_curve(y_mal_t, p_mal_t)
-        axes[0].plot(fpr, tpr, "k--", label="malignant")
-        pr, rc, _ = precision_recall_curve(y_mal_t, p_mal_t)
-        axes[1].plot(rc, pr, "k")
-    axes[0].set(title="ROC (one vs rest)", xlabel="false positive rate", ylabel="true positive rate")
-    axes[0].legend(fontsize=7)
-    axes[1].set(title="PR, malignant vs benign", xlabel="recall", ylabel="precision")
-    axes[2].plot([0, 1], [0, 1], ":", color="grey")
-    axes[2].plot(
-        [r["confidence"] for r in reliability],
-        [r["accuracy"] for r in reliability],
-        "o-",
-        label=f"T={temperature:.2f}, ECE {ece_after:.3f} (was {ece_before:.3f})",
-    )
-    axes[2].set(title="reliability (calibrated)", xlabel="confidence", ylabel="accuracy")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "plots" / "curves.png", dpi=110)
-    plt.close(fig)
+    _plots(out_dir / "plots", cm, yt, pt, classes, malignant, reliability, temperature, ece_before, ece_after)
 
-    # Grad-CAM for a sample of correct and wrong cases
-    from PIL import Image
-
-    from components.data.preprocess import normalise
-
-    (out_dir / "gradcam").mkdir(exist_ok=True)
-    cams = []
-    pred = pred_t  # the answered classes (Grad-CAM explains the class the service answers)
-    for kind, idx in (("correct", np.flatnonzero(pred == yt)), ("wrong", np.flatnonzero(pred != yt))):
-        for k in idx[: e.gradcam_samples]:
-            x = torch.from_numpy(normalise(arrays["test"].x[k : k + 1], mc["mean"], mc["std"])).requires_grad_(False)
-            cam = gradcam(model, x, int(pred[k]))
-            if cam is None:
-                break
-            name = f"{kind}_{arrays['test'].image_ids[k]}_{classes[yt[k]]}_as_{classes[pred[k]]}.png"
-            Image.fromarray(_overlay(arrays["test"].x[k], cam)).resize((128, 128)).save(out_dir / "gradcam" / name)
-            cams.append(name)
+    cams = _gradcams(model, mc, arrays["test"], yt, pred_t, classes, e.gradcam_samples, out_dir / "gradcam")
 
     cx = {"classifier": complexity(model, mc["input_size"], e.latency_repeats)}
     if detector_dir and (Path(detector_dir) / "detector.pt").is_file():
