@@ -304,7 +304,7 @@ class Pipeline:
 
         On ONNX Runtime the sessions have their own pools, and the calling thread's only PyTorch work is ultralytics'
         pre- and post-processing around the detector's session: one thread. Left at the default (one per core), its
-        OpenMP team spun on the cores the sessions need after every call: in process (``drspot batch``, the canary,
+        OpenMP team spun on the cores the sessions need after every call: in process (``drspot predict``, the canary,
         bench/serving.py's raw pipeline) the demo's models took 19.2 CPU ms a photo at batch 1 instead of 11.5, 6.1
         of them in the spinning thread (the service's API workers start with OMP_NUM_THREADS=1 and were spared)."""
         import torch

@@ -89,8 +89,9 @@ def _cpu_ticks_by_thread() -> dict[str, int]:
 
 
 def test_the_onnx_pipeline_in_process_leaves_no_thread_spinning_beside_its_caller(deployed):
-    # in process (drspot batch, the canary, the raw benchmark) the caller's PyTorch work around the detector's session
-    # once ran on an OpenMP team of one thread per core, which spun after every call: 6 of every 19 CPU ms a photo
+    # in process (drspot predict on a folder, the canary, the raw benchmark) the caller's PyTorch work around the
+    # detector's session once ran on an OpenMP team of one thread per core, which spun after every call: 6 of every 19
+    # CPU ms a photo
     import threading
 
     import torch
