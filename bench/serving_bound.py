@@ -154,13 +154,19 @@ def log_cpu_ms(group: int) -> float:
         return {
             "request_id": rid,
             "created_at": dt.datetime.now(dt.UTC),
-            **{"image_sha256": "0" * 64, "width": 64, "height": 64, "format": "JPEG", "quality": {"blur": 1.0}},
+            "image_sha256": "0" * 64,
+            "width": 64,
+            "height": 64,
+            "format": "JPEG",
+            "quality": {"blur": 1.0},
             **{k: main[k] for k in ("embedding", "lesions", "fallback", "fallback_reason")},
             "label": top["label"],
             "confidence": top["probabilities"][top["label"]],
             "malignant_probability": top["malignant_probability"],
             "risk": top["risk"],
-            **{"preprocess": "none", "classifier_version": "1", "detector_version": "1"},
+            "preprocess": "none",
+            "classifier_version": "1",
+            "detector_version": "1",
         }
 
     with tempfile.TemporaryDirectory() as tmp:

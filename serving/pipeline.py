@@ -302,11 +302,9 @@ class Pipeline:
         is imported), so each model call sets it for its own thread (measured: a 3x3 conv batch 0.99 s from a worker
         thread as it was, 0.53 s so).
 
-        On ONNX Runtime the sessions have their own pools, and the calling thread's only PyTorch work is ultralytics'
-        pre- and post-processing around the detector's session: one thread. Left at the default (one per core), its
-        OpenMP team spun on the cores the sessions need after every call: in process (``drspot predict``, the canary,
-        bench/serving.py's raw pipeline) the demo's models took 19.2 CPU ms a photo at batch 1 instead of 11.5, 6.1
-        of them in the spinning thread (the service's API workers start with OMP_NUM_THREADS=1 and were spared)."""
+        On ONNX Runtime the caller's only PyTorch work is ultralytics' steps around the detector's session: one
+        thread, else its OpenMP team spins beside the sessions after every call (docs/benchmarks.md: 19.2 -> 11.5 CPU
+        ms a photo in process)."""
         import torch
 
         torch.set_num_threads(self.threads if self.runtime == "torch" else 1)

@@ -382,13 +382,8 @@ def evaluate(
     ece_before, _ = ece(yt, softmax(logits["test"]), e.ece_bins)
     ece_after, reliability = ece(yt, pt, e.ece_bins)
     cm = confusion_matrix(yt, pred_t, labels=range(len(classes)))
-
-    slices = sc.slices
-
     robustness = _robustness(model, mc, arrays["test"].x, yt, temperature, threshold, e.robustness, cfg.seed)
-
     _plots(out_dir / "plots", cm, yt, pt, classes, malignant, reliability, temperature, ece_before, ece_after)
-
     cams = _gradcams(model, mc, arrays["test"], yt, pred_t, classes, e.gradcam_samples, out_dir / "gradcam")
 
     cx = {"classifier": complexity(model, mc["input_size"], e.latency_repeats)}
@@ -419,7 +414,7 @@ def evaluate(
         "ece_before": ece_before,
         "ece_after": ece_after,
         "reliability": reliability,
-        "slices": slices,
+        "slices": sc.slices,
         "robustness": robustness,
         "complexity": cx,
         "gradcam": cams,
