@@ -37,3 +37,17 @@ def test_dvc_failure_is_reported_with_its_output(tmp_path):
         assert "dvc add nothing-here" in str(e)
     else:
         raise AssertionError("dvc add outside a DVC repo should fail")
+
+
+def test_a_stack_secret_starting_with_a_dash_is_stored_as_the_remote_s_credential(git_dvc_repo):
+    # drspot stack generates the S3 secret (secrets.token_urlsafe): 1 in 64 starts with "-", which dvc's argument
+    # parser once refused as an unknown option, failing every DVC push to the stack's store
+    rec = {
+        "services": {"object_store": {"endpoint": "http://127.0.0.1:8333"}},
+        "s3_key": "drspot",
+        "s3_secret": "-8b_x",
+    }
+    assert versioning.use_dvc_remote(git_dvc_repo, rec) == "s3://dvc/store"
+    local = (git_dvc_repo / ".dvc" / "config.local").read_text()
+    assert "secret_access_key = -8b_x" in local and "access_key_id = drspot" in local
+    assert "endpointurl = http://127.0.0.1:8333" in (git_dvc_repo / ".dvc" / "config").read_text()

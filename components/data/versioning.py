@@ -182,10 +182,12 @@ def use_dvc_remote(root: Path, rec: dict[str, Any], name: str = "store") -> str:
     of the project ``root`` (credentials in ``.dvc/config.local``, never committed); returns the remote's URL."""
     url = "s3://dvc/store"
     dvc("remote", "add", "--force", "-d", name, url, cwd=root)
-    dvc("remote", "modify", name, "endpointurl", rec["services"]["object_store"]["endpoint"], cwd=root)
+    # each value after "--": a generated secret may start with "-" (1 in 64), which dvc's argument parser took for an
+    # option ("unrecognized arguments")
+    dvc("remote", "modify", name, "endpointurl", "--", rec["services"]["object_store"]["endpoint"], cwd=root)
     # a store that stops answering fails a request in seconds, not botocore's 60 s per attempt
-    dvc("remote", "modify", name, "connect_timeout", "5", cwd=root)
-    dvc("remote", "modify", name, "read_timeout", "30", cwd=root)
-    dvc("remote", "modify", "--local", name, "access_key_id", rec["s3_key"], cwd=root)
-    dvc("remote", "modify", "--local", name, "secret_access_key", rec["s3_secret"], cwd=root)
+    dvc("remote", "modify", name, "connect_timeout", "--", "5", cwd=root)
+    dvc("remote", "modify", name, "read_timeout", "--", "30", cwd=root)
+    dvc("remote", "modify", "--local", name, "access_key_id", "--", rec["s3_key"], cwd=root)
+    dvc("remote", "modify", "--local", name, "secret_access_key", "--", rec["s3_secret"], cwd=root)
     return url
