@@ -71,7 +71,7 @@ def test_a_detector_of_another_architecture_cannot_start_the_challenger(cfg, tmp
 def test_a_new_clinics_few_cases_get_their_share_of_every_epoch(cfg):
     import numpy as np
 
-    from components.model.train_classifier import draw_weights
+    from components.model.batches import draw_weights
 
     y = np.array([0] * 90 + [1] * 10 + [0, 1, 1, 1])
     sources = ["ham10000"] * 100 + ["feedback"] * 4
