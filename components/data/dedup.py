@@ -22,9 +22,10 @@
   frozen test image is never lost to a confirmation.
 
 Everything is merged by union-find into groups (``group_id``: the smallest image_id in the group).
-A group whose labelled images disagree is a *label conflict*: all its rows are quarantined.
-Outputs: ``deduplicated.parquet`` (validated rows less dropped copies and conflicts, plus
-``group_id``), ``dedup_pairs.parquet`` (a, b, kind, distance, correlation, centre_correlation), ``dedup_dropped.parquet``
+A group whose labelled images disagree is a *label conflict*: all its rows are quarantined, except where the curated
+rows agree and only confirmed feedback disagrees (then the feedback rows go, for review).
+Outputs: ``deduplicated.parquet`` (validated rows less dropped copies and conflicts, plus ``group_id``),
+``dedup_pairs.parquet`` (a, b, kind, distance, correlation, centre_correlation), ``dedup_dropped.parquet``
 (image_id, reason, detail) and ``dedup_report.json``.
 """
 
@@ -268,30 +269,9 @@ class DedupResult:
     rejected_candidates: int
 
 
-def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, cfg: Config) -> DedupResult:
-    """De-duplicate a validated manifest; write groups, pairs, dropped rows and a report.
-
-    Args:
-        validated: ``validated.parquet`` (needs the ``phash`` column the validate step writes).
-        dataset_dir: the dataset folder the manifest's paths are relative to.
-        out_dir: where the outputs go.
-
-    Raises:
-        DataError: the manifest is missing, lacks ``phash``, or has no rows.
-    """
-    validated, dataset_dir, out_dir = Path(validated), Path(dataset_dir), Path(out_dir)
-    for name in (DEDUPLICATED, PAIRS, DROPPED, REPORT):
-        (out_dir / name).unlink(missing_ok=True)
-    table = read_step_input(validated, "phash", "validate", "de-duplicate")
-    cols = ["image_id", "sha256", "label", "lesion_id", "phash", "path", "boxes"]
-    cols += [c for c in ("phash_crops", "source", "patient_id") if c in table.column_names]
-    rows = table.select(cols).to_pylist()
-    ids = [r["image_id"] for r in rows]
-    uf = UnionFind(ids)
-    pairs: list[dict[str, Any]] = []
-    dropped: list[dict[str, str]] = []
-
-    # exact duplicates: keep one copy per sha256, deterministically
+def _exact(rows: list[dict], uf: UnionFind, pairs: list[dict], dropped: list[dict]) -> set[str]:
+    """Exact duplicates: one copy kept per sha256, deterministically (curated before feedback, labelled, boxed,
+    by id); the pairs recorded and grouped, the other copies dropped. Returns the dropped ids."""
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_sha[r["sha256"]].append(r)
@@ -309,9 +289,13 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
             dropped.append(
                 {"image_id": c["image_id"], "reason": "exact_duplicate", "detail": f"same bytes as {keeper} (kept)"}
             )
+    return drop_ids
 
-    # near duplicates among the distinct files
-    distinct = [r for r in rows if r["image_id"] not in drop_ids]
+
+def _near(distinct: list[dict], dataset_dir: Path, cfg: Config, uf: UnionFind, pairs: list[dict]) -> tuple[int, int]:
+    """Near duplicates among the distinct files: perceptual-hash candidates (whole image and crops), verified by
+    pixel correlation when ``dedup.verify``; the confirmed pairs recorded and grouped. Returns (candidates,
+    candidates the verification rejected)."""
     hashes = np.array([int(r["phash"], 16) for r in distinct], dtype=np.uint64)
     crop_cols = [r.get("phash_crops") for r in distinct]
     crops = (
@@ -335,55 +319,83 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
             {"a": a, "b": b, "kind": "near", "distance": dist, "correlation": c[0], "centre_correlation": c[1]}
         )
         uf.union(a, b)
+    return len(candidates), rejected
 
+
+def _link(rows: list[dict], uf: UnionFind, cfg: Config) -> None:
+    """One lesion's images in one group (``dedup.link_lesions``), and one patient's, where the source says whose
+    they are (a patient in two splits leaks their skin, camera and other lesions into the test set)."""
     if cfg.dedup.link_lesions:
         first_of: dict[str, str] = {}
         for r in rows:
             if r["lesion_id"]:
                 uf.union(first_of.setdefault(r["lesion_id"], r["image_id"]), r["image_id"])
-    # one patient's images stay together too, where the source says whose they are (a patient in two splits
-    # leaks their skin, camera and other lesions into the test set)
     first_of_patient: dict[str, str] = {}
     for r in rows:
         if r.get("patient_id"):
             uf.union(first_of_patient.setdefault(r["patient_id"], r["image_id"]), r["image_id"])
 
+
+def _conflicts(members: dict[str, list[dict]], drop_ids: set[str], dropped: list[dict]) -> list[dict[str, Any]]:
+    """Groups holding more than one label. Where the curated rows agree, the feedback rows that disagree go (for
+    review; the curated rows, perhaps frozen test images, stay); otherwise every row of the group goes. Returns
+    the conflicting groups; the dropped rows are added to ``drop_ids`` and ``dropped``."""
+    conflicts = []
+    for g, ms in sorted(members.items()):
+        labels = sorted({m["label"] for m in ms if m["label"] is not None})
+        if len(labels) < 2:
+            continue
+        curated = {m["label"] for m in ms if m["label"] is not None and not _newcomer(m)}
+        conflicts.append({"group_id": g, "labels": labels, "images": sorted(m["image_id"] for m in ms)})
+        for m in ms:
+            if m["image_id"] in drop_ids:
+                continue
+            if len(curated) == 1:
+                (label,) = curated
+                if not _newcomer(m) or m["label"] == label:
+                    continue
+                detail = (
+                    f"confirmed as {m['label']}, but it duplicates {label} images of group {g} "
+                    "(curated labels are kept; review the confirmation)"
+                )
+            else:
+                detail = f"group {g} holds labels {', '.join(labels)}"
+            drop_ids.add(m["image_id"])
+            dropped.append({"image_id": m["image_id"], "reason": "label_conflict", "detail": detail})
+    return conflicts
+
+
+def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, cfg: Config) -> DedupResult:
+    """De-duplicate a validated manifest; write groups, pairs, dropped rows and a report.
+
+    Args:
+        validated: ``validated.parquet`` (needs the ``phash`` column the validate step writes).
+        dataset_dir: the dataset folder the manifest's paths are relative to.
+        out_dir: where the outputs go.
+
+    Raises:
+        DataError: the manifest is missing, lacks ``phash``, or has no rows.
+    """
+    validated, dataset_dir, out_dir = Path(validated), Path(dataset_dir), Path(out_dir)
+    for name in (DEDUPLICATED, PAIRS, DROPPED, REPORT):
+        (out_dir / name).unlink(missing_ok=True)
+    table = read_step_input(validated, "phash", "validate", "de-duplicate")
+    cols = ["image_id", "sha256", "label", "lesion_id", "phash", "path", "boxes"]
+    cols += [c for c in ("phash_crops", "source", "patient_id") if c in table.column_names]
+    rows = table.select(cols).to_pylist()
+    ids = [r["image_id"] for r in rows]
+    uf = UnionFind(ids)
+    pairs: list[dict[str, Any]] = []
+    dropped: list[dict[str, str]] = []
+    drop_ids = _exact(rows, uf, pairs, dropped)
+    candidates, rejected = _near([r for r in rows if r["image_id"] not in drop_ids], dataset_dir, cfg, uf, pairs)
+    _link(rows, uf, cfg)
+
     group_of = {x: uf.find(x) for x in ids}
     members: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         members[group_of[r["image_id"]]].append(r)
-    conflicts = []
-    for g, ms in sorted(members.items()):
-        labels = sorted({m["label"] for m in ms if m["label"] is not None})
-        curated = {m["label"] for m in ms if m["label"] is not None and not _newcomer(m)}
-        if len(labels) > 1 and len(curated) == 1:
-            # feedback disagrees with the curated rows it duplicates: the feedback rows go, for review;
-            # the curated rows (perhaps frozen test images) stay
-            (label,) = curated
-            conflicts.append({"group_id": g, "labels": labels, "images": sorted(m["image_id"] for m in ms)})
-            for m in ms:
-                if _newcomer(m) and m["label"] != label and m["image_id"] not in drop_ids:
-                    drop_ids.add(m["image_id"])
-                    dropped.append(
-                        {
-                            "image_id": m["image_id"],
-                            "reason": "label_conflict",
-                            "detail": f"confirmed as {m['label']}, but it duplicates {label} images of group {g} "
-                            "(curated labels are kept; review the confirmation)",
-                        }
-                    )
-        elif len(labels) > 1:
-            conflicts.append({"group_id": g, "labels": labels, "images": sorted(m["image_id"] for m in ms)})
-            for m in ms:
-                if m["image_id"] not in drop_ids:
-                    drop_ids.add(m["image_id"])
-                    dropped.append(
-                        {
-                            "image_id": m["image_id"],
-                            "reason": "label_conflict",
-                            "detail": f"group {g} holds labels {', '.join(labels)}",
-                        }
-                    )
+    conflicts = _conflicts(members, drop_ids, dropped)
 
     keep = [k for k, x in enumerate(ids) if x not in drop_ids]
     out = table.take(keep).append_column("group_id", pa.array([group_of[ids[k]] for k in keep], pa.string()))
@@ -400,7 +412,7 @@ def dedup(validated: str | Path, dataset_dir: str | Path, out_dir: str | Path, c
         groups=len(members),
         multi_groups=sum(1 for ms in members.values() if len(ms) > 1),
         conflicts=conflicts,
-        candidates=len(candidates),
+        candidates=candidates,
         rejected_candidates=rejected,
     )
     write_json(

@@ -1,9 +1,9 @@
 """Turn a data source into the canonical dataset: images + ``manifest.parquet``.
 
-One adapter per kind of source (``synthetic``, ``ham10000``, ``isic``, ``medmnist``, ``yolo``, ``feedback``,
-``imagefolder``; in :mod:`components.data.sources`). Each adapter only *reads* its source and yields
-:class:`Candidate` rows (or :class:`Problem` s for rows it cannot make sense of); one shared core copies each image into the
-dataset, hashes it, reads its size, maps its label, checks its boxes and writes the manifest in
+One adapter per kind of source (``synthetic``, ``ham10000``, ``bcn20000``, ``isic``, ``medmnist``, ``yolo``,
+``feedback``, ``imagefolder``; in :mod:`components.data.sources`). Each adapter only *reads* its source and yields
+:class:`Candidate` rows (or :class:`Problem` s for rows it cannot make sense of); one shared core copies each image
+into the dataset, hashes it, reads its size, maps its label, checks its boxes and writes the manifest in
 row groups. Nothing is lost without a trace: every problem is listed row by row in
 ``ingest_report.json``. Rows with an unknown label or an image that does not decode are *kept*
 (the data gate quarantines them with a reason); rows whose image is missing or whose path escapes

@@ -1,7 +1,7 @@
 """The sources DrSpot reads, one adapter per kind (``synthetic``, ``ham10000``, ``bcn20000``, ``isic``, ``medmnist``,
 ``yolo``, ``imagefolder``, ``feedback``): each only *reads* its source and yields :class:`Candidate` rows, or
-:class:`Problem` s for rows it cannot make sense of. :func:`components.data.ingest.ingest` does the rest (copy, hash, label, boxes,
-manifest) the same way for all of them."""
+:class:`Problem` s for rows it cannot make sense of. :func:`components.data.ingest.ingest` does the rest (copy, hash,
+label, boxes, manifest) the same way for all of them."""
 
 from __future__ import annotations
 
