@@ -97,6 +97,63 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(real.is_relative_to(r.resolve()) for r in roots)
 
 
+def _refused(c: Candidate, writer: ManifestWriter, roots: list[Path]) -> Problem | None:
+    """Why a candidate cannot be copied into the dataset (its id is taken, its file lies outside the source folders
+    or is missing), or None."""
+    if c.image_id in writer:
+        return Problem(c.image_id, "duplicate_image_id", "an image with this id is already in the dataset", False)
+    if c.file is not None:
+        if not _within(c.file, roots):
+            return Problem(c.image_id, "path_escapes_source", f"{c.file} is outside {roots[0]}", False)
+        if not c.file.is_file():
+            return Problem(c.image_id, "image_missing", f"file not found: {c.file}", False)
+    return None
+
+
+def _copied(c: Candidate, images_dir: Path) -> str:
+    """Copy (or write) a candidate's image into the dataset, atomically; returns its file name."""
+    name = f"{c.image_id}{c.ext}"
+    tmp = images_dir / f".{name}.partial"
+    if c.file is not None:
+        shutil.copyfile(c.file, tmp)
+    else:
+        tmp.write_bytes(c.data or b"")
+    tmp.replace(images_dir / name)
+    return name
+
+
+def _row(c: Candidate, dest: Path, kind: str, cfg: Config, unmapped: str, problems: list[Problem]) -> Row:
+    """The manifest row of a copied image; an image that does not decode, a label outside the classes and an invalid
+    box are kept and reported (the data gate quarantines them with the reason)."""
+    try:
+        width, height = probe_image(dest)
+    except ValueError as e:
+        width = height = None
+        problems.append(Problem(c.image_id, "image_undecodable", str(e), True))
+    classes = set(cfg.classes.names)
+    label = cfg.classes.normalise(c.label)
+    if label is not None and label not in classes:
+        problems.append(
+            Problem(c.image_id, "label_unknown", f"{c.label!r} is not one of {sorted(classes)}{unmapped}", True)
+        )
+    boxes, box_problem = _check_boxes(c.boxes)
+    if box_problem:
+        problems.append(Problem(c.image_id, "box_invalid", box_problem, True))
+    return Row(
+        image_id=c.image_id,
+        path=f"images/{dest.name}",
+        sha256=sha256_file(dest),
+        width=width,
+        height=height,
+        label=label,
+        lesion_id=c.lesion_id or c.image_id,
+        boxes=boxes,
+        source=kind,
+        split=c.split if c.split in SPLITS else None,
+        **{k: c.extra.get(k) for k in EXTRA_COLUMNS},
+    )
+
+
 def ingest(
     kind: str,
     source: str | Path,
@@ -135,7 +192,6 @@ def ingest(
     problems: list[Problem] = []
     missing: list[str] = []
     written: set[str] = set()
-    classes = set(cfg.classes.names)
     mapping = class_map(kind, cfg, opts.get("class_map"))
     unmapped = f" and the class map ({kind}) does not map it" if mapping else ""
 
@@ -145,64 +201,15 @@ def ingest(
                 writer.write(Row(**old))
                 written.add(Path(old["path"]).name)
         for item in ADAPTERS[kind](source, cfg, **opts):
-            if isinstance(item, Problem):
-                problems.append(item)
-                if item.check == "image_missing":
-                    missing.append(item.row)
+            problem = item if isinstance(item, Problem) else _refused(item, writer, roots)
+            if problem is not None:
+                problems.append(problem)
+                if problem.check == "image_missing":
+                    missing.append(problem.row)
                 continue
-            c = item
-            if c.image_id in writer:
-                problems.append(
-                    Problem(c.image_id, "duplicate_image_id", "an image with this id is already in the dataset", False)
-                )
-                continue
-            if c.file is not None:
-                if not _within(c.file, roots):
-                    problems.append(
-                        Problem(c.image_id, "path_escapes_source", f"{c.file} is outside {roots[0]}", False)
-                    )
-                    continue
-                if not c.file.is_file():
-                    problems.append(Problem(c.image_id, "image_missing", f"file not found: {c.file}", False))
-                    missing.append(c.image_id)
-                    continue
-            name = f"{c.image_id}{c.ext}"
-            dest = images_dir / name
-            tmp = images_dir / f".{name}.partial"
-            if c.file is not None:
-                shutil.copyfile(c.file, tmp)
-            else:
-                tmp.write_bytes(c.data or b"")
-            tmp.replace(dest)
+            name = _copied(item, images_dir)
             written.add(name)
-            try:
-                width, height = probe_image(dest)
-            except ValueError as e:
-                width = height = None
-                problems.append(Problem(c.image_id, "image_undecodable", str(e), True))
-            label = cfg.classes.normalise(c.label)
-            if label is not None and label not in classes:
-                problems.append(
-                    Problem(c.image_id, "label_unknown", f"{c.label!r} is not one of {sorted(classes)}{unmapped}", True)
-                )
-            boxes, box_problem = _check_boxes(c.boxes)
-            if box_problem:
-                problems.append(Problem(c.image_id, "box_invalid", box_problem, True))
-            writer.write(
-                Row(
-                    image_id=c.image_id,
-                    path=f"images/{name}",
-                    sha256=sha256_file(dest),
-                    width=width,
-                    height=height,
-                    label=label,
-                    lesion_id=c.lesion_id or c.image_id,
-                    boxes=boxes,
-                    source=kind,
-                    split=c.split if c.split in SPLITS else None,
-                    **{k: c.extra.get(k) for k in EXTRA_COLUMNS},
-                )
-            )
+            writer.write(_row(item, images_dir / name, kind, cfg, unmapped, problems))
             if progress:
                 progress(writer.count)
         rows = writer.count
