@@ -130,11 +130,9 @@ def check_pair(
     Returns ``{"passed": bool, "reason": str, ...figures}``; never raises for a failing candidate.
     """
 
-    import mlflow
     from components.model import registry
     from serving.deploy import build_bento, to_bento_store
     from serving.launch import Server, last_error
-    from serving.pipeline import Pipeline
 
     sc = cfg.gate.serving_check
     photos = canary_photos(split_manifest, dataset_dir, sc.canaries)
@@ -181,35 +179,13 @@ def check_pair(
         if why:
             return {**result, "passed": False, "reason": why}
         # 4. the served probabilities agree with the registered MLflow model on the same photo and box
-        import pandas as pd
-
-        twin = mlflow.pyfunc.load_model(f"models:/{registry.CLASSIFIER}/{pair['classifier']}")
-        worst = 0.0
-        for _, data, answer in answers:
-            boxes = [les["box"] for les in answer["lesions"]]
-            got = twin.predict(pd.DataFrame({"image": [data] * len(boxes), "box": boxes}))
-            for les, (_, row) in zip(answer["lesions"], got.iterrows(), strict=True):
-                for cls, p in les["probabilities"].items():
-                    worst = max(worst, abs(float(row[cls]) - p))
-        result["max_abs_difference"] = worst
-        if worst > sc.tolerance:
-            return {
-                **result,
-                "passed": False,
-                "reason": f"served probabilities differ from the registered model's by {worst:.2e} "
-                f"(> {sc.tolerance:g}): the Bento does not serve what was registered",
-            }
+        why = _agrees_with_registry(pair["classifier"], answers, sc.tolerance, result)
+        if why:
+            return {**result, "passed": False, "reason": why}
         # 5. latency of the pair against the champions', in process, on the same photos, measured in turns
         server.stop()
         server = None
-        for k, v in pair.items():
-            folders[f"candidate-{k}"] = registry.download(registry.model_name(k), v)
-        pipelines = {"candidate": Pipeline(folders["candidate-classifier"], folders["candidate-detector"], cfg)}
-        if all(champions.get(k) for k in pair) and any(champions[k] != pair[k] for k in pair):
-            for k, v in champions.items():
-                folders[f"champion-{k}"] = registry.download(registry.model_name(k), v)
-            pipelines["champion"] = Pipeline(folders["champion-classifier"], folders["champion-detector"], cfg)
-        why = _latency(result, pipelines, photos, http_times, sc.latency_ratio)
+        why = _latency(result, _pipelines(pair, champions, cfg, folders), photos, http_times, sc.latency_ratio)
         if why:
             return {**result, "passed": False, "reason": why}
         ratio_text = f", {result['latency_ratio']:.2f}x the champions' latency" if "latency_ratio" in result else ""
@@ -217,7 +193,8 @@ def check_pair(
             **result,
             "passed": True,
             "reason": f"served and answered {len(photos)} canaries and {len(BAD_INPUTS)} bad inputs as the contract "
-            f"says; probabilities within {worst:.1e} of the registered model{ratio_text}; served under profile "
+            f"says; probabilities within {result['max_abs_difference']:.1e} of the registered model{ratio_text}; "
+            f"served under profile "
             f"{cfg.profile} (configuration {checked.digest()}, runtime {cfg.serving.runtime})",
         }
     finally:
@@ -226,6 +203,47 @@ def check_pair(
         for f in folders.values():
             shutil.rmtree(f.parent.parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _agrees_with_registry(version: str, answers: list, tolerance: float, result: dict[str, Any]) -> str | None:
+    """Why the served probabilities do not match the registered MLflow classifier ``version`` on the same photos and
+    boxes (more than ``tolerance`` apart), or None; the largest difference goes into ``result``."""
+    import pandas as pd
+
+    import mlflow
+    from components.model import registry
+
+    twin = mlflow.pyfunc.load_model(f"models:/{registry.CLASSIFIER}/{version}")
+    worst = 0.0
+    for _, data, answer in answers:
+        boxes = [les["box"] for les in answer["lesions"]]
+        got = twin.predict(pd.DataFrame({"image": [data] * len(boxes), "box": boxes}))
+        for les, (_, row) in zip(answer["lesions"], got.iterrows(), strict=True):
+            for cls, p in les["probabilities"].items():
+                worst = max(worst, abs(float(row[cls]) - p))
+    result["max_abs_difference"] = worst
+    if worst > tolerance:
+        return (
+            f"served probabilities differ from the registered model's by {worst:.2e} "
+            f"(> {tolerance:g}): the Bento does not serve what was registered"
+        )
+    return None
+
+
+def _pipelines(pair: dict[str, str], champions: dict[str, str | None], cfg: Config, folders: dict[str, Path]):
+    """The candidate pair in process, and the champions' where there are champions and they differ from it (the
+    latency comparison); each downloaded model's folder is added to ``folders`` (removed by the caller)."""
+    from components.model import registry
+    from serving.pipeline import Pipeline
+
+    for k, v in pair.items():
+        folders[f"candidate-{k}"] = registry.download(registry.model_name(k), v)
+    pipelines = {"candidate": Pipeline(folders["candidate-classifier"], folders["candidate-detector"], cfg)}
+    if all(champions.get(k) for k in pair) and any(champions[k] != pair[k] for k in pair):
+        for k, v in champions.items():
+            folders[f"champion-{k}"] = registry.download(registry.model_name(k), v)
+        pipelines["champion"] = Pipeline(folders["champion-classifier"], folders["champion-detector"], cfg)
+    return pipelines
 
 
 def _served_config(url: str, checked: Config, result: dict[str, Any]) -> str | None:
