@@ -260,6 +260,42 @@ def _record(cfg: Config, started: dt.datetime, summary: dict[str, Any]) -> None:
     tmp.replace(out / SUMMARY)
 
 
+def _resuming(journal: Journal, trigger: str, logger) -> str:
+    """The run's trigger; when the journal holds a stopped run, said in the log and named in the trigger."""
+    if not journal.resuming:
+        return trigger
+    d = journal.data
+    logger.warning(
+        "retrain: resuming the retrain (%s) started at %s, stopped during %s; done: %s",
+        d.get("trigger"),
+        d.get("started"),
+        d.get("running") or "-",
+        ", ".join(d.get("done", {})) or "nothing",
+    )
+    return f"{trigger}; resumes the run ({d.get('trigger')}) of {d.get('started')}"
+
+
+def _outcome(trained: dict[str, Any], case_ids: list[str]) -> dict[str, Any]:
+    """What the training made of the run (the summary's part): the gate's decisions, the metrics, the promoted
+    versions, and where each confirmed case went (train, val, test, or dropped and why), printed too."""
+    prepared = trained.get("prepared_dir")
+    fates = feedback.fate(prepared, case_ids) if prepared else {}
+    out = {
+        "status": "retrained",
+        "reason": "; ".join(f"{r['kind']}: {r['reason']}" for r in trained["results"]),
+        "fate": fates,
+        "fate_counts": dict(Counter(f["where"] for f in fates.values())),
+        "gate": trained["results"],
+        "metrics": trained["metrics"],
+        "promoted": [f"{r['kind']} v{r['version']}" for r in trained["results"] if r.get("promote")],
+    }
+    print(f"where the confirmed cases went: {out['fate_counts'] or 'none were new'}")
+    for iid, f in fates.items():
+        if f["where"] not in ("train", "val"):
+            print(f"  {iid}: {f['where']}: {f['why']}")
+    return out
+
+
 @flow(name="retrain", log_prints=True, **HOOKS)
 def retrain_flow(
     trigger: str = "by hand",
@@ -284,16 +320,7 @@ def retrain_flow(
     logger = get_run_logger()
     with one_at_a_time(root_path, logger.info):
         journal = Journal(root_path)
-        if journal.resuming:
-            d = journal.data
-            logger.warning(
-                "retrain: resuming the retrain (%s) started at %s, stopped during %s; done: %s",
-                d.get("trigger"),
-                d.get("started"),
-                d.get("running") or "-",
-                ", ".join(d.get("done", {})) or "nothing",
-            )
-            trigger = f"{trigger}; resumes the run ({d.get('trigger')}) of {d.get('started')}"
+        trigger = _resuming(journal, trigger, logger)
         journal.begin(trigger, min_new)
         summary: dict[str, Any] = {"trigger": trigger, "skipped_cases": []}
         summary["data_version_before"] = journal.data.setdefault(
@@ -339,22 +366,8 @@ def retrain_flow(
                 print(f"{kind} challenger: {how}")
             trained = train_flow(dataset=str(data), cfg=challenger_cfg)
             journal.finish("train", [{k: r.get(k) for k in ("kind", "version", "promote")} for r in trained["results"]])
-            prepared = trained.get("prepared_dir")
-            fates = feedback.fate(prepared, case_ids) if prepared else {}
-            promoted = [r for r in trained["results"] if r.get("promote")]
-            summary |= {
-                "status": "retrained",
-                "reason": "; ".join(f"{r['kind']}: {r['reason']}" for r in trained["results"]),
-                "fate": fates,
-                "fate_counts": dict(Counter(f["where"] for f in fates.values())),
-                "gate": trained["results"],
-                "metrics": trained["metrics"],
-                "promoted": [f"{r['kind']} v{r['version']}" for r in promoted],
-            }
-            print(f"where the confirmed cases went: {summary['fate_counts'] or 'none were new'}")
-            for iid, f in fates.items():
-                if f["where"] not in ("train", "val"):
-                    print(f"  {iid}: {f['where']}: {f['why']}")
+            summary |= _outcome(trained, case_ids)
+            promoted = summary["promoted"]
             if cfg.retrain.deploy if deploy is None else deploy:
                 from serving.deploy import serves_champions
 
